@@ -1,0 +1,66 @@
+"""ckpt_track: training checkpoints as versioned, restorable records in your experiment tracker.
+
+>>> import ckpt_track as ct
+>>> run = ct.init(project="resnet")                                        # doctest: +SKIP
+>>> start = run.resume(model=model, optimizer=opt)                         # doctest: +SKIP
+>>> run.log_checkpoint(step, model=model, optimizer=opt, metrics={"val/loss": vl})  # doctest: +SKIP
+>>> run.finish()                                                           # doctest: +SKIP
+>>> ct.restore("local://resnet/3k2j1x@best", model=model)                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from .backends.base import Backend, RunInfo, RunSpec, Stored
+from .config import Retention, Settings, load_settings
+from .errors import (
+    AuthError,
+    BackendError,
+    BackendNotInstalled,
+    BackendUnavailable,
+    CheckpointNotFound,
+    CheckpointWriteError,
+    CkptTrackError,
+    ConfigError,
+    IntegrityError,
+    InvalidRef,
+    SerializationError,
+    StateMismatch,
+    UnknownBackend,
+)
+from .refs import Ref, parse_ref
+from .run import CheckpointHandle, Run, init, list_checkpoints, log_checkpoint, restore
+from .state import Restored
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthError",
+    "Backend",
+    "BackendError",
+    "BackendNotInstalled",
+    "BackendUnavailable",
+    "CheckpointHandle",
+    "CheckpointNotFound",
+    "CheckpointWriteError",
+    "CkptTrackError",
+    "ConfigError",
+    "IntegrityError",
+    "InvalidRef",
+    "Ref",
+    "Restored",
+    "Retention",
+    "Run",
+    "RunInfo",
+    "RunSpec",
+    "SerializationError",
+    "Settings",
+    "StateMismatch",
+    "Stored",
+    "UnknownBackend",
+    "init",
+    "list_checkpoints",
+    "load_settings",
+    "log_checkpoint",
+    "parse_ref",
+    "restore",
+]

@@ -1,0 +1,104 @@
+"""The small Protocol every tracker backend implements, and the records it exchanges.
+
+A backend only moves committed checkpoint directories and their metadata in and
+out of one tracker.  Everything the trackers have in common (state capture, the
+format, hashing, async writes, alias and retention decisions, lineage) lives in
+the core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+from ..format import LocalCheckpoint
+from ..refs import Ref
+
+__all__ = ["Backend", "RunInfo", "RunSpec", "Stored", "ResumeMode"]
+
+ResumeMode = Literal["auto", "never", "must"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What the user asked for in ``ct.init``."""
+
+    project: str
+    name: str | None = None
+    run_id: str | None = None
+    config: Mapping[str, Any] = field(default_factory=dict)  # the training config (hyper-parameters)
+    resume: ResumeMode = "auto"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A run as the tracker knows it."""
+
+    backend: str
+    project: str
+    run_id: str
+    name: str
+    ref: Ref  # the run's reference, without a selector
+    resumed: bool = False  # attached to a run that already existed
+    native: Mapping[str, Any] = field(default_factory=dict)  # backend-private handles
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One checkpoint version as stored in a tracker."""
+
+    ref: Ref  # canonical, selecting this exact version
+    run: RunInfo
+    version: int
+    step: int
+    epoch: int | None = None
+    aliases: tuple[str, ...] = ()
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    size: int = 0
+    created: str = ""
+    lineage: Mapping[str, Any] = field(default_factory=dict)
+    native: Mapping[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A tracker backend.  Construct with the backend's config section as ``options``.
+
+    ``capabilities`` advertises optional behaviour to the contract tests
+    (e.g. ``"delete"``, ``"concurrent_writers"``), so tests never branch on names.
+    """
+
+    name: ClassVar[str]
+    options: ClassVar[frozenset[str]]
+    capabilities: ClassVar[frozenset[str]]
+
+    def open_run(self, spec: RunSpec) -> RunInfo:
+        """Create a run, or attach to an existing one per ``spec.resume``."""
+
+    def find_run(self, ref: Ref) -> RunInfo:
+        """The existing run a reference points into; ``CheckpointNotFound`` if none."""
+
+    def put(self, run: RunInfo, ckpt: LocalCheckpoint, aliases: Sequence[str] = ()) -> Stored:
+        """Store one committed checkpoint as a new version with its metrics, aliases and lineage."""
+
+    def list(self, run: RunInfo) -> list[Stored]:
+        """Every committed checkpoint of a run, oldest version first."""
+
+    def get(self, stored: Stored, dest: Path) -> LocalCheckpoint:
+        """Make the checkpoint available on local disk (under ``dest`` or in place)."""
+
+    def set_aliases(self, stored: Stored, aliases: Sequence[str]) -> None:
+        """Point each alias at ``stored``, moving it off any other version."""
+
+    def delete(self, stored: Stored) -> None:
+        """Remove one checkpoint version and its files."""
+
+    @classmethod
+    def parse_ref(cls, text: str) -> Ref | None:
+        """This tracker's web-UI URLs and native references, or None."""
+
+    @classmethod
+    def ref_forms(cls) -> tuple[str, ...]:
+        """Human-readable reference forms this backend accepts, for error messages."""

@@ -1,0 +1,269 @@
+"""The embedded ``local`` backend: a store directory that needs no server.
+
+Layout (``root`` defaults to ``./ckpt_runs``)::
+
+    <root>/<project>/<run_id>/run.json             name, created, training config
+    <root>/<project>/<run_id>/aliases.json         {"latest": 3, "best": 2, "step-500": 1}
+    <root>/<project>/<run_id>/checkpoints/v000003/ one committed checkpoint (format v1)
+
+Version numbers are allocated and aliases moved under a per-run file lock, so
+several processes can write to one store without clobbering each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import string
+import uuid
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, ClassVar
+
+from filelock import FileLock, Timeout
+
+from ..errors import BackendUnavailable, CheckpointNotFound, ConfigError, IntegrityError, InvalidRef
+from ..format import LocalCheckpoint, Manifest, copy_checkpoint, read_manifest
+from ..refs import Ref
+from .base import RunInfo, RunSpec, Stored
+
+__all__ = ["LocalBackend", "DEFAULT_ROOT"]
+
+DEFAULT_ROOT = "ckpt_runs"
+_VERSION_DIR = re.compile(r"^v(\d{6,})$")
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_LOCK_TIMEOUT_S = 120.0
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _new_run_id() -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class LocalBackend:
+    """Checkpoints in a directory tree; the default backend."""
+
+    name: ClassVar[str] = "local"
+    options: ClassVar[frozenset[str]] = frozenset({"root"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"delete", "concurrent_writers"})
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        options = dict(options or {})
+        unknown = set(options) - self.options
+        if unknown:
+            raise ConfigError(f"local backend: unknown option(s) {sorted(unknown)}; known: {sorted(self.options)}")
+        self.root = Path(options.get("root") or DEFAULT_ROOT).expanduser().absolute()
+
+    # -- paths and locks ------------------------------------------------------------
+    def _project_dir(self, project: str) -> Path:
+        if not _NAME.match(project):
+            raise ConfigError(f"project name {project!r} may only hold letters, digits, '_', '.', '-'")
+        return self.root / project
+
+    def _run_dir(self, run: RunInfo) -> Path:
+        return self.root / run.project / run.run_id
+
+    @contextmanager
+    def _lock(self, directory: Path) -> Iterator[None]:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(directory / ".lock"), timeout=_LOCK_TIMEOUT_S)
+        try:
+            with lock:
+                yield
+        except Timeout as exc:
+            raise BackendUnavailable(
+                f"could not lock {directory} within {_LOCK_TIMEOUT_S:.0f} s; another process holds "
+                f"{directory / '.lock'} (delete it only if no ckpt_track process is running)"
+            ) from exc
+
+    def _info(self, project: str, run_id: str, resumed: bool) -> RunInfo:
+        meta = self._read_run_json(self.root / project / run_id)
+        return RunInfo(
+            backend=self.name, project=project, run_id=run_id, name=str(meta.get("name", run_id)),
+            ref=Ref(self.name, f"{project}/{run_id}"), resumed=resumed,
+            native={"path": str(self.root / project / run_id)},
+        )
+
+    @staticmethod
+    def _read_run_json(run_dir: Path) -> dict[str, Any]:
+        try:
+            return json.loads((run_dir / "run.json").read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError as exc:
+            raise IntegrityError(f"{run_dir / 'run.json'} is damaged: {exc}") from exc
+
+    def _runs(self, project: str) -> list[tuple[str, dict[str, Any]]]:
+        pdir = self._project_dir(project)
+        if not pdir.is_dir():
+            return []
+        runs = []
+        for d in pdir.iterdir():
+            if d.is_dir() and (d / "run.json").is_file():
+                runs.append((d.name, self._read_run_json(d)))
+        return sorted(runs, key=lambda r: str(r[1].get("created", "")))
+
+    # -- runs -------------------------------------------------------------------------
+    def open_run(self, spec: RunSpec) -> RunInfo:
+        pdir = self._project_dir(spec.project)
+        with self._lock(pdir):
+            if spec.run_id is not None:
+                if not _NAME.match(spec.run_id):
+                    raise ConfigError(f"run id {spec.run_id!r} may only hold letters, digits, '_', '.', '-'")
+                if (pdir / spec.run_id / "run.json").is_file():
+                    if spec.resume == "never":
+                        raise ConfigError(
+                            f"run {spec.run_id!r} already exists in project {spec.project!r} and resume='never'; "
+                            "pass resume='auto' to continue it, or another run_id"
+                        )
+                    return self._info(spec.project, spec.run_id, resumed=True)
+                if spec.resume == "must":
+                    raise CheckpointNotFound(self._no_run_message(spec.project, spec.run_id))
+                return self._create(spec, spec.run_id)
+            if spec.name is not None and spec.resume != "never":
+                matches = [rid for rid, meta in self._runs(spec.project) if meta.get("name") == spec.name]
+                if matches:
+                    return self._info(spec.project, matches[-1], resumed=True)
+            if spec.resume == "must":
+                if spec.name is None:
+                    raise ConfigError("resume='must' needs run_id= or name= to know which run to continue")
+                raise CheckpointNotFound(self._no_run_message(spec.project, spec.name))
+            run_id = _new_run_id()
+            while (pdir / run_id).exists():
+                run_id = _new_run_id()
+            return self._create(spec, run_id)
+
+    def _create(self, spec: RunSpec, run_id: str) -> RunInfo:
+        run_dir = self.root / spec.project / run_id
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        _atomic_json(run_dir / "run.json", {
+            "run_id": run_id, "name": spec.name or run_id, "project": spec.project,
+            "created": _now(), "config": dict(spec.config),
+        })
+        return self._info(spec.project, run_id, resumed=False)
+
+    def _no_run_message(self, project: str, wanted: str) -> str:
+        runs = self._runs(project)
+        known = ", ".join(f"{rid} ({meta.get('name', rid)})" for rid, meta in runs[-10:]) or "none"
+        return f"no run {wanted!r} in project {project!r} under {self.root}; runs there: {known}"
+
+    def find_run(self, ref: Ref) -> RunInfo:
+        segs = ref.segments
+        if len(segs) != 2:
+            raise InvalidRef(f"{ref}: a local reference names a project and a run: local://<project>/<run>")
+        project, wanted = segs
+        if (self._project_dir(project) / wanted / "run.json").is_file():
+            return self._info(project, wanted, resumed=True)
+        named = [rid for rid, meta in self._runs(project) if meta.get("name") == wanted]
+        if named:
+            return self._info(project, named[-1], resumed=True)
+        raise CheckpointNotFound(self._no_run_message(project, wanted))
+
+    def list_runs(self, project: str) -> list[RunInfo]:
+        return [self._info(project, rid, resumed=True) for rid, _ in self._runs(project)]
+
+    # -- checkpoints --------------------------------------------------------------------
+    def _aliases(self, run_dir: Path) -> dict[str, int]:
+        try:
+            return {str(k): int(v) for k, v in json.loads((run_dir / "aliases.json").read_text()).items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, AttributeError) as exc:
+            raise IntegrityError(f"{run_dir / 'aliases.json'} is damaged: {exc}") from exc
+
+    def _stored(self, run: RunInfo, version: int, manifest: Manifest, aliases: Mapping[str, int]) -> Stored:
+        return Stored(
+            ref=run.ref.select(version=version), run=run, version=version, step=manifest.step,
+            epoch=manifest.epoch, aliases=tuple(sorted(a for a, v in aliases.items() if v == version)),
+            metrics=dict(manifest.metrics), size=manifest.size, created=manifest.created,
+            lineage=dict(manifest.lineage),
+            native={"path": str(self._run_dir(run) / "checkpoints" / f"v{version:06d}")},
+        )
+
+    def put(self, run: RunInfo, ckpt: LocalCheckpoint, aliases: Sequence[str] = ()) -> Stored:
+        run_dir = self._run_dir(run)
+        cdir = run_dir / "checkpoints"
+        # copy (hard-link when possible) outside the lock; only numbering happens under it
+        incoming = copy_checkpoint(ckpt, cdir / ".incoming", uuid.uuid4().hex)
+        with self._lock(run_dir):
+            version = max(self._versions(cdir), default=0) + 1
+            final = cdir / f"v{version:06d}"
+            os.rename(incoming.path, final)
+            table = self._aliases(run_dir)
+            table.update({a: version for a in aliases})
+            _atomic_json(run_dir / "aliases.json", table)
+        return self._stored(run, version, ckpt.manifest, table)
+
+    @staticmethod
+    def _versions(cdir: Path) -> list[int]:
+        if not cdir.is_dir():
+            return []
+        return [int(m.group(1)) for d in cdir.iterdir() if (m := _VERSION_DIR.match(d.name))]
+
+    def list(self, run: RunInfo) -> list[Stored]:
+        run_dir = self._run_dir(run)
+        cdir = run_dir / "checkpoints"
+        aliases = self._aliases(run_dir)
+        out = []
+        for version in sorted(self._versions(cdir)):
+            try:
+                manifest = read_manifest(cdir / f"v{version:06d}")
+            except CheckpointNotFound:
+                continue  # being deleted, or never committed
+            except IntegrityError as exc:
+                warnings.warn(f"skipping damaged checkpoint: {exc}", stacklevel=2)
+                continue
+            out.append(self._stored(run, version, manifest, aliases))
+        return out
+
+    def get(self, stored: Stored, dest: Path) -> LocalCheckpoint:
+        path = Path(stored.native["path"])
+        return LocalCheckpoint(path, read_manifest(path))  # already on local disk: no copy
+
+    def set_aliases(self, stored: Stored, aliases: Sequence[str]) -> None:
+        run_dir = self._run_dir(stored.run)
+        with self._lock(run_dir):
+            table = self._aliases(run_dir)
+            table.update({a: stored.version for a in aliases})
+            _atomic_json(run_dir / "aliases.json", table)
+
+    def delete(self, stored: Stored) -> None:
+        run_dir = self._run_dir(stored.run)
+        path = Path(stored.native["path"])
+        with self._lock(run_dir):
+            table = {a: v for a, v in self._aliases(run_dir).items() if v != stored.version}
+            _atomic_json(run_dir / "aliases.json", table)
+            if not path.exists():
+                return
+            # rename first, so a half-deleted directory is never taken for a checkpoint
+            trash = path.with_name(f".deleting-{path.name}-{uuid.uuid4().hex[:8]}")
+            os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # -- references ---------------------------------------------------------------------
+    @classmethod
+    def parse_ref(cls, text: str) -> Ref | None:
+        return None  # the canonical local://<project>/<run> form is parsed by the core
+
+    @classmethod
+    def ref_forms(cls) -> tuple[str, ...]:
+        return ("local://<project>/<run id or name>[@selector][?root=/path/to/store]",)

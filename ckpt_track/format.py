@@ -1,0 +1,370 @@
+"""Checkpoint format v1: a directory of safetensors shards, ``state.json`` and
+``manifest.json``.
+
+``manifest.json`` is written last and is the commit: a directory without a
+valid manifest is not a checkpoint.  It records the format version, step,
+epoch, creation time, metrics, lineage, and the size and xxh3-128 hash of every
+other file.  Loading never unpickles: tensors come from safetensors, the rest
+from JSON.
+
+Checkpoints are published atomically: written into a hidden temporary sibling
+directory, fsynced, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointNotFound, IntegrityError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "STATE",
+    "FileEntry",
+    "LocalCheckpoint",
+    "Manifest",
+    "hash_file",
+    "is_checkpoint",
+    "load_checkpoint",
+    "publish",
+    "read_manifest",
+    "verify",
+    "write_checkpoint",
+]
+
+FORMAT_VERSION = 1
+FORMAT_NAME = "ckpt_track"
+MANIFEST = "manifest.json"
+STATE = "state.json"
+HASH_ALGORITHM = "xxh3-128"
+_CHUNK = 8 * 1024 * 1024
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    hash: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The committed description of one checkpoint."""
+
+    step: int
+    files: Mapping[str, FileEntry]
+    epoch: int | None = None
+    created: str = ""
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    lineage: Mapping[str, Any] = field(default_factory=dict)
+    hash_algorithm: str = HASH_ALGORITHM
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def size(self) -> int:
+        """Bytes of all files except the manifest itself."""
+        return sum(f.size for f in self.files.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "step": self.step,
+            "epoch": self.epoch,
+            "created": self.created,
+            "metrics": dict(self.metrics),
+            "lineage": dict(self.lineage),
+            "hash_algorithm": self.hash_algorithm,
+            "files": {k: {"size": v.size, "hash": v.hash} for k, v in sorted(self.files.items())},
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "manifest") -> Manifest:
+        try:
+            if data.get("format") != FORMAT_NAME:
+                raise ValueError(f"'format' is {data.get('format')!r}, expected {FORMAT_NAME!r}")
+            version = int(data["format_version"])
+            if version > FORMAT_VERSION:
+                raise IntegrityError(
+                    f"{where}: checkpoint format v{version} is newer than this ckpt_track reads "
+                    f"(v{FORMAT_VERSION}); upgrade: pip install -U ckpt-track"
+                )
+            files = {str(k): FileEntry(int(v["size"]), str(v["hash"])) for k, v in data["files"].items()}
+            return cls(
+                step=int(data["step"]),
+                epoch=None if data.get("epoch") is None else int(data["epoch"]),
+                created=str(data.get("created", "")),
+                metrics={str(k): float(v) for k, v in (data.get("metrics") or {}).items()},
+                lineage=dict(data.get("lineage") or {}),
+                hash_algorithm=str(data.get("hash_algorithm", HASH_ALGORITHM)),
+                files=files,
+                format_version=version,
+            )
+        except IntegrityError:
+            raise
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise IntegrityError(f"{where}: not a valid ckpt_track manifest ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class LocalCheckpoint:
+    """A committed checkpoint directory on local disk."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def step(self) -> int:
+        return self.manifest.step
+
+    @property
+    def size(self) -> int:
+        return self.manifest.size
+
+
+# -- hashing -------------------------------------------------------------------
+def _hasher() -> Any:
+    return xxhash.xxh3_128()
+
+
+def hash_file(path: Path) -> str:
+    """xxh3-128 of a file, streamed in 8 MiB chunks."""
+    h = _hasher()
+    with open(path, "rb") as f:
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+# -- writing -------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _shards(tensors: Mapping[str, torch.Tensor], shard_size: int) -> list[dict[str, torch.Tensor]]:
+    """Greedy sharding in key order; a tensor larger than the limit gets its own shard."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    used = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and used + nbytes > shard_size:
+            shards.append({})
+            used = 0
+        shards[-1][name] = t
+        used += nbytes
+    return shards if shards[0] else []
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True, allow_nan=True).encode()
+
+
+def write_checkpoint(
+    parent: Path,
+    name: str,
+    tensors: Mapping[str, torch.Tensor],
+    state: Mapping[str, Any],
+    *,
+    step: int,
+    epoch: int | None = None,
+    metrics: Mapping[str, float] | None = None,
+    lineage: Mapping[str, Any] | None = None,
+    shard_size: int = 2 * 1024**3,
+) -> LocalCheckpoint:
+    """Write a checkpoint to ``parent/name`` atomically and return it.
+
+    ``tensors`` must be contiguous CPU tensors that share no memory.  Fails with
+    ``FileExistsError`` if ``parent/name`` already exists (never clobbers).
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    final = parent / name
+    if final.exists():
+        raise FileExistsError(f"checkpoint directory {final} already exists")
+    tmp = parent / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        files: dict[str, FileEntry] = {}
+        shards = _shards(tensors, shard_size)
+        for i, shard in enumerate(shards, 1):
+            fname = f"tensors-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(dict(shard), str(tmp / fname), metadata={"format": "pt"})
+            _fsync_file(tmp / fname)
+            files[fname] = FileEntry((tmp / fname).stat().st_size, hash_file(tmp / fname))
+        data = _json_bytes(state)
+        _write_bytes(tmp / STATE, data)
+        files[STATE] = FileEntry(len(data), xxhash.xxh3_128(data).hexdigest())
+        manifest = Manifest(
+            step=step,
+            epoch=epoch,
+            created=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            metrics=dict(metrics or {}),
+            lineage=dict(lineage or {}),
+            files=files,
+        )
+        _write_bytes(tmp / MANIFEST, _json_bytes(manifest.to_json()))
+        publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return LocalCheckpoint(final, manifest)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename a fully written, fsynced directory into place (atomic on POSIX)."""
+    _fsync_dir(tmp)
+    os.rename(tmp, final)  # fails if final exists and is non-empty: no clobbering
+    _fsync_dir(final.parent)
+
+
+def copy_checkpoint(src: LocalCheckpoint, parent: Path, name: str, *, link: bool = True,
+                    progress: Any = None) -> LocalCheckpoint:
+    """Copy (or hard-link when ``link`` and on the same filesystem) a checkpoint,
+    manifest last, publishing atomically.  ``progress(nbytes)`` is called as bytes move."""
+    parent.mkdir(parents=True, exist_ok=True)
+    final = parent / name
+    if final.exists():
+        raise FileExistsError(f"checkpoint directory {final} already exists")
+    tmp = parent / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        for fname, entry in src.manifest.files.items():
+            _copy_one(src.path / fname, tmp / fname, link=link)
+            if progress is not None:
+                progress(entry.size)
+        _copy_one(src.path / MANIFEST, tmp / MANIFEST, link=False)
+        publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return LocalCheckpoint(final, src.manifest)
+
+
+def _copy_one(src: Path, dst: Path, *, link: bool) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass  # other filesystem or no hard links: copy instead
+    shutil.copyfile(src, dst)
+    _fsync_file(dst)
+
+
+# -- reading -------------------------------------------------------------------
+def read_manifest(path: Path) -> Manifest:
+    """Read and validate ``path/manifest.json``.
+
+    Raises :class:`CheckpointNotFound` when there is none (an uncommitted or
+    foreign directory) and :class:`IntegrityError` when it is unreadable.
+    """
+    mpath = Path(path) / MANIFEST
+    try:
+        raw = mpath.read_bytes()
+    except FileNotFoundError as exc:
+        raise CheckpointNotFound(f"{path} is not a committed checkpoint (no {MANIFEST})") from exc
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise IntegrityError(f"{mpath} is not valid JSON ({exc}); the checkpoint is damaged") from exc
+    return Manifest.from_json(data, where=str(mpath))
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (Path(path) / MANIFEST).is_file() and not Path(path).name.startswith(TMP_PREFIX)
+
+
+def verify(path: Path, manifest: Manifest | None = None) -> Manifest:
+    """Re-hash every file against the manifest; raise :class:`IntegrityError` naming
+    each missing, truncated or modified file."""
+    path = Path(path)
+    manifest = manifest or read_manifest(path)
+    if manifest.hash_algorithm != HASH_ALGORITHM:
+        raise IntegrityError(f"{path}: unknown hash algorithm {manifest.hash_algorithm!r}")
+    problems: list[str] = []
+    for fname, entry in sorted(manifest.files.items()):
+        fpath = path / fname
+        if Path(fname).is_absolute() or ".." in Path(fname).parts:
+            problems.append(f"{fname}: path escapes the checkpoint directory")
+            continue
+        try:
+            size = fpath.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{fname}: missing")
+            continue
+        if size != entry.size:
+            problems.append(f"{fname}: size {size} bytes, manifest says {entry.size} (truncated or modified)")
+        elif hash_file(fpath) != entry.hash:
+            problems.append(f"{fname}: content hash does not match the manifest (modified or corrupted)")
+    if problems:
+        raise IntegrityError(
+            f"checkpoint {path} failed verification; nothing was loaded:\n  " + "\n  ".join(problems)
+        )
+    return manifest
+
+
+def tensor_files(manifest: Manifest) -> Iterator[str]:
+    return (f for f in sorted(manifest.files) if f.endswith(".safetensors"))
+
+
+def load_checkpoint(path: Path, *, check: bool = True) -> tuple[Manifest, dict[str, torch.Tensor], dict[str, Any]]:
+    """Verify (unless ``check=False``) and load a checkpoint: manifest, tensors, state.
+
+    Nothing is returned unless every file matches the manifest.
+    """
+    path = Path(path)
+    manifest = verify(path) if check else read_manifest(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for fname in tensor_files(manifest):
+        try:
+            tensors.update(load_file(str(path / fname)))
+        except (SafetensorError, OSError) as exc:
+            raise IntegrityError(f"{path / fname}: cannot read safetensors file ({exc})") from exc
+    try:
+        state = json.loads((path / STATE).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise IntegrityError(f"{path / STATE}: cannot read ({exc})") from exc
+    return manifest, tensors, state
+
+
+def iter_files(ckpt: LocalCheckpoint) -> Iterable[tuple[str, int]]:
+    """(file name, size) of every file including the manifest, manifest last."""
+    for fname, entry in sorted(ckpt.manifest.files.items()):
+        yield fname, entry.size
+    yield MANIFEST, (ckpt.path / MANIFEST).stat().st_size

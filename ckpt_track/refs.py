@@ -1,0 +1,177 @@
+"""Checkpoint references: one frozen :class:`Ref` type and one parser.
+
+Canonical grammar (``str(ref)`` always yields this form and parses back)::
+
+    <backend>://<path>[@<selector> | :v<N>][?key=value&...]
+
+    selector := latest | best | step=<N> | <alias>        (step-<N> is an alias)
+    path     := backend-specific run locator, '/'-separated segments
+
+Examples::
+
+    local://resnet/3k2j1x@best
+    local://resnet/3k2j1x@step=500?root=/data/ckpts
+    mlflow://0f1e2d3c4b5a@latest
+    wandb://acme/resnet/3k2j1x:v7
+
+Backends add their own forms (web-UI URLs, native SDK references) through
+``parse_ref`` hooks collected by the backend registry; they all normalise to a
+``Ref``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from urllib.parse import parse_qsl, quote, urlencode
+
+from .errors import InvalidRef
+
+__all__ = ["Ref", "parse_ref", "CANONICAL_FORMS"]
+
+_SEGMENT = r"[A-Za-z0-9_.\-]+"
+_ALIAS = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_CANONICAL = re.compile(
+    rf"^(?P<backend>[a-z][a-z0-9_\-]*)://"
+    rf"(?P<path>{_SEGMENT}(?:/{_SEGMENT})*)?"
+    r"(?:@(?P<sel>[^?:/]+)|:v(?P<ver>\d+))?"
+    r"(?:\?(?P<query>[^#]*))?$"
+)
+_STEP = re.compile(r"^step=(\d+)$")
+
+CANONICAL_FORMS = (
+    "<backend>://<run>                 the run's latest checkpoint",
+    "<backend>://<run>@latest | @best  an alias (also step-N or your own aliases)",
+    "<backend>://<run>@step=N          the checkpoint logged at step N",
+    "<backend>://<run>:vN              version N of the run's checkpoints",
+)
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A parsed checkpoint reference.
+
+    At most one of ``step``, ``alias`` and ``version`` is set; none of them means
+    the run's latest checkpoint.  ``params`` are sorted ``(key, value)`` pairs,
+    e.g. ``(("root", "/data/ckpts"),)`` for a local store elsewhere.
+
+    >>> r = Ref.parse("local://resnet/3k2j1x@step=500")
+    >>> (r.backend, r.path, r.step, str(r))
+    ('local', 'resnet/3k2j1x', 500, 'local://resnet/3k2j1x@step=500')
+    """
+
+    backend: str
+    path: str = ""
+    step: int | None = None
+    alias: str | None = None
+    version: int | None = None
+    params: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if sum(x is not None for x in (self.step, self.alias, self.version)) > 1:
+            raise InvalidRef(f"a reference selects by step, alias or version, not several: {self!r}")
+        if self.step is not None and self.step < 0:
+            raise InvalidRef(f"step must be >= 0, got {self.step}")
+        if self.version is not None and self.version < 1:
+            raise InvalidRef(f"versions start at v1, got v{self.version}")
+        if self.alias is not None and not _ALIAS.match(self.alias):
+            raise InvalidRef(f"alias {self.alias!r} may only hold letters, digits, '_', '.', '-'")
+        if self.path and not re.fullmatch(rf"{_SEGMENT}(?:/{_SEGMENT})*", self.path):
+            raise InvalidRef(f"path {self.path!r} may only hold '/'-separated letters, digits, '_', '.', '-'")
+        object.__setattr__(self, "params", tuple(sorted(self.params)))
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def parse(cls, text: str) -> Ref:
+        """Parse the canonical form only (no backend hooks); see :func:`parse_ref`."""
+        m = _CANONICAL.match(text.strip())
+        if not m:
+            raise InvalidRef(_bad(text))
+        sel, ver = m.group("sel"), m.group("ver")
+        step = alias = version = None
+        if ver is not None:
+            version = int(ver)
+        elif sel is not None:
+            sm = _STEP.match(sel)
+            if sm:
+                step = int(sm.group(1))
+            elif sel.startswith("step="):
+                raise InvalidRef(f"{text!r}: step must be a non-negative integer, e.g. @step=500")
+            else:
+                alias = sel
+        params = tuple(parse_qsl(m.group("query") or "", keep_blank_values=True, strict_parsing=False))
+        return cls(m.group("backend"), m.group("path") or "", step, alias, version, params)
+
+    # -- views ----------------------------------------------------------------
+    @property
+    def selector(self) -> str:
+        """``@step=N``, ``@alias``, ``:vN`` or ``''``."""
+        if self.step is not None:
+            return f"@step={self.step}"
+        if self.alias is not None:
+            return f"@{self.alias}"
+        if self.version is not None:
+            return f":v{self.version}"
+        return ""
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        return tuple(self.path.split("/")) if self.path else ()
+
+    def param(self, key: str, default: str | None = None) -> str | None:
+        return dict(self.params).get(key, default)
+
+    def run_ref(self) -> Ref:
+        """The same run without a selector."""
+        return replace(self, step=None, alias=None, version=None)
+
+    def select(self, *, step: int | None = None, alias: str | None = None, version: int | None = None) -> Ref:
+        """The same run with another selector."""
+        return replace(self, step=step, alias=alias, version=version)
+
+    def with_params(self, params: Mapping[str, str]) -> Ref:
+        merged = dict(self.params)
+        merged.update(params)
+        return replace(self, params=tuple(merged.items()))
+
+    def __str__(self) -> str:
+        query = ("?" + urlencode(self.params, quote_via=quote, safe="/")) if self.params else ""
+        return f"{self.backend}://{self.path}{self.selector}{query}"
+
+
+def _bad(text: str, extra_forms: tuple[str, ...] = ()) -> str:
+    forms = "\n  ".join(CANONICAL_FORMS + extra_forms)
+    return f"cannot parse checkpoint reference {text!r}; accepted forms:\n  {forms}"
+
+
+def parse_ref(text: str | Ref) -> Ref:
+    """Parse any reference: canonical ``backend://...`` forms, or a form a backend
+    recognises (a tracker web-UI URL, a native SDK reference).
+
+    Raises :class:`InvalidRef` listing the accepted forms.
+
+    >>> str(parse_ref("local://proj/run1@best"))
+    'local://proj/run1@best'
+    """
+    if isinstance(text, Ref):
+        return text
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidRef(_bad(str(text)))
+    from .backends import registry  # late: the registry imports this module
+
+    text = text.strip()
+    scheme = text.split("://", 1)[0] if "://" in text else None
+    if scheme in registry.names():
+        try:
+            return Ref.parse(text)
+        except InvalidRef:
+            # a backend may also own URLs under its own scheme (e.g. richer native forms)
+            ref = registry.parse_native(text)
+            if ref is not None:
+                return ref
+            raise
+    ref = registry.parse_native(text)
+    if ref is not None:
+        return ref
+    raise InvalidRef(_bad(text, registry.ref_forms()))

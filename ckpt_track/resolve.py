@@ -1,0 +1,60 @@
+"""From a reference to a backend, a run, one stored version, and its files."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .backends import registry
+from .backends.base import Backend, RunInfo, Stored
+from .config import Settings, load_settings
+from .format import LocalCheckpoint
+from .policy import select
+from .refs import Ref, parse_ref
+
+__all__ = ["Resolved", "cache_dir", "open_backend", "resolve", "list_stored"]
+
+
+def cache_dir() -> Path:
+    """Where checkpoints downloaded from remote trackers are kept."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ckpt_track"
+
+
+def open_backend(name: str, settings: Settings, ref: Ref | None = None) -> Backend:
+    """A backend configured by its settings section; parameters in ``ref`` (e.g. ``?root=``) win."""
+    options: dict[str, Any] = settings.backend_options(name)
+    if ref is not None:
+        options.update(dict(ref.params))
+    return registry.create(name, options)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    backend: Backend
+    run: RunInfo
+    stored: Stored
+
+    def fetch(self) -> LocalCheckpoint:
+        return self.backend.get(self.stored, cache_dir() / self.run.backend)
+
+
+def _settings(settings: Settings | None) -> Settings:
+    return settings if settings is not None else load_settings()
+
+
+def resolve(ref: str | Ref, settings: Settings | None = None) -> Resolved:
+    """Find the stored checkpoint a reference selects."""
+    r = parse_ref(ref)
+    backend = open_backend(r.backend, _settings(settings), r)
+    run = backend.find_run(r)
+    return Resolved(backend, run, select(backend.list(run), r))
+
+
+def list_stored(ref: str | Ref, settings: Settings | None = None) -> list[Stored]:
+    """Every checkpoint of the run a reference points into, oldest version first."""
+    r = parse_ref(ref)
+    backend = open_backend(r.backend, _settings(settings), r)
+    return backend.list(backend.find_run(r))

@@ -1,0 +1,401 @@
+"""The Run: ``init`` / ``resume`` / ``log_checkpoint`` / ``finish``; owns backends and writer."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import threading
+import uuid
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from . import lineage as _lineage
+from .backends.base import Backend, ResumeMode, RunInfo, RunSpec, Stored
+from .backends.local import DEFAULT_ROOT
+from .config import Settings, load_settings
+from .errors import CheckpointWriteError, CkptTrackError, ConfigError, SerializationError
+from .format import LocalCheckpoint, load_checkpoint, write_checkpoint
+from .policy import best_of, is_improvement, retention_plan, select
+from .refs import Ref
+from .resolve import list_stored, open_backend, resolve
+from .state import Restored, apply, capture
+from .writer import Writer, snapshot_tensors
+
+__all__ = ["CheckpointHandle", "Run", "init", "list_checkpoints", "log_checkpoint", "restore"]
+
+log = logging.getLogger("ckpt_track")
+_UNSET: Any = object()
+_active: Run | None = None
+_RESERVED_ALIASES = frozenset({"latest", "best"})
+
+
+class CheckpointHandle:
+    """Returned by ``log_checkpoint`` at once; the save may still be running.
+
+    ``ref`` is usable right away (``<run>@step=N``); ``wait()`` returns the
+    :class:`Stored` version once written, or raises :class:`CheckpointWriteError`.
+    """
+
+    def __init__(self, step: int, ref: Ref, future: Future[Stored]) -> None:
+        self.step = step
+        self.ref = ref
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> Stored:
+        try:
+            return self._future.result(timeout)
+        except CheckpointWriteError:
+            raise
+        except CkptTrackError as exc:
+            raise CheckpointWriteError(f"checkpoint at step {self.step} was not saved: {exc}") from exc
+
+    @property
+    def stored(self) -> Stored:
+        return self.wait()
+
+    def __repr__(self) -> str:
+        return f"<CheckpointHandle {self.ref} {'done' if self.done() else 'pending'}>"
+
+
+def _metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in (metrics or {}).items():
+        if not isinstance(k, str):
+            raise SerializationError(f"metric names must be str, got {k!r}")
+        if isinstance(v, torch.Tensor):
+            if v.numel() != 1:
+                raise SerializationError(f"metric {k!r} is a tensor of shape {tuple(v.shape)}, not a scalar")
+            v = v.item()
+        try:
+            out[k] = float(v)
+        except (TypeError, ValueError):
+            raise SerializationError(f"metric {k!r} must be a number, got {type(v).__qualname__}") from None
+    return out
+
+
+class Run:
+    """A training run recording checkpoints to one or more backends.  Create with :func:`init`."""
+
+    def __init__(self, settings: Settings, spec: RunSpec, targets: Sequence[tuple[Backend, RunInfo]]) -> None:
+        self.settings = settings
+        self.spec = spec
+        self._targets = list(targets)
+        self._writer = Writer(settings.max_in_flight)
+        self._finished = False
+        self._parent: str | None = None  # the checkpoint the next one continues from
+        self._resumed_from: str | None = None
+        self._lock = threading.Lock()
+        env = _lineage.environment()
+        self._static_lineage = {
+            "run": str(self.ref),
+            "config_hash": _lineage.config_hash(spec.config),
+            "git": _lineage.git_info(),
+            **env,
+        }
+        existing = self._primary_backend.list(self.info) if self.info.resumed else []
+        if existing:
+            self._parent = str(select(existing, self.ref).ref)
+        weak = weakref.ref(self)
+        self._atexit = lambda: (r := weak()) is not None and r._finish_at_exit()
+        atexit.register(self._atexit)
+
+    # -- identity -----------------------------------------------------------------------
+    @property
+    def info(self) -> RunInfo:
+        return self._targets[0][1]
+
+    @property
+    def _primary_backend(self) -> Backend:
+        return self._targets[0][0]
+
+    @property
+    def id(self) -> str:
+        return self.info.run_id
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def project(self) -> str:
+        return self.info.project
+
+    @property
+    def ref(self) -> Ref:
+        """This run's reference, e.g. ``local://resnet/3k2j1x``."""
+        return self.info.ref
+
+    @property
+    def resumed(self) -> bool:
+        """True when ``init`` attached to a run that already existed."""
+        return self.info.resumed
+
+    def __repr__(self) -> str:
+        return f"<Run {self.ref} name={self.name!r}>"
+
+    # -- logging ----------------------------------------------------------------------
+    def log_checkpoint(
+        self,
+        step: int,
+        *,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        metrics: Mapping[str, Any] | None = None,
+        aliases: Iterable[str] = (),
+        extra: Mapping[str, Any] | None = None,
+        epoch: int | None = None,
+        blocking: bool | None = None,
+    ) -> CheckpointHandle:
+        """Record a checkpoint of the given state at ``step``.
+
+        Returns at once (the state is copied first); writing and uploading run
+        in the background unless ``blocking=True``.  An error of an earlier
+        background save is raised here.
+
+        >>> run.log_checkpoint(500, model=model, optimizer=opt, metrics={"val/loss": 0.31})  # doctest: +SKIP
+        """
+        if self._finished:
+            raise CheckpointWriteError("this run is finished; start a new one with ct.init()")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError(f"step must be a non-negative int, got {step!r}")
+        user_aliases = tuple(aliases)
+        for a in user_aliases:
+            Ref("x", alias=a)  # validates the characters
+            if a in _RESERVED_ALIASES or a.startswith("step-"):
+                raise ConfigError(f"alias {a!r} is managed by ckpt_track; pick another name")
+        metric_values = _metrics(metrics)
+        blocking = self.settings.blocking if blocking is None else blocking
+        self._writer.raise_errors()
+        captured = capture(step=step, epoch=epoch, model=model, optimizer=optimizer,
+                           scheduler=scheduler, scaler=scaler, extra=extra)
+        tensors = snapshot_tensors(captured.tensors, copy=not blocking)
+        with self._lock:
+            lineage = {**self._static_lineage, "parent": self._parent, "resumed_from": self._resumed_from}
+            self._parent = str(self.ref.select(step=step))
+
+        def job() -> Stored:
+            return self._commit(step, epoch, metric_values, captured.tree, tensors, lineage, user_aliases)
+
+        handle = CheckpointHandle(step, self.ref.select(step=step), self._writer.submit(job))
+        if blocking:
+            handle.wait()
+            self._writer.raise_errors()
+        return handle
+
+    def _spool_root(self) -> Path:
+        root = self.settings.backend_options("local").get("root") or DEFAULT_ROOT
+        return Path(root).expanduser().absolute() / ".spool"
+
+    def _commit(self, step: int, epoch: int | None, metrics: dict[str, float], tree: dict[str, Any],
+                tensors: dict[str, torch.Tensor], lineage: dict[str, Any], aliases: tuple[str, ...]) -> Stored:
+        name = f"{self.project}-{self.id}-step{step}-{uuid.uuid4().hex[:8]}"
+        try:
+            ckpt = write_checkpoint(self._spool_root(), name, tensors, tree, step=step, epoch=epoch,
+                                    metrics=metrics, lineage=lineage, shard_size=self.settings.shard_size)
+        except OSError as exc:
+            raise CheckpointWriteError(
+                f"could not write checkpoint at step {step} to {self._spool_root()}: {exc}; "
+                "free disk space or set [local] root to a larger disk"
+            ) from exc
+        results: list[Stored] = []
+        failures: list[str] = []
+        first_exc: BaseException | None = None
+        for backend, info in self._targets:
+            try:
+                results.append(self._put(backend, info, ckpt, metrics, aliases))
+            except Exception as exc:  # one tracker failing must not stop the others
+                failures.append(f"{backend.name}: {exc}")
+                first_exc = first_exc or exc
+        if failures:
+            raise CheckpointWriteError(
+                f"checkpoint at step {step} was not stored in {len(failures)} backend(s): "
+                + "; ".join(failures) + f". It is kept at {ckpt.path}"
+            ) from first_exc
+        shutil.rmtree(ckpt.path, ignore_errors=True)
+        return results[0]
+
+    def _put(self, backend: Backend, info: RunInfo, ckpt: LocalCheckpoint,
+             metrics: Mapping[str, float], user_aliases: tuple[str, ...]) -> Stored:
+        monitor, mode = self.settings.monitor, self.settings.mode
+        aliases = ["latest", f"step-{ckpt.step}", *user_aliases]
+        before = backend.list(info)
+        new_value = metrics.get(monitor) if monitor else None
+        if new_value is not None:
+            current = best_of(before, monitor, mode)
+            if is_improvement(new_value, current.metrics.get(monitor) if current else None, mode):  # type: ignore[arg-type]
+                aliases.append("best")
+        stored = backend.put(info, ckpt, aliases)
+        plan = retention_plan(backend.list(info), self.settings.retention, monitor, mode)
+        for old in plan:
+            backend.delete(old)
+        return stored
+
+    # -- resuming -----------------------------------------------------------------------
+    def resume(
+        self,
+        *,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        ref: str | Ref | None = None,
+        strict: bool = True,
+        rng: bool = True,
+    ) -> int:
+        """Restore this run's latest checkpoint (or ``ref``, from any run or backend).
+
+        Returns the step to continue from (the checkpoint's step + 1), or 0 when
+        there is nothing to resume.  Later checkpoints record it as ``resumed_from``.
+        """
+        if ref is None:
+            stored = self._primary_backend.list(self.info)
+            if not stored:
+                return 0
+            ref = select(stored, self.ref).ref
+        restored = restore(ref, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                           strict=strict, rng=rng, settings=self.settings)
+        with self._lock:
+            self._resumed_from = restored.ref
+            self._parent = restored.ref
+        return restored.step + 1
+
+    def checkpoints(self) -> list[Stored]:
+        """This run's committed checkpoints (primary backend), oldest first."""
+        return self._primary_backend.list(self.info)
+
+    # -- finishing ------------------------------------------------------------------------
+    def wait(self) -> None:
+        """Wait for every pending save; raise the first background error."""
+        self._writer.flush()
+
+    def finish(self) -> None:
+        """Wait for pending saves (never drops one), then close the run."""
+        global _active
+        if self._finished:
+            return
+        self._finished = True
+        atexit.unregister(self._atexit)
+        if _active is self:
+            _active = None
+        self._writer.close()
+
+    def _finish_at_exit(self) -> None:
+        try:
+            self.finish()
+        except CkptTrackError as exc:
+            log.error("ckpt_track: %s", exc)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        if et is None:
+            self.finish()
+        else:  # keep the training error primary; still wait for the saves
+            try:
+                self.finish()
+            except CkptTrackError as exc:
+                log.error("ckpt_track: %s", exc)
+
+
+def init(
+    project: str | None = None,
+    *,
+    name: str | None = None,
+    run_id: str | None = None,
+    backend: str | Sequence[str] | None = None,
+    config: Any = None,
+    monitor: str | None = _UNSET,
+    mode: str | None = None,
+    resume: ResumeMode = "auto",
+    settings: Mapping[str, Any] | None = None,
+) -> Run:
+    """Start (or, with ``resume="auto"``, continue) a run and make it the active one.
+
+    ``backend`` and the other keywords override environment variables and
+    ``ckpt_track.toml``; ``settings`` takes any further keys in that file's shape.
+    ``resume``: ``"auto"`` attaches to the run named by ``run_id``/``name`` (or
+    ``$CKPT_TRACK_RUN_ID``/``$CKPT_TRACK_RUN_NAME``) when it exists, ``"never"``
+    always starts a new run, ``"must"`` fails unless the run exists.
+
+    >>> run = ct.init(project="resnet", config={"lr": 3e-4})  # doctest: +SKIP
+    """
+    global _active
+    if resume not in ("auto", "never", "must"):
+        raise ConfigError(f"resume must be 'auto', 'never' or 'must', got {resume!r}")
+    overrides: dict[str, Any] = dict(settings or {})
+    overrides.update({k: v for k, v in {"project": project, "backend": backend, "mode": mode}.items() if v is not None})
+    if monitor is not _UNSET and monitor is not None:
+        overrides["monitor"] = monitor
+    resolved = load_settings(overrides)
+    if monitor is None:
+        resolved = replace(resolved, monitor=None)
+    spec = RunSpec(
+        project=resolved.project,
+        name=name or os.environ.get("CKPT_TRACK_RUN_NAME") or None,
+        run_id=run_id or os.environ.get("CKPT_TRACK_RUN_ID") or None,
+        config=_lineage.to_jsonable(config),
+        resume=resume,
+    )
+    targets = []
+    for bname in resolved.backend:
+        be = open_backend(bname, resolved)
+        targets.append((be, be.open_run(spec)))
+    run = Run(resolved, spec, targets)
+    if _active is not None and not _active._finished:
+        log.warning("ckpt_track: a new run replaces the active run %s (call finish() on it)", _active.ref)
+    _active = run
+    return run
+
+
+def log_checkpoint(step: int, **kwargs: Any) -> CheckpointHandle:
+    """``log_checkpoint`` on the active run (the last one ``init`` started)."""
+    if _active is None:
+        raise ConfigError("no active run: call ckpt_track.init(...) first")
+    return _active.log_checkpoint(step, **kwargs)
+
+
+def restore(
+    ref: str | Ref,
+    *,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    strict: bool = True,
+    rng: bool = True,
+    settings: Settings | None = None,
+) -> Restored:
+    """Restore the checkpoint a reference selects into live objects, verified first.
+
+    Accepts canonical references (``local://proj/run@best``) and any form a
+    backend recognises (tracker UI URLs).  Nothing is loaded unless every file
+    matches its manifest hash.
+
+    >>> ct.restore("local://resnet/3k2j1x@best", model=model)  # doctest: +SKIP
+    """
+    found = resolve(ref, settings)
+    ckpt = found.fetch()
+    manifest, tensors, tree = load_checkpoint(ckpt.path)
+    restored = apply(tree, tensors, model=model, optimizer=optimizer, scheduler=scheduler,
+                     scaler=scaler, rng=rng, strict=strict)
+    return replace(restored, metrics=dict(manifest.metrics), ref=str(found.stored.ref))
+
+
+def list_checkpoints(ref: str | Ref, settings: Settings | None = None) -> list[Stored]:
+    """Every committed checkpoint of the run ``ref`` points into, oldest first."""
+    return list_stored(ref, settings)

@@ -1,0 +1,268 @@
+"""Capture training state into (tensors, JSON tree) and apply it back.
+
+Everything that is a tensor goes to safetensors under a flat name such as
+``model/fc.weight`` or ``optimizer/state/0/exp_avg``; everything else becomes
+JSON.  Values JSON cannot express exactly are wrapped in small tagged objects
+(``{"__ct__": "tuple", ...}``) so that restoring gives back the same Python
+types: optimizer states have int keys and tuple hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import SerializationError, StateMismatch
+
+__all__ = ["Captured", "Restored", "apply", "capture", "decode_tree", "encode_tree"]
+
+_TAG = "__ct__"
+_MAX_NAMES = 10
+
+
+# -- JSON tree codec -------------------------------------------------------------
+class _Encoder:
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        # tied/shared tensors are stored once: same storage, offset, shape, strides, dtype
+        self._seen: dict[tuple[Any, ...], str] = {}
+
+    def tensor(self, t: torch.Tensor, name: str) -> dict[str, Any]:
+        t = t.detach()
+        if t.numel() > 0:
+            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            first = self._seen.get(key)
+            if first is not None:
+                return {_TAG: "tensor", "name": first}
+            self._seen[key] = name
+        if name in self.tensors:
+            raise SerializationError(f"two tensors would be stored under the same name {name!r}")
+        self.tensors[name] = t
+        return {_TAG: "tensor", "name": name}
+
+    def encode(self, obj: Any, name: str) -> Any:
+        if obj is None or isinstance(obj, (bool, str)):
+            return obj
+        if isinstance(obj, int):
+            return int(obj)
+        if isinstance(obj, float):
+            return float(obj)
+        if isinstance(obj, torch.Tensor):
+            return self.tensor(obj, name)
+        if type(obj).__module__ == "numpy":
+            if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
+                return self.encode(obj.item(), name)
+            if hasattr(obj, "__array__"):
+                return self.tensor(torch.from_numpy(obj.copy()), name)
+        if isinstance(obj, Mapping):
+            if all(isinstance(k, str) for k in obj) and _TAG not in obj:
+                return {k: self.encode(v, f"{name}/{k}") for k, v in obj.items()}
+            return {_TAG: "dict", "items": [[self.encode(k, f"{name}/{k}#key"), self.encode(v, f"{name}/{k}")]
+                                             for k, v in obj.items()]}
+        if isinstance(obj, list):
+            return [self.encode(v, f"{name}/{i}") for i, v in enumerate(obj)]
+        if isinstance(obj, tuple):
+            return {_TAG: "tuple", "items": [self.encode(v, f"{name}/{i}") for i, v in enumerate(obj)]}
+        raise SerializationError(
+            f"{name}: a value of type {type(obj).__qualname__} cannot be stored in a checkpoint; "
+            "use JSON values (dict, list, str, int, float, bool, None) or tensors"
+        )
+
+
+def encode_tree(obj: Any, prefix: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split ``obj`` into a JSON tree and the tensors it references (by name)."""
+    enc = _Encoder()
+    return enc.encode(obj, prefix), enc.tensors
+
+
+def decode_tree(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`encode_tree`."""
+    if isinstance(tree, list):
+        return [decode_tree(v, tensors) for v in tree]
+    if isinstance(tree, dict):
+        tag = tree.get(_TAG)
+        if tag is None:
+            return {k: decode_tree(v, tensors) for k, v in tree.items()}
+        if tag == "tensor":
+            try:
+                return tensors[tree["name"]]
+            except KeyError:
+                raise StateMismatch(f"state.json refers to tensor {tree['name']!r}, absent from the tensor files") from None
+        if tag == "tuple":
+            return tuple(decode_tree(v, tensors) for v in tree["items"])
+        if tag == "dict":
+            return {_hashable(decode_tree(k, tensors)): decode_tree(v, tensors) for k, v in tree["items"]}
+        raise StateMismatch(f"unknown tag {tag!r} in state.json (written by a newer ckpt_track?)")
+    return tree
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if isinstance(key, (list, tuple)) else key
+
+
+# -- capture ---------------------------------------------------------------------
+@dataclass
+class Captured:
+    """Training state split into a JSON tree and named tensors (still aliasing the live ones)."""
+
+    tree: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def capture(
+    *,
+    step: int,
+    epoch: int | None = None,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    extra: Mapping[str, Any] | None = None,
+    rng: bool = True,
+) -> Captured:
+    """Collect the state of the given training objects.
+
+    Raises :class:`SerializationError` at once for anything that cannot be stored.
+
+    >>> c = capture(step=3, model=torch.nn.Linear(2, 1))
+    >>> sorted(c.tensors)
+    ['model/bias', 'model/weight']
+    """
+    parts: dict[str, Any] = {"step": int(step), "epoch": epoch}
+    if model is not None:
+        parts["model"] = model.state_dict()
+    if optimizer is not None:
+        parts["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        parts["scheduler"] = scheduler.state_dict()
+    if scaler is not None:
+        parts["scaler"] = scaler.state_dict()
+    if extra is not None:
+        if not isinstance(extra, Mapping) or not all(isinstance(k, str) for k in extra):
+            raise SerializationError("extra must be a dict with str keys")
+        parts["extra"] = dict(extra)
+    if rng:
+        parts["rng"] = _rng_state()
+    enc = _Encoder()
+    tree: dict[str, Any] = {}
+    for key, value in parts.items():
+        if key == "model":  # keep model keys flat and readable: model/<state_dict key>
+            tree[key] = {k: enc.tensor(v, f"model/{k}") if isinstance(v, torch.Tensor) else enc.encode(v, f"model/{k}")
+                         for k, v in value.items()}
+        else:
+            tree[key] = enc.encode(value, key)
+    return Captured(tree, enc.tensors)
+
+
+# -- apply -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Restored:
+    """What a restore put back, plus what the caller needs to continue."""
+
+    step: int
+    epoch: int | None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    ref: str | None = None
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_NAMES])
+    return shown + (f" (+{len(names) - _MAX_NAMES} more)" if len(names) > _MAX_NAMES else "")
+
+
+def _load_model(model: torch.nn.Module, saved: Mapping[str, Any], strict: bool) -> None:
+    current = model.state_dict()
+    missing = sorted(set(current) - set(saved))
+    unexpected = sorted(set(saved) - set(current))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(current[k].shape)}"
+        for k in set(current) & set(saved)
+        if isinstance(saved[k], torch.Tensor) and isinstance(current[k], torch.Tensor) and saved[k].shape != current[k].shape
+    )
+    problems = []
+    if strict and missing:
+        problems.append(f"missing from the checkpoint: {_names(missing)}")
+    if strict and unexpected:
+        problems.append(f"not in the model: {_names(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatch: {_names(shapes)}")
+    if problems:
+        hint = " (pass strict=False to ignore missing/unexpected keys)" if not shapes else ""
+        raise StateMismatch("model state does not match the checkpoint; " + "; ".join(problems) + hint)
+    model.load_state_dict({k: v for k, v in saved.items() if k in current}, strict=False)
+
+
+def _set_rng(state: Mapping[str, Any]) -> None:
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        try:
+            import numpy as np
+        except ImportError:
+            pass
+        else:
+            kind, keys, pos, has_gauss, cached = state["numpy"]
+            np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        saved = list(state["cuda"])
+        n = min(len(saved), torch.cuda.device_count())
+        for i in range(n):
+            torch.cuda.set_rng_state(saved[i], i)
+
+
+def apply(
+    tree: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    rng: bool = True,
+    strict: bool = True,
+) -> Restored:
+    """Load captured state into live training objects.
+
+    Raises :class:`StateMismatch` naming the offending keys when the checkpoint
+    does not fit; in that case the model is left untouched.
+    """
+    for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if obj is not None and name not in tree:
+            raise StateMismatch(f"the checkpoint holds no {name} state (it was saved without {name}=...)")
+    if model is not None:
+        _load_model(model, decode_tree(tree["model"], tensors), strict)
+    if optimizer is not None:
+        try:
+            optimizer.load_state_dict(decode_tree(tree["optimizer"], tensors))
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise StateMismatch(f"optimizer state does not fit this optimizer: {exc}") from exc
+    if scheduler is not None:
+        scheduler.load_state_dict(decode_tree(tree["scheduler"], tensors))
+    if scaler is not None:
+        scaler.load_state_dict(decode_tree(tree["scaler"], tensors))
+    if rng and "rng" in tree:
+        _set_rng(decode_tree(tree["rng"], tensors))
+    extra = decode_tree(tree.get("extra") or {}, tensors)
+    return Restored(step=int(tree["step"]), epoch=tree.get("epoch"), extra=extra)
