@@ -97,11 +97,14 @@ class Ref:
             if sm:
                 step = int(sm.group(1))
             elif sel.startswith("step="):
-                raise InvalidRef(f"{text!r}: step must be a non-negative integer, e.g. @step=500")
+                raise InvalidRef(_bad(text, reason="step must be a non-negative integer, e.g. @step=500"))
             else:
                 alias = sel
         params = tuple(parse_qsl(m.group("query") or "", keep_blank_values=True, strict_parsing=False))
-        return cls(m.group("backend"), m.group("path") or "", step, alias, version, params)
+        try:
+            return cls(m.group("backend"), m.group("path") or "", step, alias, version, params)
+        except InvalidRef as exc:
+            raise InvalidRef(_bad(text, reason=str(exc))) from None
 
     # -- views ----------------------------------------------------------------
     @property
@@ -140,9 +143,10 @@ class Ref:
         return f"{self.backend}://{self.path}{self.selector}{query}"
 
 
-def _bad(text: str, extra_forms: tuple[str, ...] = ()) -> str:
+def _bad(text: str, extra_forms: tuple[str, ...] = (), reason: str = "") -> str:
     forms = "\n  ".join(CANONICAL_FORMS + extra_forms)
-    return f"cannot parse checkpoint reference {text!r}; accepted forms:\n  {forms}"
+    why = f" ({reason})" if reason else ""
+    return f"cannot parse checkpoint reference {text!r}{why}; accepted forms:\n  {forms}"
 
 
 def parse_ref(text: str | Ref) -> Ref:

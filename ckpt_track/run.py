@@ -190,11 +190,12 @@ class Run:
         def job() -> Stored:
             return self._commit(step, epoch, metric_values, captured.tree, tensors, lineage, user_aliases)
 
-        handle = CheckpointHandle(step, self.ref.select(step=step), self._writer.submit(job))
-        if blocking:
-            handle.wait()
-            self._writer.raise_errors()
-        return handle
+        if not blocking:
+            return CheckpointHandle(step, self.ref.select(step=step), self._writer.submit(job))
+        self._writer.flush()  # keep order: earlier background saves land first
+        done: Future[Stored] = Future()
+        done.set_result(job())
+        return CheckpointHandle(step, self.ref.select(step=step), done)
 
     def _spool_root(self) -> Path:
         root = self.settings.backend_options("local").get("root") or DEFAULT_ROOT

@@ -62,6 +62,7 @@ class Writer:
             raise CheckpointWriteError("this run is finished; start a new one with ct.init()")
         self._slots.acquire()  # back-pressure: wait for a free slot
         try:
+            self.raise_errors()  # the job we just waited for may have failed
             fut = self._pool.submit(job)
         except BaseException:
             self._slots.release()

@@ -1,0 +1,176 @@
+"""The contract every backend passes.
+
+Subclass :class:`BackendContract` in a test module and provide the ``backend``
+fixture (a fresh, empty backend instance) and ``settings_overrides`` (what
+``ct.init(settings=...)`` needs to reach the same store)::
+
+    class TestMyBackend(BackendContract):
+        @pytest.fixture
+        def backend(self, tmp_path):
+            return MyBackend({"root": str(tmp_path)})
+
+        @pytest.fixture
+        def settings_overrides(self, tmp_path):
+            return {"backend": "mine", "mine": {"root": str(tmp_path)}}
+
+Optional behaviour is switched by the backend's ``capabilities`` flags
+(``"delete"``, ``"concurrent_writers"``), never by its name.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ..backends.base import Backend, RunInfo, RunSpec
+from ..errors import CheckpointNotFound, ConfigError
+from ..format import MANIFEST, LocalCheckpoint, verify, write_checkpoint
+from ..policy import select
+from ..refs import Ref, parse_ref
+from ..state import capture
+from ..writer import snapshot_tensors
+
+__all__ = ["BackendContract", "make_checkpoint"]
+
+
+def make_checkpoint(parent: Path, step: int, metrics: dict[str, float] | None = None, seed: int = 0) -> LocalCheckpoint:
+    """A small real checkpoint (a Linear model, an optimizer) committed under ``parent``."""
+    torch.manual_seed(seed + step)
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    c = capture(step=step, model=model, optimizer=opt, extra={"seed": seed})
+    return write_checkpoint(parent, f"ckpt-{step}-{uuid.uuid4().hex[:6]}", snapshot_tensors(c.tensors, copy=True),
+                            c.tree, step=step, metrics=metrics or {}, lineage={"test": True})
+
+
+def _bytes(ckpt: LocalCheckpoint) -> dict[str, bytes]:
+    return {name: (ckpt.path / name).read_bytes() for name in [*ckpt.manifest.files, MANIFEST]}
+
+
+class BackendContract:
+    """Shared tests; subclasses provide the ``backend`` and ``settings_overrides`` fixtures."""
+
+    @pytest.fixture
+    def backend(self) -> Backend:  # pragma: no cover - overridden
+        raise NotImplementedError("subclass BackendContract and provide a 'backend' fixture")
+
+    @pytest.fixture
+    def settings_overrides(self) -> dict[str, Any]:  # pragma: no cover - overridden
+        raise NotImplementedError("subclass BackendContract and provide a 'settings_overrides' fixture")
+
+    @pytest.fixture
+    def run(self, backend: Backend) -> RunInfo:
+        return backend.open_run(RunSpec(project="contract", name="run-a", config={"lr": 0.1}))
+
+    @pytest.fixture
+    def spool(self, tmp_path: Path) -> Path:
+        return tmp_path / "spool"
+
+    # -- runs ------------------------------------------------------------------------
+    def test_open_run_creates_then_attaches(self, backend: Backend) -> None:
+        first = backend.open_run(RunSpec(project="contract", run_id="fixed01"))
+        assert not first.resumed and first.run_id == "fixed01"
+        again = backend.open_run(RunSpec(project="contract", run_id="fixed01", resume="auto"))
+        assert again.resumed and again.run_id == "fixed01" and again.ref == first.ref
+
+    def test_resume_modes(self, backend: Backend) -> None:
+        backend.open_run(RunSpec(project="contract", run_id="fixed02"))
+        with pytest.raises(ConfigError):
+            backend.open_run(RunSpec(project="contract", run_id="fixed02", resume="never"))
+        with pytest.raises(CheckpointNotFound):
+            backend.open_run(RunSpec(project="contract", run_id="absent99", resume="must"))
+
+    def test_attach_by_name(self, backend: Backend, run: RunInfo) -> None:
+        again = backend.open_run(RunSpec(project="contract", name="run-a"))
+        assert again.resumed and again.run_id == run.run_id
+
+    def test_find_run(self, backend: Backend, run: RunInfo) -> None:
+        assert backend.find_run(run.ref).run_id == run.run_id
+        with pytest.raises(CheckpointNotFound):
+            backend.find_run(Ref(run.ref.backend, "contract/nosuchrun"))
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def test_put_get_round_trip_bytes_identical(self, backend: Backend, run: RunInfo, spool: Path, tmp_path: Path) -> None:
+        ckpt = make_checkpoint(spool, step=10, metrics={"val/loss": 1.5})
+        stored = backend.put(run, ckpt, ["latest", "step-10"])
+        assert stored.step == 10 and stored.version == 1
+        assert stored.metrics == {"val/loss": 1.5}
+        assert set(stored.aliases) == {"latest", "step-10"}
+        got = backend.get(stored, tmp_path / "dl")
+        verify(got.path)
+        assert _bytes(got) == _bytes(ckpt)
+
+    def test_versions_and_list_order(self, backend: Backend, run: RunInfo, spool: Path) -> None:
+        for step in (5, 10, 10, 20):
+            backend.put(run, make_checkpoint(spool, step), [f"step-{step}"])
+        listed = backend.list(run)
+        assert [s.version for s in listed] == [1, 2, 3, 4]
+        assert [s.step for s in listed] == [5, 10, 10, 20]
+        assert "step-10" in listed[2].aliases and "step-10" not in listed[1].aliases  # moved to the newest
+
+    def test_set_aliases_moves(self, backend: Backend, run: RunInfo, spool: Path) -> None:
+        a = backend.put(run, make_checkpoint(spool, 1), ["best"])
+        b = backend.put(run, make_checkpoint(spool, 2), [])
+        backend.set_aliases(b, ["best", "mine"])
+        by_version = {s.version: s for s in backend.list(run)}
+        assert "best" not in by_version[a.version].aliases
+        assert {"best", "mine"} <= set(by_version[b.version].aliases)
+
+    def test_selectors(self, backend: Backend, run: RunInfo, spool: Path) -> None:
+        backend.put(run, make_checkpoint(spool, 1), ["step-1"])
+        backend.put(run, make_checkpoint(spool, 2), ["step-2", "best"])
+        backend.put(run, make_checkpoint(spool, 3), ["step-3", "latest"])
+        listed = backend.list(run)
+        assert select(listed, run.ref.select(alias="latest")).step == 3
+        assert select(listed, run.ref.select(alias="best")).step == 2
+        assert select(listed, run.ref.select(step=1)).step == 1
+        assert select(listed, run.ref.select(alias="step-2")).step == 2
+        assert select(listed, run.ref.select(version=1)).step == 1
+        with pytest.raises(CheckpointNotFound, match="available steps: 1, 2, 3"):
+            select(listed, run.ref.select(step=99))
+
+    def test_delete(self, backend: Backend, run: RunInfo, spool: Path) -> None:
+        if "delete" not in backend.capabilities:
+            pytest.skip("backend cannot delete")
+        a = backend.put(run, make_checkpoint(spool, 1), ["step-1", "keepme"])
+        b = backend.put(run, make_checkpoint(spool, 2), ["step-2"])
+        backend.delete(a)
+        listed = backend.list(run)
+        assert [s.version for s in listed] == [b.version]
+        assert all("keepme" not in s.aliases for s in listed)
+        c = backend.put(run, make_checkpoint(spool, 3), [])
+        assert c.version > b.version  # versions are never reused
+
+    def test_empty_run_lists_nothing(self, backend: Backend, run: RunInfo) -> None:
+        assert backend.list(run) == []
+        with pytest.raises(CheckpointNotFound, match="no committed checkpoints"):
+            select([], run.ref)
+
+    def test_stored_ref_round_trips(self, backend: Backend, run: RunInfo, spool: Path) -> None:
+        stored = backend.put(run, make_checkpoint(spool, 4), [])
+        assert parse_ref(str(stored.ref)) == stored.ref
+        assert parse_ref(str(run.ref)) == run.ref
+
+    # -- through the public API ----------------------------------------------------------
+    def test_log_and_restore_through_api(self, settings_overrides: dict[str, Any]) -> None:
+        import ckpt_track as ct
+
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        with ct.init(project="contract-api", name="api", settings=settings_overrides) as run:
+            for step, loss in ((1, 0.9), (2, 0.5), (3, 0.7)):
+                with torch.no_grad():
+                    model.weight.add_(1.0)
+                run.log_checkpoint(step, model=model, metrics={"val/loss": loss})
+        fresh = torch.nn.Linear(4, 2)
+        settings = ct.load_settings(settings_overrides)
+        best = ct.restore(run.ref.select(alias="best"), model=fresh, settings=settings)
+        assert best.step == 2 and best.metrics == {"val/loss": 0.5}
+        latest = ct.restore(run.ref, model=fresh, settings=settings)
+        assert latest.step == 3 and torch.equal(fresh.weight, model.weight)

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ckpt_track.backends.base import RunSpec
+from ckpt_track.backends.local import LocalBackend
+from ckpt_track.testing.contract import BackendContract, make_checkpoint
+
+
+class TestLocalContract(BackendContract):
+    @pytest.fixture
+    def backend(self, tmp_path: Path) -> LocalBackend:
+        return LocalBackend({"root": str(tmp_path / "store")})
+
+    @pytest.fixture
+    def settings_overrides(self, tmp_path: Path) -> dict:
+        return {"backend": "local", "local": {"root": str(tmp_path / "store")}}
+
+
+def test_uncommitted_directory_is_never_listed(tmp_path: Path) -> None:
+    be = LocalBackend({"root": str(tmp_path)})
+    run = be.open_run(RunSpec(project="p"))
+    be.put(run, make_checkpoint(tmp_path / "spool", 1), [])
+    half = Path(be.list(run)[0].native["path"]).with_name("v000002")
+    half.mkdir()
+    (half / "state.json").write_text("{}")  # no manifest: a crash mid-write
+    assert [s.version for s in be.list(run)] == [1]
+
+
+def test_two_processes_write_one_run_without_clobbering(tmp_path: Path) -> None:
+    """Two writers on one store: every checkpoint lands under its own version."""
+    root = tmp_path / "store"
+    be = LocalBackend({"root": str(root)})
+    run = be.open_run(RunSpec(project="p", run_id="shared1"))
+    script = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from ckpt_track.backends.base import RunSpec
+        from ckpt_track.backends.local import LocalBackend
+        from ckpt_track.testing.contract import make_checkpoint
+        be = LocalBackend({{"root": {str(root)!r}}})
+        run = be.open_run(RunSpec(project="p", run_id="shared1"))
+        who = int(sys.argv[1])
+        for i in range(6):
+            be.put(run, make_checkpoint(Path({str(tmp_path)!r}) / f"spool{{who}}", who * 100 + i), [f"w{{who}}"])
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(w)]) for w in (1, 2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    listed = be.list(run)
+    assert [s.version for s in listed] == list(range(1, 13))
+    assert sorted(s.step for s in listed) == sorted([100 + i for i in range(6)] + [200 + i for i in range(6)])
+    aliases = {a: s.step for s in listed for a in s.aliases}
+    assert aliases["w1"] == 105 and aliases["w2"] == 205
