@@ -56,7 +56,7 @@ from .format import MANIFEST, LocalCheckpoint, Manifest, copy_checkpoint, verify
 from .refs import parse_ref
 from .resolve import Resolved, open_backend, resolve
 
-__all__ = ["EXIT_CODES", "app", "exit_code", "main"]
+__all__ = ["EXIT_CODES", "app", "exit_code", "human_size", "main", "restore_into"]
 
 #: Exit status per error class; the first matching entry wins (subclasses come first).
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
@@ -130,7 +130,7 @@ def _guard() -> Iterator[None]:
     """Turn library errors into one-line messages and exit codes, and warnings into
     ``warning:`` lines (Python's warning format would show source lines to users)."""
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.simplefilter("default")
         try:
             yield
         except CkptTrackError as exc:
@@ -144,7 +144,9 @@ def _guard() -> Iterator[None]:
 
 def _flush_warnings(caught: list[warnings.WarningMessage]) -> None:
     for w in caught:
-        typer.echo(f"warning: {w.message}", err=True)
+        # library warnings (a skipped damaged checkpoint) matter to users; deprecation noise does not
+        if issubclass(w.category, UserWarning):
+            typer.echo(f"warning: {w.message}", err=True)
     caught.clear()
 
 
@@ -468,6 +470,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _absolute(dest: Path) -> Path:
+    """``dest`` made absolute; a symlink is followed so the rename replaces its target, not the link."""
+    dest = Path(os.path.abspath(dest.expanduser()))
+    return dest.resolve() if dest.is_symlink() else dest
+
+
 def _check_destination(dest: Path, force: bool) -> bool:
     """Raise unless ``dest`` may receive a checkpoint; True when an old one is to be replaced."""
     if not dest.name:
@@ -500,9 +508,7 @@ def restore_into(ckpt: LocalCheckpoint, dest: Path, *, force: bool = False,
     earlier checkpoint is replaced.  The copy is staged in a hidden sibling and
     renamed into place, so ``dest`` never holds a partial checkpoint.
     """
-    dest = Path(os.path.abspath(dest.expanduser()))
-    if dest.is_symlink():
-        dest = dest.resolve()
+    dest = _absolute(dest)
     replace_old = _check_destination(dest, force)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
@@ -533,7 +539,7 @@ def restore_command(
     output: Annotated[
         Path,
         typer.Option("--output", "-o", metavar="DIR", help="Directory to write the checkpoint's files into; "
-                     "must be new or empty.", file_okay=False, resolve_path=False),
+                     "must be new or empty."),
     ],
     force: Annotated[
         bool, typer.Option("--force", help="Replace a checkpoint restored into --output before.")
@@ -552,6 +558,8 @@ def restore_command(
     err = _stderr()
     show_progress = not (quiet or as_json) and err.is_terminal
     with _guard():
+        # refuse a bad --output before hashing or downloading a possibly large checkpoint
+        _check_destination(_absolute(output), force)
         found = resolve(ref, _settings())
         ckpt = found.fetch()
         with _spinner(err, f"verifying {found.stored.ref}", enabled=show_progress):

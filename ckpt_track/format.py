@@ -330,7 +330,13 @@ def verify(path: Path, manifest: Manifest | None = None) -> Manifest:
             continue
         if size != entry.size:
             problems.append(f"{fname}: size {size} bytes, manifest says {entry.size} (truncated or modified)")
-        elif hash_file(fpath) != entry.hash:
+            continue
+        try:
+            digest = hash_file(fpath)
+        except OSError as exc:
+            problems.append(f"{fname}: cannot be read ({exc.strerror or exc})")
+            continue
+        if digest != entry.hash:
             problems.append(f"{fname}: content hash does not match the manifest (modified or corrupted)")
     if problems:
         raise IntegrityError(
@@ -352,6 +358,8 @@ def load_checkpoint(path: Path, *, check: bool = True) -> tuple[Manifest, dict[s
     manifest = verify(path) if check else read_manifest(path)
     tensors: dict[str, torch.Tensor] = {}
     for fname in tensor_files(manifest):
+        if Path(fname).is_absolute() or ".." in Path(fname).parts:
+            raise IntegrityError(f"{path}: manifest entry {fname!r} escapes the checkpoint directory")
         try:
             tensors.update(load_file(str(path / fname)))
         except (SafetensorError, OSError) as exc:

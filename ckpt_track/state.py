@@ -33,6 +33,11 @@ class _Encoder:
 
     def tensor(self, t: torch.Tensor, name: str) -> dict[str, Any]:
         t = t.detach()
+        if t.layout != torch.strided or t.device.type == "meta":
+            raise SerializationError(
+                f"{name}: a {t.layout} tensor on {t.device} cannot be stored; "
+                "convert it first (e.g. .to_dense(), or materialize meta tensors)"
+            )
         if t.numel() > 0:
             key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
             first = self._seen.get(key)
@@ -57,7 +62,14 @@ class _Encoder:
             if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
                 return self.encode(obj.item(), name)
             if hasattr(obj, "__array__"):
-                return self.tensor(torch.from_numpy(obj.copy()), name)
+                try:
+                    converted = torch.from_numpy(obj.copy())
+                except TypeError as exc:
+                    raise SerializationError(
+                        f"{name}: a numpy array of dtype {obj.dtype} cannot be stored; use a numeric array "
+                        "or a list of JSON values"
+                    ) from exc
+                return self.tensor(converted, name)
         if isinstance(obj, Mapping):
             if all(isinstance(k, str) for k in obj) and _TAG not in obj:
                 return {k: self.encode(v, f"{name}/{k}") for k, v in obj.items()}
@@ -211,6 +223,19 @@ def _load_model(model: torch.nn.Module, saved: Mapping[str, Any], strict: bool) 
     model.load_state_dict({k: v for k, v in saved.items() if k in current}, strict=False)
 
 
+def _check_optimizer(optimizer: torch.optim.Optimizer, saved: Any) -> None:
+    try:
+        saved_groups = [len(g["params"]) for g in saved["param_groups"]]
+    except (TypeError, KeyError) as exc:
+        raise StateMismatch(f"the checkpoint's optimizer state is malformed: {exc}") from exc
+    groups = [len(g["params"]) for g in optimizer.param_groups]
+    if saved_groups != groups:
+        raise StateMismatch(
+            f"optimizer state does not fit this optimizer: the checkpoint has parameter groups of sizes "
+            f"{saved_groups}, the optimizer {groups}"
+        )
+
+
 def _set_rng(state: Mapping[str, Any]) -> None:
     if "python" in state:
         version, internal, gauss = state["python"]
@@ -251,11 +276,15 @@ def apply(
     for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
         if obj is not None and name not in tree:
             raise StateMismatch(f"the checkpoint holds no {name} state (it was saved without {name}=...)")
+    # check everything that can be checked before changing anything
+    opt_state = decode_tree(tree["optimizer"], tensors) if optimizer is not None else None
+    if optimizer is not None:
+        _check_optimizer(optimizer, opt_state)
     if model is not None:
         _load_model(model, decode_tree(tree["model"], tensors), strict)
     if optimizer is not None:
         try:
-            optimizer.load_state_dict(decode_tree(tree["optimizer"], tensors))
+            optimizer.load_state_dict(opt_state)
         except (ValueError, KeyError, RuntimeError) as exc:
             raise StateMismatch(f"optimizer state does not fit this optimizer: {exc}") from exc
     if scheduler is not None:

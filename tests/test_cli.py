@@ -107,6 +107,24 @@ def test_ls_json(store: Store) -> None:
         assert record["created"] == s.created
 
 
+def test_json_is_strict_for_nan_metrics(store: Store) -> None:
+    run = ct.init(project="p", name="nan")
+    run.log_checkpoint(1, model=torch.nn.Linear(2, 2), metrics={"val/loss": float("nan")}, blocking=True)
+    run.finish()
+    result = invoke("ls", str(run.ref), "--json")
+    assert result.exit_code == 0, result.output
+    assert "NaN" not in result.stdout
+    assert json.loads(result.stdout)[0]["metrics"] == {"val/loss": None}
+
+
+def test_damaged_checkpoint_is_a_warning_line(store: Store) -> None:
+    (store.path(1) / MANIFEST).write_text("not json")
+    result = invoke("ls", store.run_ref, "--json")
+    assert result.exit_code == 0, result.output
+    assert [r["version"] for r in json.loads(result.stdout)] == [2, 3]
+    assert result.stderr.startswith("warning: skipping damaged checkpoint")
+
+
 def test_ls_ignores_the_selector(store: Store) -> None:
     result = invoke("ls", f"{store.run_ref}@step=10", "--json")
     assert result.exit_code == 0, result.output
@@ -198,6 +216,13 @@ def test_restore_refuses_a_non_empty_dir(store: Store, tmp_path: Path) -> None:
     # --force replaces only an earlier restore, never an arbitrary directory
     assert_one_line_error(invoke("restore", store.run_ref, "-o", str(out), "--force"), 2)
     assert _files(out) == {"notes.txt": b"keep me"}
+
+
+def test_restore_refuses_a_file_as_output(store: Store, tmp_path: Path) -> None:
+    target = tmp_path / "afile"
+    target.write_text("x")
+    stderr = assert_one_line_error(invoke("restore", store.run_ref, "-o", str(target), "--force"), 2)
+    assert "not a directory" in stderr and target.read_text() == "x"
 
 
 def test_restore_force_replaces_an_earlier_restore(store: Store, tmp_path: Path) -> None:

@@ -626,9 +626,6 @@ def test_optimizer_with_different_param_count_raises(tmp_path: Path) -> None:
         apply(state, tensors, optimizer=more_groups, rng=False)
 
 
-@pytest.mark.xfail(strict=True, reason="state.apply loads the model before trying the optimizer: an optimizer "
-                   "StateMismatch leaves the model already overwritten, although apply's docstring promises "
-                   "the model is left untouched when StateMismatch is raised")
 def test_optimizer_mismatch_leaves_model_unchanged(tmp_path: Path) -> None:
     model = make_mlp(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -693,15 +690,11 @@ def test_colliding_tensor_names_are_refused() -> None:
         capture(step=0, extra={"a/b": torch.ones(1), "a": {"b": torch.zeros(1)}}, rng=False)
 
 
-@pytest.mark.xfail(strict=True, reason="state._Encoder passes numpy arrays of non-numeric dtype to torch.from_numpy, "
-                   "which raises a plain TypeError without the path instead of SerializationError")
 def test_numpy_string_array_raises_serialization_error() -> None:
     with pytest.raises(SerializationError, match="extra/foo"):
         capture(step=0, extra={"foo": np.array(["a", "b"])}, rng=False)
 
 
-@pytest.mark.xfail(strict=True, reason="state._Encoder.tensor calls untyped_storage() on a sparse tensor, which "
-                   "raises NotImplementedError instead of SerializationError naming the path")
 def test_sparse_tensor_raises_serialization_error() -> None:
     with pytest.raises(SerializationError, match="extra/foo"):
         capture(step=0, extra={"foo": torch.eye(3).to_sparse()}, rng=False)
