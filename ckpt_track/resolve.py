@@ -38,7 +38,9 @@ class Resolved:
     stored: Stored
 
     def fetch(self) -> LocalCheckpoint:
-        return self.backend.get(self.stored, cache_dir() / self.run.backend)
+        """The checkpoint on local disk; remote backends download into the cache."""
+        dest = cache_dir() / self.run.backend / self.run.project / self.run.run_id / f"v{self.stored.version}"
+        return self.backend.get(self.stored, dest)
 
 
 def _settings(settings: Settings | None) -> Settings:

@@ -26,7 +26,7 @@ from .errors import CheckpointWriteError, CkptTrackError, ConfigError, Serializa
 from .format import LocalCheckpoint, load_checkpoint, write_checkpoint
 from .policy import best_of, is_improvement, retention_plan, select
 from .refs import Ref
-from .resolve import list_stored, open_backend, resolve
+from .resolve import Resolved, list_stored, open_backend, resolve
 from .state import Restored, apply, capture
 from .writer import Writer, snapshot_tensors
 
@@ -267,8 +267,15 @@ class Run:
             if not stored:
                 return 0
             ref = select(stored, self.ref).ref
-        restored = restore(ref, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                           strict=strict, rng=rng, settings=self.settings)
+        found = resolve(ref, self.settings)
+        restored = _restore_from(found, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                 strict=strict, rng=rng)
+        for backend, info in self._targets:
+            if backend.name == found.backend.name:  # the tracker's own lineage graph, where it has one
+                try:
+                    backend.link_input(info, found.stored)
+                except CkptTrackError as exc:
+                    log.warning("ckpt_track: could not record the resume in %s: %s", backend.name, exc)
         with self._lock:
             self._resumed_from = restored.ref
             self._parent = restored.ref
@@ -292,7 +299,11 @@ class Run:
         atexit.unregister(self._atexit)
         if _active is self:
             _active = None
-        self._writer.close()
+        try:
+            self._writer.close()
+        finally:
+            for backend, info in self._targets:
+                backend.finish_run(info)
 
     def _finish_at_exit(self) -> None:
         try:
@@ -389,11 +400,15 @@ def restore(
 
     >>> ct.restore("local://resnet/3k2j1x@best", model=model)  # doctest: +SKIP
     """
-    found = resolve(ref, settings)
+    return _restore_from(resolve(ref, settings), model=model, optimizer=optimizer, scheduler=scheduler,
+                         scaler=scaler, strict=strict, rng=rng)
+
+
+def _restore_from(found: Resolved, **targets: Any) -> Restored:
+    strict, rng = targets.pop("strict"), targets.pop("rng")
     ckpt = found.fetch()
     manifest, tensors, tree = load_checkpoint(ckpt.path)
-    restored = apply(tree, tensors, model=model, optimizer=optimizer, scheduler=scheduler,
-                     scaler=scaler, rng=rng, strict=strict)
+    restored = apply(tree, tensors, rng=rng, strict=strict, **targets)
     return replace(restored, metrics=dict(manifest.metrics), ref=str(found.stored.ref))
 
 

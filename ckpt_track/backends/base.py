@@ -95,6 +95,13 @@ class Backend(Protocol):
     def delete(self, stored: Stored) -> None:
         """Remove one checkpoint version and its files."""
 
+    def link_input(self, run: RunInfo, source: Stored) -> None:
+        """Record in the tracker that ``run`` continues from ``source`` (a checkpoint of this
+        same backend), using the tracker's own lineage concept; a no-op where it has none."""
+
+    def finish_run(self, run: RunInfo) -> None:
+        """Close the run in the tracker (flush, mark finished); called once by ``Run.finish``."""
+
     @classmethod
     def parse_ref(cls, text: str) -> Ref | None:
         """This tracker's web-UI URLs and native references, or None."""

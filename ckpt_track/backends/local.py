@@ -259,6 +259,18 @@ class LocalBackend:
             os.rename(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
+    def link_input(self, run: RunInfo, source: Stored) -> None:
+        run_dir = self._run_dir(run)
+        with self._lock(run_dir):
+            meta = self._read_run_json(run_dir)
+            inputs = list(meta.get("inputs", []))
+            if str(source.ref) not in inputs:
+                inputs.append(str(source.ref))
+            _atomic_json(run_dir / "run.json", {**meta, "inputs": inputs})
+
+    def finish_run(self, run: RunInfo) -> None:
+        return None  # nothing to close: every write is already durable
+
     # -- references ---------------------------------------------------------------------
     @classmethod
     def parse_ref(cls, text: str) -> Ref | None:

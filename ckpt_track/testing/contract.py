@@ -147,6 +147,13 @@ class BackendContract:
         c = backend.put(run, make_checkpoint(spool, 3), [])
         assert c.version > b.version  # versions are never reused
 
+    def test_link_input_and_finish_run(self, backend: Backend, run: RunInfo, spool: Path) -> None:
+        source = backend.put(run, make_checkpoint(spool, 7), ["step-7"])
+        other = backend.open_run(RunSpec(project="contract", name="run-b"))
+        backend.link_input(other, source)  # lineage inside the tracker; must not fail
+        backend.finish_run(other)
+        assert [s.step for s in backend.list(run)] == [7]
+
     def test_empty_run_lists_nothing(self, backend: Backend, run: RunInfo) -> None:
         assert backend.list(run) == []
         with pytest.raises(CheckpointNotFound, match="no committed checkpoints"):
