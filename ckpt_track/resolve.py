@@ -51,12 +51,18 @@ def resolve(ref: str | Ref, settings: Settings | None = None) -> Resolved:
     """Find the stored checkpoint a reference selects."""
     r = parse_ref(ref)
     backend = open_backend(r.backend, _settings(settings), r)
+    r = _canonical(backend, r)
     run = backend.find_run(r)
     return Resolved(backend, run, select(backend.list(run), r))
+
+
+def _canonical(backend: Backend, ref: Ref) -> Ref:
+    hook = getattr(backend, "resolve_ref", None)
+    return hook(ref) if hook is not None else ref
 
 
 def list_stored(ref: str | Ref, settings: Settings | None = None) -> list[Stored]:
     """Every checkpoint of the run a reference points into, oldest version first."""
     r = parse_ref(ref)
     backend = open_backend(r.backend, _settings(settings), r)
-    return backend.list(backend.find_run(r))
+    return backend.list(backend.find_run(_canonical(backend, r)))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import shutil
 import threading
 import uuid
 import weakref
@@ -28,6 +27,7 @@ from .policy import best_of, is_improvement, retention_plan, select
 from .refs import Ref
 from .resolve import Resolved, list_stored, open_backend, resolve
 from .state import Restored, apply, capture
+from .spool import DrainResult, Spool
 from .writer import Writer, snapshot_tensors
 
 __all__ = ["CheckpointHandle", "Run", "init", "list_checkpoints", "log_checkpoint", "restore"]
@@ -45,7 +45,7 @@ class CheckpointHandle:
     :class:`Stored` version once written, or raises :class:`CheckpointWriteError`.
     """
 
-    def __init__(self, step: int, ref: Ref, future: Future[Stored]) -> None:
+    def __init__(self, step: int, ref: Ref, future: Future[Stored | None]) -> None:
         self.step = step
         self.ref = ref
         self._future = future
@@ -53,7 +53,9 @@ class CheckpointHandle:
     def done(self) -> bool:
         return self._future.done()
 
-    def wait(self, timeout: float | None = None) -> Stored:
+    def wait(self, timeout: float | None = None) -> Stored | None:
+        """The stored version, or None when the upload was deferred (tracker unreachable;
+        the checkpoint waits on disk and is uploaded later)."""
         try:
             return self._future.result(timeout)
         except CheckpointWriteError:
@@ -62,7 +64,7 @@ class CheckpointHandle:
             raise CheckpointWriteError(f"checkpoint at step {self.step} was not saved: {exc}") from exc
 
     @property
-    def stored(self) -> Stored:
+    def stored(self) -> Stored | None:
         return self.wait()
 
     def __repr__(self) -> str:
@@ -93,6 +95,10 @@ class Run:
         self.spec = spec
         self._targets = list(targets)
         self._writer = Writer(settings.max_in_flight)
+        spool_root = Path(settings.backend_options("local").get("root") or DEFAULT_ROOT).expanduser().absolute()
+        self._spool = Spool(spool_root / ".spool", f"{self.project}-{self.id}-")
+        if self._spool.items:  # a previous process left uploads owed to this run: send them first
+            self._writer.submit(self._drain)
         self._finished = False
         self._parent: str | None = None  # the checkpoint the next one continues from
         self._resumed_from: str | None = None
@@ -187,54 +193,49 @@ class Run:
             lineage = {**self._static_lineage, "parent": self._parent, "resumed_from": self._resumed_from}
             self._parent = str(self.ref.select(step=step))
 
-        def job() -> Stored:
+        def job() -> Stored | None:
             return self._commit(step, epoch, metric_values, captured.tree, tensors, lineage, user_aliases)
 
         if not blocking:
             return CheckpointHandle(step, self.ref.select(step=step), self._writer.submit(job))
         self._writer.flush()  # keep order: earlier background saves land first
-        done: Future[Stored] = Future()
+        done: Future[Stored | None] = Future()
         done.set_result(job())
         return CheckpointHandle(step, self.ref.select(step=step), done)
 
-    def _spool_root(self) -> Path:
-        root = self.settings.backend_options("local").get("root") or DEFAULT_ROOT
-        return Path(root).expanduser().absolute() / ".spool"
-
     def _commit(self, step: int, epoch: int | None, metrics: dict[str, float], tree: dict[str, Any],
-                tensors: dict[str, torch.Tensor], lineage: dict[str, Any], aliases: tuple[str, ...]) -> Stored:
-        name = f"{self.project}-{self.id}-step{step}-{uuid.uuid4().hex[:8]}"
+                tensors: dict[str, torch.Tensor], lineage: dict[str, Any], aliases: tuple[str, ...]) -> Stored | None:
+        name = f"{self._spool.prefix}step{step}-{uuid.uuid4().hex[:8]}"
         try:
-            ckpt = write_checkpoint(self._spool_root(), name, tensors, tree, step=step, epoch=epoch,
+            ckpt = write_checkpoint(self._spool.root, name, tensors, tree, step=step, epoch=epoch,
                                     metrics=metrics, lineage=lineage, shard_size=self.settings.shard_size)
         except OSError as exc:
             raise CheckpointWriteError(
-                f"could not write checkpoint at step {step} to {self._spool_root()}: {exc}; "
+                f"could not write checkpoint at step {step} to {self._spool.root}: {exc}; "
                 "free disk space or set [local] root to a larger disk"
             ) from exc
-        results: list[Stored] = []
-        failures: list[str] = []
-        first_exc: BaseException | None = None
-        for backend, info in self._targets:
-            try:
-                results.append(self._put(backend, info, ckpt, metrics, aliases))
-            except Exception as exc:  # one tracker failing must not stop the others
-                failures.append(f"{backend.name}: {exc}")
-                first_exc = first_exc or exc
-        if failures:
-            raise CheckpointWriteError(
-                f"checkpoint at step {step} was not stored in {len(failures)} backend(s): "
-                + "; ".join(failures) + f". It is kept at {ckpt.path}"
-            ) from first_exc
-        shutil.rmtree(ckpt.path, ignore_errors=True)
-        return results[0]
+        item = self._spool.add(ckpt, aliases, [b.name for b, _ in self._targets])
+        return self._drain().stored.get(id(item))
 
-    def _put(self, backend: Backend, info: RunInfo, ckpt: LocalCheckpoint,
-             metrics: Mapping[str, float], user_aliases: tuple[str, ...]) -> Stored:
+    def _drain(self) -> DrainResult:
+        """Store every spooled checkpoint in every backend that is owed it (writer thread only)."""
+        targets = {b.name: (b, info) for b, info in self._targets}
+        result = self._spool.drain(lambda name, ckpt, aliases: self._put(*targets[name], ckpt, aliases))
+        if result.deferred:
+            log.warning("ckpt_track: %s; the checkpoint is kept on disk and will be uploaded when the tracker "
+                        "is back (before the next checkpoint and at finish())", "; ".join(result.deferred))
+        if result.failures:
+            raise CheckpointWriteError(
+                "checkpoint not stored: " + "; ".join(msg for msg, _ in result.failures)
+            ) from result.failures[0][1]
+        return result
+
+    def _put(self, backend: Backend, info: RunInfo, ckpt: LocalCheckpoint, user_aliases: tuple[str, ...]) -> Stored:
+        """Store one checkpoint in one backend, deciding its aliases; then apply retention."""
         monitor, mode = self.settings.monitor, self.settings.mode
         aliases = ["latest", f"step-{ckpt.step}", *user_aliases]
         before = backend.list(info)
-        new_value = metrics.get(monitor) if monitor else None
+        new_value = ckpt.manifest.metrics.get(monitor) if monitor else None
         if new_value is not None:
             current = best_of(before, monitor, mode)
             if is_improvement(new_value, current.metrics.get(monitor) if current else None, mode):  # type: ignore[arg-type]
@@ -301,9 +302,20 @@ class Run:
             _active = None
         try:
             self._writer.close()
+            if self._spool.items:  # a last try for uploads deferred while a tracker was down
+                self._drain()
+            if self._spool.items:
+                raise CheckpointWriteError(
+                    f"{len(self._spool.items)} checkpoint(s) could not be uploaded because a tracker is "
+                    f"unreachable: {self._spool.describe()}. They are safe on disk; the next ct.init() of this "
+                    "run uploads them"
+                )
         finally:
             for backend, info in self._targets:
-                backend.finish_run(info)
+                try:
+                    backend.finish_run(info)
+                except CkptTrackError as exc:
+                    log.warning("ckpt_track: could not close the run in %s: %s", backend.name, exc)
 
     def _finish_at_exit(self) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -222,7 +223,7 @@ def test_background_failure_surfaces_next_call_and_keeps_checkpoint(monkeypatch:
         run.log_checkpoint(1, model=_model())
         with pytest.raises(CheckpointWriteError, match="No space left") as info:
             run.log_checkpoint(2, model=_model())
-    kept = Path(str(info.value).rsplit("kept at ", 1)[1].rstrip("."))
+    kept = Path(re.search(r"kept at (\S+?)\)", str(info.value)).group(1))
     assert (kept / "manifest.json").is_file()  # nothing lost: the checkpoint waits in the spool
     run.log_checkpoint(3, model=_model())
     run.finish()
@@ -403,3 +404,30 @@ def test_local_root_from_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     ref = run.ref.with_params({"root": str(tmp_path / "elsewhere")})
     assert ct.restore(ref, model=_model()).step == 1
     assert json.loads((tmp_path / "elsewhere" / "p" / run.id / "run.json").read_text())["project"] == "p"
+
+
+def test_unreachable_tracker_defers_uploads_without_breaking_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tracker that is down: the loop goes on, nothing is lost, the next run uploads."""
+    from ckpt_track.backends.local import LocalBackend
+    from ckpt_track.errors import BackendUnavailable
+
+    def down(self, run, ckpt, aliases=()):
+        raise BackendUnavailable("tracker at http://127.0.0.1:1 is unreachable")
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalBackend, "put", down)
+        run = ct.init(project="p", name="flaky")
+        for step in (1, 2, 3):
+            handle = run.log_checkpoint(step, model=_model(), metrics={"val/loss": 1.0 / step})
+        assert handle.wait() is None  # deferred, not failed
+        with pytest.raises(CheckpointWriteError, match="3 checkpoint\\(s\\) could not be uploaded"):
+            run.finish()
+    assert ct.list_checkpoints(run.ref) == []
+    again = ct.init(project="p", name="flaky")  # the tracker is back: owed uploads go first, in order
+    assert again.id == run.id
+    again.wait()
+    listed = ct.list_checkpoints(run.ref)
+    assert [s.step for s in listed] == [1, 2, 3]
+    assert "best" in listed[2].aliases and "latest" in listed[2].aliases
+    again.finish()
+    assert not list((Path("ckpt_runs") / ".spool").iterdir())  # spool emptied once stored

@@ -102,6 +102,10 @@ class Backend(Protocol):
     def finish_run(self, run: RunInfo) -> None:
         """Close the run in the tracker (flush, mark finished); called once by ``Run.finish``."""
 
+    # Optional: ``resolve_ref(self, ref) -> Ref`` turns a reference to a tracker object
+    # that is not a run (a logged model, a registry version) into ``<run>:vN``; the core
+    # calls it before ``find_run`` when a backend defines it.
+
     @classmethod
     def parse_ref(cls, text: str) -> Ref | None:
         """This tracker's web-UI URLs and native references, or None."""

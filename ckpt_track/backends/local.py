@@ -64,7 +64,7 @@ class LocalBackend:
 
     name: ClassVar[str] = "local"
     options: ClassVar[frozenset[str]] = frozenset({"root"})
-    capabilities: ClassVar[frozenset[str]] = frozenset({"delete", "concurrent_writers"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"delete", "concurrent_writers", "choose_run_id"})
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         options = dict(options or {})

@@ -65,35 +65,52 @@ class BackendContract:
         raise NotImplementedError("subclass BackendContract and provide a 'settings_overrides' fixture")
 
     @pytest.fixture
-    def run(self, backend: Backend) -> RunInfo:
-        return backend.open_run(RunSpec(project="contract", name="run-a", config={"lr": 0.1}))
+    def project(self) -> str:
+        """A project of its own per test, so backends with shared servers stay isolated."""
+        return f"contract-{uuid.uuid4().hex[:8]}"
+
+    @pytest.fixture
+    def run(self, backend: Backend, project: str) -> RunInfo:
+        return backend.open_run(RunSpec(project=project, name="run-a", config={"lr": 0.1}))
+
+    @pytest.fixture
+    def missing_run_ref(self, run: RunInfo) -> Ref:
+        """A well-formed reference to a run that does not exist; override where the shape differs."""
+        *head, last = run.ref.segments
+        fake = "0" * len(last) if last.isalnum() else "nosuchrun"
+        return Ref(run.ref.backend, "/".join([*head, fake]), params=run.ref.params)
 
     @pytest.fixture
     def spool(self, tmp_path: Path) -> Path:
         return tmp_path / "spool"
 
     # -- runs ------------------------------------------------------------------------
-    def test_open_run_creates_then_attaches(self, backend: Backend) -> None:
-        first = backend.open_run(RunSpec(project="contract", run_id="fixed01"))
-        assert not first.resumed and first.run_id == "fixed01"
-        again = backend.open_run(RunSpec(project="contract", run_id="fixed01", resume="auto"))
-        assert again.resumed and again.run_id == "fixed01" and again.ref == first.ref
+    def test_open_run_creates_then_attaches(self, backend: Backend, project: str) -> None:
+        first = backend.open_run(RunSpec(project=project, name="first"))
+        assert not first.resumed and first.name == "first"
+        again = backend.open_run(RunSpec(project=project, run_id=first.run_id, resume="auto"))
+        assert again.resumed and again.run_id == first.run_id and again.ref == first.ref
+        if "choose_run_id" in backend.capabilities:
+            fixed = backend.open_run(RunSpec(project=project, run_id="fixed01"))
+            assert not fixed.resumed and fixed.run_id == "fixed01"
 
-    def test_resume_modes(self, backend: Backend) -> None:
-        backend.open_run(RunSpec(project="contract", run_id="fixed02"))
+    def test_resume_modes(self, backend: Backend, project: str) -> None:
+        existing = backend.open_run(RunSpec(project=project, name="existing"))
         with pytest.raises(ConfigError):
-            backend.open_run(RunSpec(project="contract", run_id="fixed02", resume="never"))
+            backend.open_run(RunSpec(project=project, run_id=existing.run_id, resume="never"))
+        fresh = backend.open_run(RunSpec(project=project, name="existing", resume="never"))
+        assert fresh.run_id != existing.run_id and not fresh.resumed
         with pytest.raises(CheckpointNotFound):
-            backend.open_run(RunSpec(project="contract", run_id="absent99", resume="must"))
+            backend.open_run(RunSpec(project=project, name="absent-run", resume="must"))
 
-    def test_attach_by_name(self, backend: Backend, run: RunInfo) -> None:
-        again = backend.open_run(RunSpec(project="contract", name="run-a"))
+    def test_attach_by_name(self, backend: Backend, run: RunInfo, project: str) -> None:
+        again = backend.open_run(RunSpec(project=project, name="run-a"))
         assert again.resumed and again.run_id == run.run_id
 
-    def test_find_run(self, backend: Backend, run: RunInfo) -> None:
+    def test_find_run(self, backend: Backend, run: RunInfo, missing_run_ref: Ref) -> None:
         assert backend.find_run(run.ref).run_id == run.run_id
         with pytest.raises(CheckpointNotFound):
-            backend.find_run(Ref(run.ref.backend, "contract/nosuchrun"))
+            backend.find_run(missing_run_ref)
 
     # -- checkpoints ---------------------------------------------------------------------
     def test_put_get_round_trip_bytes_identical(self, backend: Backend, run: RunInfo, spool: Path, tmp_path: Path) -> None:
@@ -149,7 +166,7 @@ class BackendContract:
 
     def test_link_input_and_finish_run(self, backend: Backend, run: RunInfo, spool: Path) -> None:
         source = backend.put(run, make_checkpoint(spool, 7), ["step-7"])
-        other = backend.open_run(RunSpec(project="contract", name="run-b"))
+        other = backend.open_run(RunSpec(project=run.project, name="run-b"))
         backend.link_input(other, source)  # lineage inside the tracker; must not fail
         backend.finish_run(other)
         assert [s.step for s in backend.list(run)] == [7]
@@ -170,7 +187,7 @@ class BackendContract:
 
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 2)
-        with ct.init(project="contract-api", name="api", settings=settings_overrides) as run:
+        with ct.init(project=f"contract-api-{uuid.uuid4().hex[:6]}", name="api", settings=settings_overrides) as run:
             for step, loss in ((1, 0.9), (2, 0.5), (3, 0.7)):
                 with torch.no_grad():
                     model.weight.add_(1.0)

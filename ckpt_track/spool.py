@@ -1,0 +1,119 @@
+"""Checkpoints waiting for their trackers.
+
+Every checkpoint is first committed to a spool directory on local disk; it is
+removed only once every configured backend has stored it.  A backend that is
+unreachable (:class:`BackendUnavailable`) does not fail the training loop: its
+uploads stay queued here, in order, and are retried before the next checkpoint,
+at ``finish()``, and by the next run that attaches to the same run id.  A
+sidecar ``<dir>.pending.json`` lists the backends still owed each checkpoint,
+so the queue survives a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backends.base import Stored
+from .errors import BackendUnavailable, CheckpointNotFound, IntegrityError
+from .format import LocalCheckpoint, read_manifest
+
+__all__ = ["Pending", "Spool", "DrainResult"]
+
+log = logging.getLogger("ckpt_track")
+_SIDECAR = ".pending.json"
+
+
+@dataclass
+class Pending:
+    ckpt: LocalCheckpoint
+    aliases: tuple[str, ...]
+    backends: list[str]  # still owed this checkpoint, in configuration order
+    failed: list[str] = field(default_factory=list)  # gave a permanent error: kept, not retried
+
+    @property
+    def sidecar(self) -> Path:
+        return self.ckpt.path.with_name(self.ckpt.path.name + _SIDECAR)
+
+    def save(self) -> None:
+        tmp = self.sidecar.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"aliases": list(self.aliases), "backends": self.backends, "failed": self.failed}))
+        os.replace(tmp, self.sidecar)
+
+
+@dataclass
+class DrainResult:
+    stored: dict[int, Stored] = field(default_factory=dict)  # id(Pending) -> first Stored of it
+    deferred: list[str] = field(default_factory=list)  # "backend: reason" for unreachable trackers
+    failures: list[tuple[str, BaseException]] = field(default_factory=list)
+
+
+class Spool:
+    """The queue of committed checkpoints not yet stored everywhere, for one run."""
+
+    def __init__(self, root: Path, prefix: str) -> None:
+        self.root = root
+        self.prefix = prefix
+        self.items: list[Pending] = self._recover()
+
+    def _recover(self) -> list[Pending]:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for sidecar in sorted(self.root.glob(f"{self.prefix}*{_SIDECAR}")):
+            path = sidecar.with_name(sidecar.name[: -len(_SIDECAR)])
+            try:
+                meta = json.loads(sidecar.read_text())
+                item = Pending(LocalCheckpoint(path, read_manifest(path)), tuple(meta["aliases"]),
+                               list(meta["backends"]), list(meta.get("failed", [])))
+            except (OSError, ValueError, KeyError, CheckpointNotFound, IntegrityError) as exc:
+                log.warning("ckpt_track: ignoring unreadable spooled checkpoint %s: %s", path, exc)
+                continue
+            if item.backends:
+                found.append(item)
+        return sorted(found, key=lambda p: p.ckpt.manifest.created)
+
+    def add(self, ckpt: LocalCheckpoint, aliases: Sequence[str], backends: Sequence[str]) -> Pending:
+        item = Pending(ckpt, tuple(aliases), list(backends))
+        item.save()
+        self.items.append(item)
+        return item
+
+    def drain(self, put: Callable[[str, LocalCheckpoint, tuple[str, ...]], Stored]) -> DrainResult:
+        """Upload what is owed, oldest first; an unreachable backend is skipped for the rest
+        of the pass so versions stay in step order."""
+        result = DrainResult()
+        down: set[str] = set()
+        for item in list(self.items):
+            for name in list(item.backends):
+                if name in down:
+                    continue
+                try:
+                    stored = put(name, item.ckpt, item.aliases)
+                except BackendUnavailable as exc:
+                    down.add(name)
+                    result.deferred.append(f"{name}: {exc}")
+                    continue
+                except Exception as exc:
+                    item.backends.remove(name)
+                    item.failed.append(name)
+                    result.failures.append((f"{name}: {exc} (checkpoint kept at {item.ckpt.path})", exc))
+                    item.save()
+                    continue
+                item.backends.remove(name)
+                result.stored.setdefault(id(item), stored)
+                item.save()
+            if not item.backends:
+                self.items.remove(item)
+                if not item.failed:
+                    shutil.rmtree(item.ckpt.path, ignore_errors=True)
+                    item.sidecar.unlink(missing_ok=True)
+        return result
+
+    def describe(self) -> str:
+        return ", ".join(f"step {p.ckpt.step} for {'/'.join(p.backends)} at {p.ckpt.path}" for p in self.items)
