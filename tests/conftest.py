@@ -18,3 +18,22 @@ def _isolated(tmp_path, monkeypatch):
 
     if run_mod._active is not None:
         run_mod._active.finish()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real MLflow server (sqlite store, served artifacts, job runner off) per test session."""
+    from mlflow_server import MlflowServer, free_port
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mlflow_env(monkeypatch, mlflow_server):
+    """Client settings for tests talking to the session server: fail fast instead of retrying for minutes."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    return mlflow_server

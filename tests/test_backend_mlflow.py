@@ -1,0 +1,280 @@
+"""The MLflow backend against a real ``mlflow server`` (and, second tier, a sqlite store)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+import ckpt_track as ct
+from ckpt_track.backends.mlflow import MlflowBackend
+from ckpt_track.errors import BackendUnavailable, CheckpointNotFound, InvalidRef
+from ckpt_track.refs import Ref, parse_ref
+from ckpt_track.testing.contract import BackendContract
+
+RUN = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+MODEL = "m-5b2b35d077d54185a356ad3e508d698d"
+
+
+class TestMlflowServerContract(BackendContract):
+    @pytest.fixture
+    def backend(self, mlflow_env) -> MlflowBackend:
+        return MlflowBackend({"tracking_uri": mlflow_env.uri})
+
+    @pytest.fixture
+    def settings_overrides(self, mlflow_env) -> dict:
+        return {"backend": "mlflow", "mlflow": {"tracking_uri": mlflow_env.uri}}
+
+
+class TestMlflowSqliteContract(BackendContract):
+    """Second tier: no server, a sqlite store and a local artifact root in tmp_path."""
+
+    @pytest.fixture
+    def backend(self, tmp_path: Path) -> MlflowBackend:
+        return MlflowBackend({"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                              "artifact_location": str(tmp_path / "mlruns")})
+
+    @pytest.fixture
+    def settings_overrides(self, tmp_path: Path) -> dict:
+        return {"backend": "mlflow", "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                                                "artifact_location": str(tmp_path / "mlruns")}}
+
+
+# -- references ------------------------------------------------------------------------------
+REFS = [
+    (f"mlflow://{RUN}@step=3000", Ref("mlflow", RUN, step=3000)),
+    (f"mlflow://{RUN}@best", Ref("mlflow", RUN, alias="best")),
+    (f"mlflow://{RUN}@latest", Ref("mlflow", RUN, alias="latest")),
+    (f"mlflow://{RUN}:v4", Ref("mlflow", RUN, version=4)),
+    (f"runs:/{RUN}", Ref("mlflow", RUN)),
+    (f"runs:/{RUN}/best", Ref("mlflow", RUN, alias="best")),
+    (f"runs:/{RUN}/v2", Ref("mlflow", RUN, version=2)),
+    (f"models:/{MODEL}", Ref("mlflow", f"models/{MODEL}")),
+    ("models:/resnet-ckpt/3", Ref("mlflow", "registered/resnet-ckpt", version=3)),
+    ("models:/resnet-ckpt/latest", Ref("mlflow", "registered/resnet-ckpt", alias="latest")),
+    ("models:/resnet-ckpt@best", Ref("mlflow", "registered/resnet-ckpt", alias="best")),
+    (f"http://127.0.0.1:5000/#/experiments/1/runs/{RUN}",
+     Ref("mlflow", RUN, params=(("ui", "http://127.0.0.1:5000"),))),
+    (f"https://mlflow.example.com/tracking/#/experiments/12/runs/{RUN}/artifacts?o=1",
+     Ref("mlflow", RUN, params=(("ui", "https://mlflow.example.com/tracking"),))),
+    (f"http://localhost:5000/#/experiments/1/models/{MODEL}",
+     Ref("mlflow", f"models/{MODEL}", params=(("ui", "http://localhost:5000"),))),
+    (f"http://localhost:5000/#/experiments/1/models/{MODEL}/artifacts",
+     Ref("mlflow", f"models/{MODEL}", params=(("ui", "http://localhost:5000"),))),
+    ("http://localhost:5000/#/models/resnet-ckpt/versions/7",
+     Ref("mlflow", "registered/resnet-ckpt", version=7, params=(("ui", "http://localhost:5000"),))),
+]
+
+
+@pytest.mark.parametrize("text,expected", REFS)
+def test_reference_forms_parse_and_round_trip(text: str, expected: Ref) -> None:
+    ref = parse_ref(text)
+    assert ref == expected
+    assert parse_ref(str(ref)) == ref
+
+
+@pytest.mark.parametrize("text", [
+    "runs:/not-a-run-id",
+    "models:/",
+    f"http://localhost:5000/#/experiments/1/runs/{RUN[:-1]}",
+    "http://localhost:5000/#/experiments/1",
+    "models:/bad name/3",
+    f"mlflow://{RUN}@step=x",
+])
+def test_malformed_mlflow_refs(text: str) -> None:
+    with pytest.raises(InvalidRef):
+        parse_ref(text)
+
+
+# -- end to end through the server -------------------------------------------------------------
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 2))
+
+
+def _settings(server) -> dict:
+    return {"backend": "mlflow", "mlflow": {"tracking_uri": server.uri}}
+
+
+def test_every_reference_form_restores_the_same_checkpoint(mlflow_env) -> None:
+    model = _model()
+    settings = {"backend": "mlflow", "mlflow": {"tracking_uri": mlflow_env.uri, "register_as": "refs-ckpt"}}
+    with ct.init(project="refs", name="r", settings=settings) as run:
+        for step, loss in ((10, 0.5), (20, 0.2), (30, 0.4)):
+            with torch.no_grad():
+                model[0].weight.fill_(float(step))
+            run.log_checkpoint(step, model=model, metrics={"val/loss": loss})
+    client = MlflowClient(mlflow_env.uri)
+    stored = {s.step: s for s in ct.list_checkpoints(run.ref, ct.load_settings(settings))}
+    best = stored[20]
+    exp = client.get_run(run.id).info.experiment_id
+    mid = best.native["model_id"]
+    forms = [
+        f"mlflow://{run.id}@best", f"mlflow://{run.id}@step=20", f"mlflow://{run.id}:v2", f"runs:/{run.id}/best",
+        f"models:/{mid}", f"models:/refs-ckpt/{best.native['registered_version']}", "models:/refs-ckpt@best",
+        f"{mlflow_env.uri}/#/experiments/{exp}/runs/{run.id}@best",
+        f"{mlflow_env.uri}/#/experiments/{exp}/models/{mid}",
+        f"{mlflow_env.uri}/#/models/refs-ckpt/versions/{best.native['registered_version']}",
+    ]
+    s = ct.load_settings(settings)
+    for text in forms:
+        fresh = _model(seed=1)
+        text = text.replace("@best", "") if text.startswith("http") and "/runs/" in text else text
+        restored = ct.restore(text, model=fresh, settings=s) if "/runs/" not in text or not text.startswith("http") \
+            else ct.restore(text, model=fresh, settings=s)
+        if text.startswith("http") and "/runs/" in text:
+            assert restored.step == 30, text  # a run URL means its latest checkpoint
+        else:
+            assert restored.step == 20, text
+            assert torch.equal(fresh[0].weight, torch.full((4, 6), 20.0)), text
+    assert ct.restore("models:/refs-ckpt/latest", model=_model(), settings=s).step == 30
+
+
+def test_ui_url_supplies_the_tracking_uri_when_none_is_configured(mlflow_env) -> None:
+    with ct.init(project="ui-uri", settings=_settings(mlflow_env)) as run:
+        run.log_checkpoint(5, model=_model())
+    url = f"{mlflow_env.uri}/#/experiments/1/runs/{run.id}"
+    assert ct.restore(url, model=_model()).step == 5  # no tracking URI in the settings
+
+
+def test_plain_mlflow_client_sees_logged_models(tmp_path: Path, mlflow_env) -> None:
+    """A training script configured only by environment; read back with MLflow's own client."""
+    script = Path(__file__).parent / "scripts" / "train_small.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CKPT_TRACK_")}
+    env.update(CKPT_TRACK_BACKEND="mlflow", CKPT_TRACK_MLFLOW__TRACKING_URI=mlflow_env.uri, RUN_NAME="plain",
+               CKPT_TRACK_LOCAL__ROOT=str(tmp_path / "spool"))
+    done = subprocess.run([sys.executable, str(script), "--steps", "12", "--every", "5", "--out", "w.safetensors"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    client = MlflowClient(mlflow_env.uri)
+    exp = client.get_experiment_by_name("resume-test")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.mlflow.runName = 'plain'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert run.data.params["steps"] == "12" and run.data.params["every"] == "5"
+    models = client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id='{run.info.run_id}'")
+    by_step = {int(m.tags["step"]): m for m in models}
+    assert sorted(by_step) == [0, 5, 10]
+    for step, m in by_step.items():
+        assert m.model_type == "checkpoint" and str(m.status).endswith("READY")
+        assert m.tags["ckpt_track.version"] in {"1", "2", "3"}
+        assert {x.key for x in m.metrics} == {"train/loss"} and all(x.step == step for x in m.metrics)
+        assert f"ckpt_track.alias.step-{step}" in m.tags
+    assert "ckpt_track.alias.latest" in by_step[10].tags
+    outputs = {o.model_id: o.step for o in client.get_run(run.info.run_id).outputs.model_outputs}
+    assert outputs == {m.model_id: s for s, m in by_step.items()}
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(h.step for h in history) == [0, 5, 10]
+
+
+def test_bit_identical_resume_through_the_server(tmp_path: Path, mlflow_env) -> None:
+    from safetensors.torch import load_file
+
+    script = Path(__file__).parent / "scripts" / "train_small.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CKPT_TRACK_")}
+    env.update(CKPT_TRACK_BACKEND="mlflow", CKPT_TRACK_MLFLOW__TRACKING_URI=mlflow_env.uri,
+               CKPT_TRACK_LOCAL__ROOT=str(tmp_path / "spool"))
+
+    def train(name: str, out: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(script), "--steps", "30", "--out", out, *extra], cwd=tmp_path,
+                              env={**env, "RUN_NAME": name}, capture_output=True, text=True, timeout=300)
+
+    assert train("full", "full.safetensors").returncode == 0
+    assert train("cut", "x.safetensors", "--stop-after", "13").returncode == 3
+    resumed = train("cut", "resumed.safetensors")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "start was 14" in resumed.stdout
+    a, b = load_file(tmp_path / "full.safetensors"), load_file(tmp_path / "resumed.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # lineage: the resumed run logged its source model as an input
+    client = MlflowClient(mlflow_env.uri)
+    exp = client.get_experiment_by_name("resume-test")
+    found = client.search_runs([exp.experiment_id], filter_string="tags.mlflow.runName = 'cut'")[0]
+    run = client.get_run(found.info.run_id)  # search results leave model inputs out
+    assert run.inputs.model_inputs and run.data.tags["ckpt_track.resumed_from"].endswith(":v4")
+
+
+def test_resume_from_another_run_records_lineage(mlflow_env) -> None:
+    settings = _settings(mlflow_env)
+    with ct.init(project="lineage", name="parent", settings=settings) as parent:
+        parent.log_checkpoint(3, model=_model(), metrics={"val/loss": 0.3})
+    with ct.init(project="lineage", name="child", settings=settings) as child:
+        assert child.resume(model=_model(), ref=f"{parent.ref}@best") == 4
+        child.log_checkpoint(4, model=_model())
+    client = MlflowClient(mlflow_env.uri)
+    src = ct.list_checkpoints(parent.ref, ct.load_settings(settings))[0]
+    inputs = client.get_run(child.id).inputs.model_inputs
+    assert [i.model_id for i in inputs] == [src.native["model_id"]]
+    mine = ct.list_checkpoints(child.ref, ct.load_settings(settings))[0]
+    assert mine.lineage["resumed_from"] == str(src.ref) and mine.lineage["parent"] == str(src.ref)
+
+
+def test_retention_deletes_models_and_artifacts(mlflow_env) -> None:
+    settings = {**_settings(mlflow_env), "retention": {"keep_last": 1, "keep_best": 1}}
+    with ct.init(project="retention", settings=settings) as run:
+        for step, loss in enumerate([0.5, 0.1, 0.4, 0.3]):
+            run.log_checkpoint(step, model=_model(), metrics={"val/loss": loss})
+    kept = ct.list_checkpoints(run.ref, ct.load_settings(settings))
+    assert [s.step for s in kept] == [1, 3]
+    client = MlflowClient(mlflow_env.uri)
+    exp = client.get_run(run.id).info.experiment_id
+    assert len(client.search_logged_models([exp], filter_string=f"source_run_id='{run.id}'")) == 2
+    art = mlflow_env.root / "artifacts" / exp / "models"
+    non_empty = [d for d in art.iterdir() if any((d / "artifacts").rglob("*.safetensors"))]
+    assert len(non_empty) == 2
+
+
+def test_not_found_errors(mlflow_env) -> None:
+    s = ct.load_settings(_settings(mlflow_env))
+    with pytest.raises(CheckpointNotFound, match="tracking URI"):
+        ct.restore(f"mlflow://{RUN}", model=_model(), settings=s)
+    with pytest.raises(CheckpointNotFound):
+        ct.restore(f"models:/{MODEL}", model=_model(), settings=s)
+    with ct.init(project="nf", settings=_settings(mlflow_env)) as run:
+        run.log_checkpoint(1, model=_model())
+    with pytest.raises(CheckpointNotFound, match="available steps: 1"):
+        ct.restore(f"{run.ref}@step=2", model=_model(), settings=s)
+
+
+def test_server_down_is_backend_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow_server import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(BackendUnavailable, match=uri.replace(".", r"\.")):
+        ct.init(project="down", backend="mlflow", settings={"mlflow": {"tracking_uri": uri}})
+    with pytest.raises(BackendUnavailable, match="server is running"):
+        ct.restore(f"mlflow://{RUN}", settings=ct.load_settings({"mlflow": {"tracking_uri": uri}}))
+
+
+def test_killing_the_server_mid_run_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Server killed between checkpoints: the loop goes on; when it returns, everything lands."""
+    from mlflow_server import MlflowServer, free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    server = MlflowServer(tmp_path / "server", free_port()).start()
+    try:
+        settings = _settings(server)
+        run = ct.init(project="killed", name="k", settings=settings)
+        run.log_checkpoint(1, model=_model(1), metrics={"val/loss": 0.9}).wait()
+        server.stop()
+        for step in (2, 3):  # the training loop does not notice
+            assert run.log_checkpoint(step, model=_model(step), metrics={"val/loss": 1.0 / step}).wait() is None
+        server.start()
+        run.log_checkpoint(4, model=_model(4), metrics={"val/loss": 0.1})
+        run.finish()
+        listed = ct.list_checkpoints(run.ref, ct.load_settings(settings))
+        assert [s.step for s in listed] == [1, 2, 3, 4]  # in order, nothing lost
+        for s in listed:
+            fresh = _model(0)
+            ct.restore(s.ref, model=fresh, settings=ct.load_settings(settings))
+            assert torch.equal(fresh[0].weight, _model(s.step)[0].weight)  # nothing damaged
+    finally:
+        server.stop()
