@@ -114,25 +114,20 @@ def test_every_reference_form_restores_the_same_checkpoint(mlflow_env) -> None:
     best = stored[20]
     exp = client.get_run(run.id).info.experiment_id
     mid = best.native["model_id"]
-    forms = [
-        f"mlflow://{run.id}@best", f"mlflow://{run.id}@step=20", f"mlflow://{run.id}:v2", f"runs:/{run.id}/best",
-        f"models:/{mid}", f"models:/refs-ckpt/{best.native['registered_version']}", "models:/refs-ckpt@best",
-        f"{mlflow_env.uri}/#/experiments/{exp}/runs/{run.id}@best",
-        f"{mlflow_env.uri}/#/experiments/{exp}/models/{mid}",
-        f"{mlflow_env.uri}/#/models/refs-ckpt/versions/{best.native['registered_version']}",
+    v = best.native["registered_version"]
+    forms = [  # (reference, step it must restore)
+        (f"mlflow://{run.id}@best", 20), (f"mlflow://{run.id}@step=20", 20), (f"mlflow://{run.id}:v2", 20),
+        (f"runs:/{run.id}/best", 20), (f"models:/{mid}", 20), (f"models:/refs-ckpt/{v}", 20),
+        ("models:/refs-ckpt@best", 20), ("models:/refs-ckpt/latest", 30),
+        (f"{mlflow_env.uri}/#/experiments/{exp}/runs/{run.id}", 30),  # a run page: its latest checkpoint
+        (f"{mlflow_env.uri}/#/experiments/{exp}/models/{mid}", 20),
+        (f"{mlflow_env.uri}/#/models/refs-ckpt/versions/{v}", 20),
     ]
     s = ct.load_settings(settings)
-    for text in forms:
+    for text, step in forms:
         fresh = _model(seed=1)
-        text = text.replace("@best", "") if text.startswith("http") and "/runs/" in text else text
-        restored = ct.restore(text, model=fresh, settings=s) if "/runs/" not in text or not text.startswith("http") \
-            else ct.restore(text, model=fresh, settings=s)
-        if text.startswith("http") and "/runs/" in text:
-            assert restored.step == 30, text  # a run URL means its latest checkpoint
-        else:
-            assert restored.step == 20, text
-            assert torch.equal(fresh[0].weight, torch.full((4, 6), 20.0)), text
-    assert ct.restore("models:/refs-ckpt/latest", model=_model(), settings=s).step == 30
+        assert ct.restore(text, model=fresh, settings=s).step == step, text
+        assert torch.equal(fresh[0].weight, torch.full((4, 6), float(step))), text
 
 
 def test_ui_url_supplies_the_tracking_uri_when_none_is_configured(mlflow_env) -> None:
