@@ -263,6 +263,7 @@ class Run:
         Returns the step to continue from (the checkpoint's step + 1), or 0 when
         there is nothing to resume.  Later checkpoints record it as ``resumed_from``.
         """
+        self._writer.flush()  # uploads a crashed process still owed this run land first
         if ref is None:
             stored = self._primary_backend.list(self.info)
             if not stored:

@@ -139,7 +139,7 @@ def test_ui_url_supplies_the_tracking_uri_when_none_is_configured(mlflow_env) ->
 
 def test_plain_mlflow_client_sees_logged_models(tmp_path: Path, mlflow_env) -> None:
     """A training script configured only by environment; read back with MLflow's own client."""
-    script = Path(__file__).parent / "scripts" / "train_small.py"
+    script = Path(__file__).parents[1] / "examples" / "resume_after_crash.py"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CKPT_TRACK_")}
     env.update(CKPT_TRACK_BACKEND="mlflow", CKPT_TRACK_MLFLOW__TRACKING_URI=mlflow_env.uri, RUN_NAME="plain",
                CKPT_TRACK_LOCAL__ROOT=str(tmp_path / "spool"))
@@ -170,7 +170,7 @@ def test_plain_mlflow_client_sees_logged_models(tmp_path: Path, mlflow_env) -> N
 def test_bit_identical_resume_through_the_server(tmp_path: Path, mlflow_env) -> None:
     from safetensors.torch import load_file
 
-    script = Path(__file__).parent / "scripts" / "train_small.py"
+    script = Path(__file__).parents[1] / "examples" / "resume_after_crash.py"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CKPT_TRACK_")}
     env.update(CKPT_TRACK_BACKEND="mlflow", CKPT_TRACK_MLFLOW__TRACKING_URI=mlflow_env.uri,
                CKPT_TRACK_LOCAL__ROOT=str(tmp_path / "spool"))
@@ -273,3 +273,33 @@ def test_killing_the_server_mid_run_loses_nothing(tmp_path: Path, monkeypatch: p
             assert torch.equal(fresh[0].weight, _model(s.step)[0].weight)  # nothing damaged
     finally:
         server.stop()
+
+
+def test_several_backends_at_once_and_one_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_env) -> None:
+    """backend = ["local", "mlflow"]: each checkpoint lands in both; restore works from either;
+    MLflow down does not stop local (reported, retried when it is back)."""
+    from mlflow_server import free_port
+
+    settings = {"backend": ["local", "mlflow"], "mlflow": {"tracking_uri": mlflow_env.uri}}
+    with ct.init(project="multi", name="both", settings=settings) as run:
+        assert [b.name for b, _ in run._targets] == ["local", "mlflow"]
+        for step in (1, 2):
+            run.log_checkpoint(step, model=_model(step), metrics={"val/loss": 1.0 / step})
+    local_run, mlflow_run = (info for _, info in run._targets)
+    s = ct.load_settings(settings)
+    for ref in (local_run.ref, mlflow_run.ref):
+        fresh = _model(0)
+        assert ct.restore(f"{ref}@step=1", model=fresh, settings=s).step == 1
+        assert torch.equal(fresh[0].weight, _model(1)[0].weight)
+        assert [c.step for c in ct.list_checkpoints(ref, s)] == [1, 2]
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    dead = {"backend": ["local", "mlflow"], "mlflow": {"tracking_uri": mlflow_env.uri}}
+    run2 = ct.init(project="multi", name="half", settings=dead)
+    run2._targets[1][0].tracking_uri = f"http://127.0.0.1:{free_port()}"  # the server "goes away"
+    run2._targets[1][0]._client_obj = None
+    run2.log_checkpoint(5, model=_model(5)).wait()  # does not raise: local got it, MLflow is owed it
+    assert [c.step for c in ct.list_checkpoints(run2._targets[0][1].ref, s)] == [5]
+    with pytest.raises(ct.CheckpointWriteError, match="mlflow"):
+        run2.finish()

@@ -183,7 +183,7 @@ class ClearmlBackend:
     # where model packages go (default: the files server); web_host: base of UI links (default: the
     # SDK's); offline_dir: where offline sessions are looked up (default: <clearml cache>/offline)
     options: ClassVar[frozenset[str]] = frozenset({"project", "offline", "output_uri", "web_host", "offline_dir"})
-    capabilities: ClassVar[frozenset[str]] = frozenset({"delete"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"delete", "choose_run_id"})
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         opts = dict(options or {})
@@ -315,6 +315,8 @@ class ClearmlBackend:
         from clearml import Task
 
         tid, current = row["id"], Task.current_task()
+        if tid in self._open:
+            return self._open[tid]
         if current is not None and current.id == tid:
             op = _Open(current, owned=False, main=True)
         elif current is None:
@@ -333,7 +335,7 @@ class ClearmlBackend:
         from clearml import Task
 
         current = Task.current_task()
-        if current is not None and spec.run_id is None and spec.name in (None, current.name):
+        if current is not None and spec.run_id is None and spec.name is None:
             op = _Open(current, owned=False, main=True)  # the user's own Task.init: log into it
         elif current is None:
             task = Task.init(project_name=project, task_name=spec.name or spec.run_id, reuse_last_task_id=False,
@@ -364,7 +366,7 @@ class ClearmlBackend:
             raise CheckpointNotFound(f"no offline ClearML session for run {spec.run_id or spec.name!r}")
         current = Task.current_task()
         if current is not None:
-            if str(current.id).startswith("offline-") and spec.run_id is None and spec.name in (None, current.name):
+            if str(current.id).startswith("offline-") and spec.run_id is None and spec.name is None:
                 op = _Open(current, owned=False, main=True)
             else:
                 raise ConfigError("ClearML offline mode allows one task per process and one is open; "
@@ -385,7 +387,8 @@ class ClearmlBackend:
     def _info(self, op: _Open, resumed: bool) -> RunInfo:
         task = op.task
         tags = task.get_system_tags() or []
-        doc = {"id": task.id, "name": task.name, "system_tags": tags, "project_name": task.get_project_name()}
+        doc = {"id": task.id, "name": task.name, "system_tags": tags, "project_name": task.get_project_name(),
+               "project": task.project}
         return self._run_info(doc, resumed)
 
     def _run_info(self, doc: Mapping[str, Any], resumed: bool, params: tuple[tuple[str, str], ...] = ()) -> RunInfo:
@@ -402,8 +405,8 @@ class ClearmlBackend:
     def find_run(self, ref: Ref) -> RunInfo:
         segs = ref.segments
         with self._boundary(f"looking up {ref}"):
-            if len(segs) == 2 and segs[0] == "models" and re.fullmatch(_HEX, segs[1]):
-                return self._model_run(segs[1], ref.params)
+            if len(segs) == 2 and segs[0] == "models":
+                return self.find_run(self.resolve_ref(ref))
             if len(segs) == 1 and re.fullmatch(rf"offline-{_HEX}", segs[0]):
                 return self._run_info(self._session_doc(segs[0])[0], True, ref.params)
             if len(segs) == 1 and re.fullmatch(_HEX, segs[0]):
@@ -413,7 +416,7 @@ class ClearmlBackend:
                 return self._run_info(self._with_project_name(rows[0]), True, ref.params)
             if len(segs) >= 2:
                 project, wanted = "/".join(segs[:-1]), segs[-1]
-                if self.offline:
+                if self._offline_mode():
                     docs = self._sessions(run_id=wanted, project=project) or self._sessions(name=wanted, project=project)
                     if docs:
                         return self._run_info(docs[-1], True, ref.params)
@@ -430,24 +433,25 @@ class ClearmlBackend:
             row["project_name"] = next((p["name"] for p in projects["projects"]), "")
         return row
 
-    def _model_run(self, model_id: str, params: tuple[tuple[str, str], ...]) -> RunInfo:
-        rows = self._call("models.get_all", {"id": [model_id]})["models"]
-        if not rows:
-            raise CheckpointNotFound(f"clearml://models/{model_id}: no such ClearML model")
-        row = self._with_project_name(rows[0])
-        native = {"model_id": model_id, "task_id": row.get("task"), "offline": False,
-                  "url": f"{self._web()}/projects/{row.get('project') or '*'}/models/{model_id}/general"}
-        return RunInfo(backend=self.name, project=str(row.get("project_name") or ""), run_id=model_id,
-                       name=str(row.get("name") or model_id), ref=Ref(self.name, f"models/{model_id}", params=params),
-                       resumed=True, native=native)
+    def resolve_ref(self, ref: Ref) -> Ref:
+        """``clearml://models/<model_id>`` -> ``clearml://<task_id>:vN`` (the run that logged it)."""
+        segs = ref.segments
+        if len(segs) != 2 or segs[0] != "models":
+            return ref
+        if not re.fullmatch(_HEX, segs[1]):
+            raise InvalidRef(f"{ref}: a ClearML model id is 32 hex digits")
+        with self._boundary(f"looking up model {segs[1]}"):
+            rows = self._call("models.get_all", {"id": [segs[1]], "only_fields": ["id", "task", "metadata"]})["models"]
+        item = self._model_item(rows[0]) if rows else None
+        if item is None or not rows[0].get("task"):
+            why = "no such model" if not rows else "the model is not a ckpt_track checkpoint"
+            raise CheckpointNotFound(f"{ref}: {why} on the ClearML server")
+        return Ref(self.name, rows[0]["task"], version=item.version, params=ref.params)
 
     # -- reading a run's checkpoints ------------------------------------------------------------
     def _state(self, run: RunInfo) -> tuple[list[_Item], dict[str, str], dict[str, Any]]:
         """(checkpoints, user properties, where they live) of a run."""
         tid = str(run.native.get("task_id") or run.run_id)
-        if run.native.get("model_id"):
-            rows = self._call("models.get_all", {"id": [run.native["model_id"]]})["models"]
-            return [i for r in rows if (i := self._model_item(r))], {}, {"task_id": tid}
         if tid.startswith("offline-"):
             doc, where = self._session_doc(tid)
             return _artifacts(doc), _props(doc), where
@@ -478,16 +482,18 @@ class ClearmlBackend:
         table = self._table(props)
         out: dict[int, Stored] = {}
         for item in sorted(items, key=lambda i: i.version):
-            aliases = set(item.tags) | {a for a, v in table.items() if v == item.version}
-            native = {"kind": item.kind, "key": item.key, "uri": item.uri, **where}
-            if item.kind == "model" and not run.native.get("offline"):
-                native["url"] = f"{self._web()}/projects/*/models/{item.key}/general"
-            rec = item.record
-            out.setdefault(item.version, Stored(
-                ref=run.ref.select(version=item.version), run=run, version=item.version, step=rec["step"],
-                epoch=rec["epoch"], aliases=tuple(sorted(aliases)), metrics=rec["metrics"], size=rec["size"],
-                created=rec["created"], lineage=rec["lineage"], native=native))
+            out.setdefault(item.version, self._stored(run, item, table, where))
         return list(out.values())
+
+    def _stored(self, run: RunInfo, item: _Item, table: Mapping[str, int], where: Mapping[str, Any]) -> Stored:
+        aliases = set(item.tags) | {a for a, v in table.items() if v == item.version}
+        native = {"kind": item.kind, "key": item.key, "uri": item.uri, **where}
+        if item.kind == "model":
+            native["url"] = f"{self._web()}/projects/*/models/{item.key}/general"
+        rec = item.record
+        return Stored(ref=run.ref.select(version=item.version), run=run, version=item.version, step=rec["step"],
+                      epoch=rec["epoch"], aliases=tuple(sorted(aliases)), metrics=rec["metrics"], size=rec["size"],
+                      created=rec["created"], lineage=rec["lineage"], native=native)
 
     @staticmethod
     def _table(props: Mapping[str, str]) -> dict[str, int]:
@@ -575,7 +581,8 @@ class ClearmlBackend:
         rel = os.path.relpath(native["uri"], doc.get("offline_folder") or session)
         if session.is_dir():
             return _extract(session / rel, dest)
-        with zipfile.ZipFile(session) as zf, tempfile.TemporaryDirectory(dir=dest.parent.parent) as tmp:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(session) as zf, tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
             _extract(zf.extract(Path(rel).as_posix(), tmp), dest)
 
     # -- writing -----------------------------------------------------------------------------------
@@ -588,9 +595,9 @@ class ClearmlBackend:
         current = Task.current_task()
         if current is not None and current.id == tid:
             op = _Open(current, owned=False, main=True)
-        elif tid.startswith("offline-") or run.native.get("model_id"):
-            raise BackendError(f"{run.ref} cannot be changed: a closed offline session is read-only "
-                               "(import it with clearml-task import_offline_session first) and a model is not a run")
+        elif tid.startswith("offline-"):
+            raise BackendError(f"{run.ref} cannot be changed: a closed offline session is read-only; "
+                               "import it with clearml-task import_offline_session first")
         else:
             self._connect()
             op = _Open(Task.get_task(task_id=tid), owned=False, main=False)
@@ -612,25 +619,30 @@ class ClearmlBackend:
             last = max([int(props.get(_P_VERSION) or 0), *(i.version for i in items)])
             version, record = last + 1, _record(ckpt.manifest, last + 1)
             table = {a: v for a, v in self._table(props).items() if a not in aliases}
+            name, tid = f"ckpt-v{version:06d}", str(run.native.get("task_id") or run.run_id)
             if run.native.get("offline"):
-                ok = op.task.upload_artifact(f"ckpt-v{version:06d}", artifact_object=str(ckpt.path), metadata=record,
-                                             wait_on_upload=True)
-                if not ok:
+                if not op.task.upload_artifact(name, artifact_object=str(ckpt.path), metadata=record,
+                                               wait_on_upload=True):
                     raise BackendError(f"ClearML did not store the artifact for step {ckpt.step} in {run.ref}")
                 table.update({a: version for a in aliases})
+                uri = str(op.task.artifacts[name].url)
+                item, where = _Item(version, "artifact", name, _parse_record(record) or {}, uri=uri), {
+                    "session": str(op.task.get_offline_mode_folder()), "task_id": tid}
             else:
-                self._upload_model(op, ckpt, version, aliases, record)
-                self._untag([i for i in items if i.kind == "model"], set(aliases))
+                model_id, uri = self._upload_model(op, ckpt, version, aliases, record)
+                self._untag([i for i in items if i.kind == "model"], set(aliases), keep=model_id)
+                item = _Item(version, "model", model_id, _parse_record(record) or {}, tuple(aliases), uri)
+                where = {"task_id": tid}
             self._set_props(run, **{_P_VERSION: str(version), _P_ALIASES: json.dumps(table, sort_keys=True)})
             logger = op.task.get_logger()
-            for name, value in sorted(ckpt.manifest.metrics.items()):
+            for metric, value in sorted(ckpt.manifest.metrics.items()):
                 if math.isfinite(value):  # the server rejects NaN/inf scalars
-                    title, _, series = name.rpartition("/")
+                    title, _, series = metric.rpartition("/")
                     logger.report_scalar(title or series, series, value, iteration=ckpt.step)
-        return next(s for s in self.list(run) if s.version == version)
+            return self._stored(run, item, table, where)
 
     def _upload_model(self, op: _Open, ckpt: LocalCheckpoint, version: int, aliases: list[str],
-                      record: Mapping[str, str]) -> str:
+                      record: Mapping[str, str]) -> tuple[str, str]:
         from clearml import OutputModel
 
         model = OutputModel(task=op.task, name=f"{op.task.name} v{version} step {ckpt.step}", tags=aliases,
@@ -650,7 +662,7 @@ class ClearmlBackend:
             shutil.rmtree(tmp, ignore_errors=True)
         # metadata last: it is what marks the model as a committed checkpoint
         model.set_all_metadata({k: {"value": v, "type": "str"} for k, v in record.items()}, replace=True)
-        return str(model.id)
+        return str(model.id), str(model.url)
 
     def _untag(self, models: Sequence[_Item], aliases: set[str], keep: str | None = None) -> None:
         for item in models:

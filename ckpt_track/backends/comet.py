@@ -274,7 +274,7 @@ class CometBackend:
         return RunInfo(backend=self.name, project=f.project, run_id=f.run_id or f.key, name=f.name or f.run_id or f.key,
                        ref=ref, resumed=resumed, native={"key": f.key, "workspace": f.workspace})
 
-    def _lookup(self, project: str | None, wanted: str) -> _Found | None:
+    def _lookup(self, workspace: str | None, project: str | None, wanted: str) -> _Found | None:
         """An existing experiment by key, by a ckpt_track run id, or by name (latest)."""
         keys = [wanted] if _KEY.match(wanted) else []
         if project is not None:
@@ -283,7 +283,7 @@ class CometBackend:
             found = self._by_key(key)
             if found is not None:
                 return found
-        return self._by_name(project, wanted) if project is not None else None
+        return self._by_name(project, wanted, workspace) if project is not None else None
 
     def _by_key(self, key: str) -> _Found | None:
         if not self.online:
@@ -300,14 +300,14 @@ class CometBackend:
             self._states[key] = _State.load(others.get(STATE_KEY), f"experiment {key}")
         return _Found(key, exp.workspace, exp.project_name, exp.name, others.get(RUN_ID_KEY))
 
-    def _by_name(self, project: str, name: str) -> _Found | None:
+    def _by_name(self, project: str, name: str, workspace: str | None = None) -> _Found | None:
         if not self.online:
             root = self.offline_directory / "ckpt_track"
             metas = [m for d in (root.iterdir() if root.is_dir() else []) if (m := self._mirror_meta(d.name))]
             hits = sorted((m for m in metas if m["project"] == project and m.get("name") == name),
                           key=lambda m: str(m.get("created", "")))
             return self._by_key(hits[-1]["key"]) if hits else None
-        ws = self._ws_for_reads()
+        ws = workspace or self._ws_for_reads()
         with self._calling(f"looking up experiment {name!r} in {ws}/{project}"):
             exp = self._api().get_experiment(ws, project, name)  # by key, then by name
         return None if exp is None else self._by_key(exp.id)
@@ -337,7 +337,7 @@ class CometBackend:
         found = None
         if spec.run_id is not None:
             _segment(spec.run_id, "run id")
-            found = self._lookup(project, spec.run_id)
+            found = self._lookup(None, project, spec.run_id)
             if found is not None and spec.resume == "never":
                 raise ConfigError(f"run {spec.run_id!r} already exists in Comet project {project!r} and "
                                   "resume='never'; pass resume='auto' to continue it, or another run_id")
@@ -351,5 +351,410 @@ class CometBackend:
         if found is None:
             key = self._derive_key(project, spec.run_id) if spec.run_id else uuid.uuid4().hex
             found = _Found(key, self.workspace, project, spec.name or spec.run_id, spec.run_id)
-        self._start(found, create=not existing, config=spec.config)
-        return self._info(found, resumed=existing)
+        return self._info(self._start(found, create=not existing, config=spec.config), resumed=existing)
+
+    def _start(self, f: _Found, create: bool, config: Mapping[str, Any] | None = None) -> _Found:
+        """Start (create) or re-attach the experiment this process logs to; Comet keeps one per process."""
+        comet_ml = self._sdk()
+        with self._calling(f"starting experiment {f.key}"):
+            if self.online:
+                if create:
+                    exp = comet_ml.Experiment(workspace=f.workspace, project_name=f.project, experiment_key=f.key)
+                else:
+                    exp = comet_ml.ExistingExperiment(experiment_key=f.key)
+                if not exp.alive:  # the SDK logs connection failures instead of raising them
+                    raise BackendUnavailable(f"{self._where()} did not accept experiment {f.key} (see the COMET "
+                                             "ERROR above); check the network and [comet] url, or set "
+                                             "[comet] online = false")
+            else:
+                cls = comet_ml.OfflineExperiment if create else comet_ml.ExistingOfflineExperiment
+                exp = cls(workspace=f.workspace, project_name=f.project, experiment_key=f.key,
+                          offline_directory=str(self.offline_directory))
+            _ours.add(exp)
+            if create:
+                if f.name:
+                    exp.set_name(f.name)
+                exp.add_tag("ckpt_track")
+                if f.run_id:
+                    exp.log_other(RUN_ID_KEY, f.run_id)
+                if config:
+                    exp.log_parameters(dict(config))
+                if self.online:
+                    exp.flush()  # so the name is searchable before the first checkpoint
+        self._open[f.key] = (exp, True)
+        if self.online and f.workspace is None:
+            f = _Found(f.key, self._ws_for_reads(), f.project, f.name, f.run_id)
+        if create and not self.online:
+            with self._run_lock(f.key):
+                _atomic_json(self._mirror(f.key) / "run.json", {
+                    "key": f.key, "workspace": f.workspace, "project": f.project, "name": f.name,
+                    "run_id": f.run_id, "created": _now(), "config": dict(config or {})})
+        return f
+
+    def _adopt(self, comet_ml: Any, exp: Any, spec: RunSpec, project: str) -> RunInfo:
+        """Log into the experiment the user already started: creating another would end it."""
+        offline = isinstance(exp, comet_ml.OfflineExperiment)
+        if offline == self.online:
+            raise ConfigError(f"a Comet {'offline' if offline else 'online'} experiment ({exp.get_key()}) is "
+                              f"running in this process; set [comet] online = {str(not offline).lower()} to log "
+                              "checkpoints into it, or end() it before ckpt_track.init")
+        key = exp.get_key()
+        if spec.run_id is not None and self._derive_key(project, spec.run_id) != key:
+            raise ConfigError(f"run_id={spec.run_id!r} names another experiment than the Comet experiment {key} "
+                              "already running in this process (Comet allows one); drop run_id= or end() it first")
+        f = _Found(key, exp.workspace or self.workspace, exp.project_name or project, exp.name or spec.name,
+                   spec.run_id)
+        self._open[key] = (exp, False)
+        if offline and self._mirror_meta(key) is None:
+            with self._run_lock(key):
+                _atomic_json(self._mirror(key) / "run.json", {
+                    "key": key, "workspace": f.workspace, "project": f.project, "name": f.name,
+                    "run_id": f.run_id, "created": _now(), "config": dict(spec.config)})
+        elif self.online and f.workspace is None:
+            f = _Found(key, self._ws_for_reads(), f.project, f.name, f.run_id)
+        resumed = isinstance(exp, (comet_ml.ExistingExperiment, comet_ml.ExistingOfflineExperiment))
+        return self._info(f, resumed=resumed)
+
+    def _exp(self, run: RunInfo) -> Any:
+        """The live experiment of ``run``, re-attached if it was ended (finish, or another run started)."""
+        key = run.native["key"]
+        exp, owned = self._open.get(key, (None, True))
+        if exp is not None and exp.alive and not exp.ended:
+            return exp
+        if not owned:
+            raise BackendError(f"the Comet experiment {key} you started has ended; start it again (or let "
+                               "ckpt_track.init create one) before logging more checkpoints")
+        self._start(_Found(key, run.native.get("workspace"), run.project, None, None), create=False)
+        return self._open[key][0]
+
+    def find_run(self, ref: Ref) -> RunInfo:
+        segs = ref.segments
+        if len(segs) == 3 and segs[0] == "registry":
+            return self._registry_run(segs[1], segs[2])
+        if not 1 <= len(segs) <= 3:
+            raise InvalidRef(f"{ref}: a Comet reference names [<workspace>/]<project>/<experiment key or name>, "
+                             "or registry/<workspace>/<model>")
+        project = segs[-2] if len(segs) >= 2 else None
+        with self._lock:
+            found = self._lookup(segs[0] if len(segs) == 3 else None, project, segs[-1])
+        if found is None:
+            raise self._not_found(segs[-1], project)
+        return self._info(found, resumed=True)
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def _state(self, key: str) -> _State:
+        if not self.online:
+            try:
+                return _State.load((self._mirror(key) / "state.json").read_text(), str(self._mirror(key)))
+            except FileNotFoundError:
+                return _State()
+        if key not in self._states:
+            with self._calling(f"reading {STATE_KEY} of experiment {key}"):
+                values = self._api_exp(key).get_others_summary(STATE_KEY)
+            self._states[key] = _State.load(values[-1] if values else None, f"experiment {key}")
+        return self._states[key]
+
+    def _save_other(self, run: RunInfo, name: str, value: str) -> None:
+        """Record an experiment other: on the live experiment, else through the REST API."""
+        key = run.native["key"]
+        exp, _ = self._open.get(key, (None, False))
+        with self._calling(f"logging {name} to experiment {key}"):
+            if exp is not None and exp.alive and not exp.ended:
+                exp.log_other(name, value)
+                if self.online and not exp.flush():
+                    raise BackendUnavailable(f"{self._where()} did not take {name} of experiment {key}")
+            elif self.online:
+                self._api_exp(key).log_other(name, value)
+
+    def _save_state(self, run: RunInfo, state: _State) -> None:
+        key = run.native["key"]
+        if not self.online:
+            _atomic_json(self._mirror(key) / "state.json", json.loads(state.dump()))
+        self._save_other(run, STATE_KEY, state.dump())
+        self._states[key] = state
+
+    def _stored(self, run: RunInfo, version: int, meta: Mapping[str, Any], state: _State,
+                native: dict[str, Any], aliases: Sequence[str] | None = None) -> Stored:
+        return Stored(
+            ref=run.ref.select(version=version), run=run, version=version, step=int(meta["step"]),
+            epoch=None if meta.get("epoch") is None else int(meta["epoch"]),
+            aliases=tuple(aliases) if aliases is not None else state.aliases_of(version),
+            metrics={str(k): float(v) for k, v in (meta.get("metrics") or {}).items()},
+            size=int(meta.get("size") or 0), created=str(meta.get("created") or ""),
+            lineage=dict(meta.get("lineage") or {}), native=native,
+        )
+
+    def put(self, run: RunInfo, ckpt: LocalCheckpoint, aliases: Sequence[str] = ()) -> Stored:
+        key, m = run.native["key"], ckpt.manifest
+        with self._lock, self._run_lock(key):
+            exp = self._exp(run)
+            state = self._state(key)
+            listed = [s.version for s in self.list(run)]
+            version = max([state.last_version, *listed, *state.deleted], default=0) + 1
+            name = model_name(version, m.step)
+            src = ckpt.path
+            if not self.online:  # the durable offline copy, restorable before any upload
+                src = copy_checkpoint(ckpt, self._mirror(key), f"v{version:06d}").path
+            files = {**{f: e.size for f, e in m.files.items()}, MANIFEST: (src / MANIFEST).stat().st_size}
+            meta = {"ckpt_track": 1, "version": version, "step": m.step, "epoch": m.epoch,
+                    "metrics": dict(m.metrics), "aliases": sorted(aliases), "created": m.created,
+                    "size": m.size, "files": files, "lineage": dict(m.lineage)}
+            new_state = _State(dict(state.aliases), state.last_version, list(state.deleted))
+            new_state.point(aliases, version)
+            try:
+                with self._calling(f"logging checkpoint v{version} (step {m.step}) to experiment {key}"):
+                    exp.set_step(m.step)
+                    if m.epoch is not None:
+                        exp.set_epoch(m.epoch)
+                    exp.log_model(name, str(src), metadata=meta, overwrite=False, prepend_folder_name=False)
+                    if m.metrics:
+                        exp.log_metrics(dict(m.metrics), step=m.step, epoch=m.epoch)
+                    if self.register_as:
+                        exp.register_model(name, registry_name=self.register_as, version=self._next_registry(),
+                                           tags=[*sorted(aliases)], comment=f"{run.ref.select(version=version)}")
+                    self._save_state(run, new_state)
+            except BaseException:
+                self._states.pop(key, None)
+                if not self.online:
+                    shutil.rmtree(src, ignore_errors=True)
+                raise
+        return self._stored(run, version, meta, new_state, {"model": name, "experiment": key, "path": str(src)}
+                            if not self.online else {"model": name, "experiment": key})
+
+    def _next_registry(self) -> str | None:
+        """The next major version of ``register_as``; offline the registry is unknown until upload."""
+        if not self.online:
+            return None
+        ws = self._ws_for_reads()
+        with self._calling(f"reading registry model {self.register_as!r}"):
+            try:
+                versions = self._api().get_registry_model_versions(ws, self.register_as)
+            except Exception as exc:  # a model not registered yet is a 404
+                if getattr(getattr(exc, "response", None), "status_code", None) != 404:
+                    raise
+                versions = []
+        return f"{max((_semver(v)[0] for v in versions), default=0) + 1}.0.0"
+
+    def list(self, run: RunInfo) -> list[Stored]:
+        if run.native.get("registry"):
+            return self._registry_list(run)
+        key = run.native["key"]
+        state = self._state(key)
+        if not self.online:
+            out = []
+            root = self._mirror(key)
+            for d in sorted(root.glob("v[0-9]*")) if root.is_dir() else []:
+                version = int(d.name[1:])
+                if version in state.deleted:
+                    continue
+                try:
+                    m = read_manifest(d)
+                except CheckpointNotFound:
+                    continue  # a copy that never committed
+                meta = {"step": m.step, "epoch": m.epoch, "metrics": m.metrics, "size": m.size,
+                        "created": m.created, "lineage": m.lineage}
+                out.append(self._stored(run, version, meta, state, {"model": model_name(version, m.step),
+                                                                    "experiment": key, "path": str(d)}))
+            return out
+        with self._calling(f"listing the checkpoints of experiment {key}"):
+            exp = self._api_exp(key)
+            out = []
+            for name in exp.get_model_names() or []:
+                match = _MODEL.match(name)
+                if not match or int(match.group(1)) in state.deleted:
+                    continue
+                assets = self._models.get((key, name)) or exp.get_model_asset_list(name) or []
+                stored = self._from_assets(run, int(match.group(1)), assets, state, key, name)
+                if stored is not None:
+                    self._models[(key, name)] = assets
+                    out.append(stored)
+        return sorted(out, key=lambda s: s.version)
+
+    def _from_assets(self, run: RunInfo, version: int, assets: Sequence[Mapping[str, Any]], state: _State,
+                     key: str, name: str, aliases: Sequence[str] | None = None) -> Stored | None:
+        """A Stored from a model's elements; None unless every file of the manifest is there."""
+        meta = _meta(assets)
+        if meta is None or not meta.get("files"):
+            return None
+        have = {str(a["fileName"]): a for a in assets}
+        for fname, size in meta["files"].items():
+            if fname not in have or int(have[fname].get("fileSize") or -1) != int(size):
+                return None  # an upload that did not finish
+        ids = {f: str(have[f]["assetId"]) for f in meta["files"]}
+        return self._stored(run, version, meta, state, {"model": name, "experiment": key, "assets": ids}, aliases)
+
+    def get(self, stored: Stored, dest: Path) -> LocalCheckpoint:
+        if "path" in stored.native:  # offline: already on local disk
+            path = Path(stored.native["path"])
+            return LocalCheckpoint(path, read_manifest(path))
+        dest = Path(dest)
+        try:
+            return LocalCheckpoint(dest, verify(dest))  # the per-version cache is already complete
+        except (CheckpointNotFound, IntegrityError):
+            pass
+        key, ids = stored.native["experiment"], stored.native.get("assets")
+        tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            with self._calling(f"downloading {stored.ref}"):
+                exp = self._api_exp(key)
+                if ids is None:
+                    found = self._from_assets(stored.run, stored.version,
+                                              exp.get_model_asset_list(stored.native["model"]) or [],
+                                              _State(), key, stored.native["model"])
+                    if found is None:
+                        raise CheckpointNotFound(f"{stored.ref}: model {stored.native['model']} is incomplete")
+                    ids = found.native["assets"]
+                for fname, asset_id in sorted(ids.items(), key=lambda kv: kv[0] == MANIFEST):
+                    if Path(fname).is_absolute() or ".." in Path(fname).parts:
+                        raise IntegrityError(f"{stored.ref}: file name {fname!r} escapes the checkpoint")
+                    (tmp / fname).parent.mkdir(parents=True, exist_ok=True)
+                    response = exp.get_asset(asset_id, return_type="response", stream=True)
+                    try:
+                        with open(tmp / fname, "wb") as out:
+                            for chunk in response.iter_content(1 << 20):
+                                out.write(chunk)
+                    finally:
+                        response.close()
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.rename(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return LocalCheckpoint(dest, read_manifest(dest))
+
+    def set_aliases(self, stored: Stored, aliases: Sequence[str]) -> None:
+        run = self._writable(stored)
+        with self._lock, self._run_lock(run.native["key"]):
+            state = self._state(run.native["key"])
+            state.point(aliases, stored.version)
+            self._save_state(run, state)
+
+    def delete(self, stored: Stored) -> None:
+        run = self._writable(stored)
+        key = run.native["key"]
+        with self._lock, self._run_lock(key):
+            state = self._state(key)
+            # tombstone first: a half-deleted version is never listed, and an uploaded
+            # offline archive (which still holds the files) stays consistent
+            state.deleted = sorted({*state.deleted, stored.version})
+            state.aliases = {a: v for a, v in state.aliases.items() if v != stored.version}
+            state.last_version = max(state.last_version, stored.version)
+            self._save_state(run, state)
+            if "path" in stored.native:
+                path = Path(stored.native["path"])
+                trash = path.with_name(f".deleting-{path.name}-{uuid.uuid4().hex[:8]}")
+                if path.exists():
+                    os.rename(path, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+                return
+            ids = stored.native.get("assets") or {}
+            with self._calling(f"deleting {stored.ref}"):
+                exp = self._api_exp(key)
+                for asset_id in ids.values():
+                    exp.delete_asset(asset_id)
+            self._models.pop((key, stored.native["model"]), None)
+
+    def _writable(self, stored: Stored) -> RunInfo:
+        if stored.native.get("registry"):
+            raise BackendError(f"{stored.ref}: registry versions are read-only here; change their tags in "
+                               "Comet's model registry")
+        return stored.run
+
+    def link_input(self, run: RunInfo, source: Stored) -> None:
+        if not self.online:
+            with self._run_lock(run.native["key"]):
+                meta = self._mirror_meta(run.native["key"]) or {}
+                _atomic_json(self._mirror(run.native["key"]) / "run.json",
+                             {**meta, "inputs": [*meta.get("inputs", []), str(source.ref)]})
+        self._save_other(run, RESUMED_FROM_KEY, str(source.ref))
+
+    def finish_run(self, run: RunInfo) -> None:
+        exp, owned = self._open.pop(run.native.get("key", ""), (None, False))
+        if exp is None:
+            return
+        with self._calling(f"ending experiment {run.native['key']}"):
+            if owned:
+                exp.end()  # offline: writes <key>.zip for `comet upload`
+            elif self.online:
+                exp.flush()  # the user's experiment: they end it
+
+    def close(self) -> None:
+        """End every experiment this backend started (tests, long-lived processes)."""
+        for key in list(self._open):
+            exp, owned = self._open.pop(key)
+            if owned and not exp.ended:
+                with self._calling(f"ending experiment {key}"):
+                    exp.end()
+
+    # -- the model registry (read-only) -----------------------------------------------
+    def _registry_run(self, workspace: str, model: str) -> RunInfo:
+        if not self.online:
+            raise BackendError("registry references need Comet online: set [comet] online = true")
+        with self._calling(f"reading registry model {workspace}/{model}"):
+            self._api().get_registry_model_details(workspace, model)
+        ref = Ref(self.name, f"registry/{workspace}/{model}", params=(("url", self.url),) if self.url else ())
+        return RunInfo(backend=self.name, project="registry", run_id=f"{workspace}/{model}", name=model, ref=ref,
+                       resumed=True, native={"registry": True, "workspace": workspace, "model": model})
+
+    def _registry_list(self, run: RunInfo) -> list[Stored]:
+        with self._calling(f"reading registry model {run.run_id}"):
+            details = self._api().get_registry_model_details(run.native["workspace"], run.native["model"])
+        items = sorted(details.get("versions") or [], key=lambda v: _semver(str(v.get("version"))))
+        out = []
+        for i, item in enumerate(items, 1):
+            source = item.get("experimentModel") or {}
+            tags = [t for t in [item.get("version"), *(item.get("stages") or []), *(item.get("tags") or [])]
+                    if isinstance(t, str) and _SEGMENT.match(t)]
+            found = self._from_assets(run, i, item.get("assets") or [], _State(), str(source.get("experimentKey")),
+                                      str(source.get("experimentModelName")), aliases=sorted(set(tags)))
+            if found is not None:  # only checkpoints ckpt_track logged can be restored
+                out.append(Stored(**{**found.__dict__, "native": {**found.native, "registry": True}}))
+        return out
+
+    # -- references -----------------------------------------------------------------------
+    @classmethod
+    def parse_ref(cls, text: str) -> Ref | None:
+        t = text.strip()
+        low = t.lower()
+        if low.startswith("experiment://"):
+            parts = t[len("experiment://"):].split("/")
+            if len(parts) not in (2, 4) or not all(parts):
+                raise InvalidRef(f"{text!r}: expected experiment://<experiment key>/<model> or "
+                                 "experiment://<workspace>/<project>/<experiment name>/<model>")
+            match = _MODEL.match(parts[-1])
+            if not match:
+                raise InvalidRef(f"{text!r}: model {parts[-1]!r} is not a ckpt_track checkpoint "
+                                 "(those are named ckpt-v<N>-step<S>)")
+            if len(parts) == 2 and not _KEY.match(parts[0]):
+                raise InvalidRef(f"{text!r}: {parts[0]!r} is not an experiment key (32-50 letters and digits)")
+            return Ref(cls.name, "/".join(parts[:-1]), version=int(match.group(1)))
+        if low.startswith("registry://"):
+            path, colon, version = t[len("registry://"):].partition(":")
+            parts = path.split("/")
+            if len(parts) != 2 or not all(parts) or (colon and not version):
+                raise InvalidRef(f"{text!r}: expected registry://<workspace>/<model>[:<version or stage>]")
+            return Ref(cls.name, f"registry/{parts[0]}/{parts[1]}", alias=version or None)
+        if low.startswith(("http://", "https://")):
+            u = urlparse(t)
+            parts = [p for p in u.path.split("/") if p]
+            saas = (u.hostname or "") in _SAAS_HOSTS
+            if len(parts) >= 3 and _KEY.match(parts[2]):
+                params = () if saas else (("url", f"{u.scheme}://{u.netloc}"),)
+                return Ref(cls.name, "/".join(parts[:3]), params=params)
+            if saas:
+                raise InvalidRef(f"{text!r} is not a Comet experiment page; copy the URL of an experiment: "
+                                 "https://www.comet.com/<workspace>/<project>/<experiment key>")
+        return None
+
+    @classmethod
+    def ref_forms(cls) -> tuple[str, ...]:
+        return (
+            "comet://<workspace>/<project>/<experiment key or name>[@selector | :vN]",
+            "comet://<project>/<experiment key or name>   (workspace from [comet] workspace)",
+            "https://www.comet.com/<workspace>/<project>/<experiment key>[/...]   (self-hosted hosts too)",
+            "experiment://<experiment key>/ckpt-v<N>-step<S>",
+            "experiment://<workspace>/<project>/<experiment name>/ckpt-v<N>-step<S>",
+            "registry://<workspace>/<model>[:<version or stage>]   (= comet://registry/<workspace>/<model>@<version>)",
+        )

@@ -64,6 +64,10 @@ _MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "
 # UI hosts of the W&B cloud (0.31 moved it to CoreWeave Forge under /wandb): no base_url needed
 _SAAS = {"wandb.ai": (), "www.wandb.ai": (), "app.wandb.ai": (), "forge.coreweave.com": ("wandb",)}
 _LOCK_TIMEOUT_S = 120.0
+# W&B refuses a second wandb.init of a run already open in this process, so open runs are
+# shared by every backend instance: key -> [live run, how many open_run calls hold it]
+_LIVE: dict[tuple[str, ...], list[Any]] = {}
+_LIVE_LOCK = threading.Lock()
 
 
 def _now() -> str:
@@ -146,7 +150,7 @@ class WandbBackend:
         self.base_url: str | None = str(options.get("base_url") or "").rstrip("/") or None
         self.registry: str | None = options.get("registry") or None
         self._api_obj: Any = None
-        self._live: dict[str, Any] = {}  # "project/run_id" -> the wandb Run this process writes to
+        self._opened: list[tuple[str, ...]] = []  # keys of the live runs this instance holds
         self._lock = threading.Lock()
 
     # -- SDK boundary --------------------------------------------------------------------
@@ -192,8 +196,10 @@ class WandbBackend:
                 import wandb
 
                 overrides = {"base_url": self.base_url} if self.base_url else {}
+                # the SDK reads WANDB_HTTP_TIMEOUT once, at import; honour it when set later
+                timeout = os.environ.get("WANDB_HTTP_TIMEOUT")
                 with self._errors("connecting to the W&B API"):
-                    self._api_obj = wandb.Api(overrides=overrides)
+                    self._api_obj = wandb.Api(overrides=overrides, timeout=int(timeout) if timeout else None)
             return self._api_obj
 
     def _default_entity(self) -> str:
@@ -206,9 +212,34 @@ class WandbBackend:
         return str(entity)
 
     # -- run identity ----------------------------------------------------------------------
-    @staticmethod
-    def _key(project: str, run_id: str) -> str:
-        return f"{project}/{run_id}"
+    def _key(self, project: str, run_id: str) -> tuple[str, ...]:
+        return (self.mode, self.base_url or "", project, run_id)
+
+    def _live(self, project: str, run_id: str) -> Any:
+        with _LIVE_LOCK:
+            held = _LIVE.get(self._key(project, run_id))
+            return held[0] if held else None
+
+    def _hold(self, project: str, run_id: str, live: Any) -> None:
+        key = self._key(project, run_id)
+        with _LIVE_LOCK:
+            held = _LIVE.setdefault(key, [live, 0])
+            held[1] += 1
+            self._opened.append(key)
+
+    def _release(self, project: str, run_id: str) -> Any:
+        """The live run to finish, once the last holder lets go of it."""
+        key = self._key(project, run_id)
+        with _LIVE_LOCK:
+            if key not in self._opened or key not in _LIVE:
+                return None
+            self._opened.remove(key)
+            held = _LIVE[key]
+            held[1] -= 1
+            if held[1] > 0:
+                return None
+            del _LIVE[key]
+            return held[0]
 
     def _info(self, entity: str | None, project: str, run_id: str, name: str | None, resumed: bool) -> RunInfo:
         path = "/".join(p for p in (entity, project, run_id) if p)
@@ -230,15 +261,16 @@ class WandbBackend:
                 raise ConfigError(f"W&B {what} {value!r} may only hold letters, digits, '_', '.', '-'")
         entity = self._default_entity() if self.mode == "online" else self.entity
         run_id, resumed, name = self._existing(spec, entity, project)
-        live = None
-        if self.mode != "disabled":
+        live = self._live(project, run_id) if run_id else None  # already open here: share it
+        if live is None and self.mode != "disabled":
             live = self._init(spec, entity, project, run_id, resumed)
+        if live is not None:
             run_id, entity, name = str(live.id), (live.entity or entity), (live.name or name)
         run_id = run_id or _new_id()
         if self.mode != "online":
             self._store_run(project, run_id, entity, name, spec.config)
         if live is not None:
-            self._live[self._key(project, run_id)] = live
+            self._hold(project, run_id, live)
         return self._info(entity, project, run_id, name, resumed)
 
     def _existing(self, spec: RunSpec, entity: str | None, project: str) -> tuple[str | None, bool, str | None]:
@@ -342,7 +374,7 @@ class WandbBackend:
                       native={"artifact": self._artifact_path(run, version), **native})
 
     def _live_run(self, run: RunInfo) -> Any:
-        live = self._live.get(self._key(run.project, run.run_id))
+        live = self._live(run.project, run.run_id)
         if live is None:
             raise BackendError(f"{run.ref}: checkpoints can only be logged to a W&B run opened in this process "
                                "(ckpt_track.init); it is not open or already finished")
@@ -452,7 +484,7 @@ class WandbBackend:
             art = self._api().artifact(stored.native["artifact"])
             art.aliases = sorted(set(art.aliases) | set(aliases))
             art.save()  # W&B moves each alias off the version that held it
-            live = self._live.get(self._key(stored.run.project, stored.run.run_id))
+            live = self._live(stored.run.project, stored.run.run_id)
             if self.registry and "best" in aliases and live is not None:
                 self._link(live, art)
 
@@ -475,7 +507,7 @@ class WandbBackend:
         shutil.rmtree(trash, ignore_errors=True)
 
     def link_input(self, run: RunInfo, source: Stored) -> None:
-        live = self._live.get(self._key(run.project, run.run_id))
+        live = self._live(run.project, run.run_id)
         record = {"resumed_from": str(source.ref), "resumed_from_artifact": source.native.get("artifact", "")}
         if live is not None:
             with self._errors(f"recording in W&B that {run.ref} resumes from {source.ref}"):
@@ -490,10 +522,15 @@ class WandbBackend:
                 self._write_json(rdir / "run.json", table)
 
     def finish_run(self, run: RunInfo) -> None:
-        live = self._live.pop(self._key(run.project, run.run_id), None)
+        live = self._release(run.project, run.run_id)
         if live is not None:
             with self._errors(f"finishing W&B run {run.ref}"):
                 live.finish()
+
+    def close(self) -> None:
+        """Finish every W&B run this instance opened and did not finish (e.g. in a notebook)."""
+        for *_, project, run_id in list(self._opened):
+            self.finish_run(RunInfo(self.name, project, run_id, run_id, Ref(self.name, f"{project}/{run_id}")))
 
     # -- the offline store ------------------------------------------------------------------
     @property

@@ -1,12 +1,16 @@
-"""A small real training loop used by the resume tests.
+"""Resume after a crash: kill this script at any moment, start the same command again,
+and it continues from its latest checkpoint, ending bit-identical to a run that was
+never interrupted.
 
-Dropout, a shuffled DataLoader with a seeded generator, AdamW and a LR
-scheduler: everything that makes a naive resume diverge.  Usage:
+    python examples/resume_after_crash.py --steps 40 --out final.safetensors
+    # Ctrl-C / kill -9 it, then run the very same command again
 
-    python train_small.py --steps 40 --out final.safetensors [--stop-after 17] [--every 5]
-
-With ``--stop-after K`` it checkpoints at step K and exits as if it had crashed;
-run again without it and the same ``CKPT_TRACK_RUN_NAME`` to resume.
+Dropout, a shuffled DataLoader, AdamW and a LR schedule: everything that makes a
+naive resume diverge.  ckpt_track restores weights, optimizer, scheduler and every
+RNG; the loop's part is the data order: seed the loader per epoch and skip the
+batches already seen.  The run is found again by its name (``RUN_NAME``, default
+"small") with ``resume="auto"``; any backend works (``CKPT_TRACK_BACKEND``).
+``--stop-after K`` stops cleanly after step K (used by the tests).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def main() -> int:
     loader = DataLoader(data, batch_size=16, shuffle=True, generator=gen)
     batches_per_epoch = len(loader)
 
-    run = ct.init(project="resume-test", name=os.environ.get("RUN_NAME", "small"), config=vars(args))
+    run = ct.init(project="resume-test", name=os.environ.get("RUN_NAME", "small"), config=vars(args), resume="auto")
     start = run.resume(model=model, optimizer=opt, scheduler=sched, rng=os.environ.get("RESUME_RNG", "1") == "1")
     step = start
     while step < args.steps:
@@ -55,6 +59,7 @@ def main() -> int:
             loss.backward()
             opt.step()
             sched.step()
+            print(f"step {step}", flush=True)
             if step % args.every == 0 or step == args.stop_after:
                 run.log_checkpoint(step, epoch=epoch, model=model, optimizer=opt, scheduler=sched,
                                    metrics={"train/loss": loss.item()})

@@ -1,0 +1,1 @@
+"""Integrations of ckpt_track with training frameworks (Lightning, Hugging Face Trainer)."""

@@ -1,0 +1,462 @@
+"""The W&B backend: the log path through the real SDK (offline), the read path through
+``tests/fakes/wandb.py`` (the W&B server is Docker-only), errors through the real SDK."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import wandb
+
+import ckpt_track as ct
+from ckpt_track.backends.base import RunSpec
+from ckpt_track.backends.wandb import WandbBackend
+from ckpt_track.errors import AuthError, BackendUnavailable, ConfigError, InvalidRef
+from ckpt_track.format import MANIFEST, hash_file, load_checkpoint, verify
+from ckpt_track.refs import Ref
+from ckpt_track.testing.contract import BackendContract, make_checkpoint
+from fakes.wandb import FAKED, FakeServer, FakeWandb, finished_records, md5_b64
+
+KEY = "k" * 40  # the key the fake servers accept
+RUN = "3k2j1x9q"
+SELF_HOSTED = "https://wandb.example.com"
+LOCAL_SERVER = "http://localhost:8080"
+STEPS, LOSSES = (500, 1000, 1500, 2000), (0.9, 0.4, 0.6, 0.5)  # best: step 1000
+
+
+def _set_env(mp: pytest.MonkeyPatch, home: Path) -> None:
+    """Every W&B directory under ``home``, nothing from the developer's own set-up."""
+    for key in list(os.environ):
+        if key.startswith("WANDB_") or key.startswith("CKPT_TRACK_"):
+            mp.delenv(key)
+    for var, sub in (("WANDB_DIR", "dir"), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"),
+                     ("WANDB_CONFIG_DIR", "config"), ("WANDB_ARTIFACT_DIR", "artifacts")):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+        mp.setenv(var, str(home / sub))
+    mp.setenv("NETRC", str(home / "netrc"))  # no key from ~/.netrc
+    for var, value in (("WANDB_SILENT", "true"), ("WANDB_CONSOLE", "off"), ("WANDB_DISABLE_GIT", "true"),
+                       ("WANDB_DISABLE_CODE", "true"), ("WANDB_ERROR_REPORTING", "false"),
+                       ("WANDB_X_DISABLE_STATS", "true"), ("WANDB_X_DISABLE_MACHINE_INFO", "true"),
+                       ("WANDB_HTTP_TIMEOUT", "3"), ("WANDB_INIT_TIMEOUT", "15")):
+        mp.setenv(var, value)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _wandb_service() -> Iterator[None]:
+    yield
+    wandb.teardown()  # stop the wandb-core process this module started
+
+
+@pytest.fixture(autouse=True)
+def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    _set_env(monkeypatch, tmp_path / "wandb-home")
+    return tmp_path / "wandb-home"
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeWandb:
+    monkeypatch.setenv("WANDB_API_KEY", KEY)
+    world = FakeWandb(FakeServer(tmp_path / "server"), FakeServer(tmp_path / "self-hosted", SELF_HOSTED))
+    return world.install(monkeypatch)
+
+
+def _closing(backend: WandbBackend) -> Iterator[WandbBackend]:
+    yield backend
+    backend.close()  # the runs a contract test leaves open, as Run.finish would
+
+
+def _offline(tmp_path: Path) -> dict[str, Any]:
+    return {"backend": "wandb", "wandb": {"mode": "offline", "dir": str(tmp_path / "wb")}}
+
+
+# -- the contract, three ways -----------------------------------------------------------------------
+class TestWandbContract(BackendContract):
+    """Online: the real SDK builds and logs every artifact; the fake server serves the reads."""
+
+    @pytest.fixture
+    def backend(self, fake: FakeWandb, tmp_path: Path) -> Iterator[WandbBackend]:
+        yield from _closing(WandbBackend({"mode": "online", "dir": str(tmp_path / "wb")}))
+
+    @pytest.fixture
+    def settings_overrides(self, fake: FakeWandb, tmp_path: Path) -> dict[str, Any]:
+        return {"backend": "wandb", "wandb": {"mode": "online", "dir": str(tmp_path / "wb")}}
+
+
+class TestWandbOfflineContract(BackendContract):
+    """Offline: all real; reads come from the store next to the offline runs."""
+
+    @pytest.fixture
+    def backend(self, tmp_path: Path) -> Iterator[WandbBackend]:
+        yield from _closing(WandbBackend({"mode": "offline", "dir": str(tmp_path / "wb")}))
+
+    @pytest.fixture
+    def settings_overrides(self, tmp_path: Path) -> dict[str, Any]:
+        return _offline(tmp_path)
+
+
+class TestWandbDisabledContract(BackendContract):
+    """Disabled: W&B is never called; checkpoints stay restorable from the store."""
+
+    @pytest.fixture
+    def backend(self, tmp_path: Path) -> WandbBackend:
+        return WandbBackend({"mode": "disabled", "dir": str(tmp_path / "wb")})
+
+    @pytest.fixture
+    def settings_overrides(self, tmp_path: Path) -> dict[str, Any]:
+        return {"backend": "wandb", "wandb": {"mode": "disabled", "dir": str(tmp_path / "wb")}}
+
+
+# -- the log path, for real -------------------------------------------------------------------------
+def _history(records: list[Any]) -> list[dict[str, Any]]:
+    rows = []
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            rows.append({".".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item})
+    return rows
+
+
+def test_offline_log_path_records_every_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    weights: dict[int, torch.Tensor] = {}
+    plan = ((100, 0.9), (200, 0.5), (201, 0.7))  # 201: weights unchanged since 200
+    with ct.init(project="resnet", name="offline-run", settings=_offline(tmp_path)) as run:
+        for step, loss in plan:
+            if step != 201:
+                with torch.no_grad():
+                    model.weight.add_(1.0)
+            weights[step] = model.weight.detach().clone()
+            run.log_checkpoint(step, model=model, metrics={"val/loss": loss}, epoch=step // 100)
+    logs = sorted((tmp_path / "wb").glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(logs) == 1
+    records = finished_records(logs[0])
+    assert next(r.run for r in records if r.WhichOneof("record_type") == "run").run_id == run.id
+    arts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    assert [(a.name, a.type) for a in arts] == [(f"ckpt-{run.id}", "model")] * 3
+    aliases = [{"latest", "step-100", "best"}, {"latest", "step-200", "best"}, {"latest", "step-201"}]
+    parent = None
+    for a, (step, loss), expected in zip(arts, plan, aliases):
+        meta = json.loads(a.metadata)
+        assert (meta["step"], meta["epoch"], meta["metrics"]) == (step, step // 100, {"val/loss": loss})
+        assert meta["lineage"]["run"] == str(run.ref) and meta["lineage"]["parent"] == parent
+        parent = str(run.ref.select(step=step))
+        assert set(a.aliases) == expected
+        rebuilt = tmp_path / f"rebuilt-{step}"  # the checkpoint, from what `wandb sync` would upload
+        for entry in a.manifest.contents:
+            assert md5_b64(Path(entry.local_path)) == entry.digest
+            assert os.path.getsize(entry.local_path) == entry.size
+            (rebuilt / entry.path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(entry.local_path, rebuilt / entry.path)
+        manifest = verify(rebuilt)  # every file byte-identical to the checkpoint's manifest
+        assert {e.path for e in a.manifest.contents} == {*manifest.files, MANIFEST}
+        assert hash_file(rebuilt / MANIFEST) == meta["manifest_xxh3"]
+        _, tensors, _ = load_checkpoint(rebuilt)
+        assert torch.equal(tensors["model/weight"], weights[step])
+    shards = [{e.path: e.digest for e in a.manifest.contents if e.path.endswith(".safetensors")} for a in arts]
+    assert shards[2] == shards[1] != shards[0]  # an unchanged shard keeps its MD5: W&B uploads it once
+    rows = [h for h in _history(records) if "checkpoint/step" in h]
+    assert [(h["checkpoint/step"], h["checkpoint/val/loss"], h["checkpoint/epoch"]) for h in rows] == \
+        [(s, loss, s // 100) for s, loss in plan]
+    axes = {r.metric.glob_name or r.metric.name: r.metric.step_metric
+            for r in records if r.WhichOneof("record_type") == "metric"}
+    assert axes.get("checkpoint/*") == "checkpoint/step"
+
+
+def test_offline_resume_is_recorded_in_the_run_config(tmp_path: Path) -> None:
+    model = torch.nn.Linear(4, 2)
+    with ct.init(project="resnet", name="first", settings=_offline(tmp_path)) as first:
+        first.log_checkpoint(10, model=model, metrics={"val/loss": 1.0})
+    with ct.init(project="resnet", name="second", settings=_offline(tmp_path)) as second:
+        assert second.resume(model=model, ref=first.ref) == 11
+    log = next((tmp_path / "wb").glob(f"wandb/offline-run-*-{second.id}/run-{second.id}.wandb"))
+    configs = [json.loads(u.value_json) for r in finished_records(log) if r.WhichOneof("record_type") == "config"
+               for u in r.config.update if u.key == "ckpt_track"]
+    assert configs[-1]["resumed_from"] == str(first.ref.select(version=1))
+    assert configs[-1]["resumed_from_artifact"] == f"resnet/ckpt-{first.id}:v0"
+
+
+def test_offline_run_synced_then_restored_online(tmp_path: Path, fake: FakeWandb) -> None:
+    """Train offline, `wandb sync` (the fake replays the record log), restore from the web UI URL."""
+    model = torch.nn.Linear(4, 2)
+    with ct.init(project="resnet", name="airgapped", settings=_offline(tmp_path)) as run:
+        for step, loss in ((1, 0.8), (2, 0.3), (3, 0.6)):
+            with torch.no_grad():
+                model.weight.mul_(2.0)
+            run.log_checkpoint(step, model=model, metrics={"val/loss": loss})
+    offline = ct.list_checkpoints(run.ref, settings=ct.load_settings(_offline(tmp_path)))
+    server = fake.servers["https://api.forge.coreweave.com"]
+    assert server.sync(tmp_path / "wb") == [f"acme/resnet/{run.id}"]
+    online = ct.load_settings({"wandb": {"mode": "online", "dir": str(tmp_path / "wb-online")}})
+    synced = ct.list_checkpoints(f"https://wandb.ai/acme/resnet/runs/{run.id}", settings=online)
+    assert [(s.version, s.step, s.aliases) for s in synced] == [(s.version, s.step, s.aliases) for s in offline]
+    fresh = torch.nn.Linear(4, 2)
+    best = ct.restore(f"acme/resnet/ckpt-{run.id}:best", model=fresh, settings=online)
+    assert best.step == 2 and best.ref == f"wandb://acme/resnet/{run.id}:v2"
+    latest = ct.restore(f"https://forge.coreweave.com/wandb/acme/resnet/runs/{run.id}/overview", model=fresh,
+                        settings=online)
+    assert latest.step == 3 and torch.equal(fresh.weight, model.weight)
+
+
+# -- online specifics, through the fake -----------------------------------------------------------------
+def test_online_resume_uses_the_artifact_and_registry_links_best(tmp_path: Path, fake: FakeWandb) -> None:
+    be = WandbBackend({"mode": "online", "dir": str(tmp_path / "wb"), "registry": "wandb-registry-model/resnet"})
+    first = be.open_run(RunSpec(project="resnet", run_id=RUN))
+    a = be.put(first, make_checkpoint(tmp_path / "spool", 1, {"val/loss": 1.0}), ["latest", "step-1", "best"])
+    be.put(first, make_checkpoint(tmp_path / "spool", 2, {"val/loss": 2.0}), ["latest", "step-2"])
+    second = be.open_run(RunSpec(project="resnet", name="continued"))
+    be.link_input(second, a)
+    be.finish_run(first)
+    be.finish_run(second)
+    server = fake.servers["https://api.forge.coreweave.com"]
+    used = server.runs[("acme", "resnet", second.run_id)].used
+    assert [(v.collection[2], v.index) for v in used] == [(f"ckpt-{RUN}", 0)]
+    assert server.links == [("wandb-registry-model/resnet", f"acme/resnet/ckpt-{RUN}:v0", ["best"])]
+    assert a.native["artifact"] == f"acme/resnet/ckpt-{RUN}:v0" and str(a.ref) == f"wandb://acme/resnet/{RUN}:v1"
+
+
+def test_self_hosted_base_url_round_trips_in_refs(tmp_path: Path, fake: FakeWandb) -> None:
+    be = WandbBackend({"mode": "online", "dir": str(tmp_path / "wb"), "base_url": SELF_HOSTED + "/"})
+    run = be.open_run(RunSpec(project="resnet", run_id=RUN))
+    stored = be.put(run, make_checkpoint(tmp_path / "spool", 5), ["latest", "step-5"])
+    be.finish_run(run)
+    assert str(stored.ref) == f"wandb://acme/resnet/{RUN}:v1?base_url=https%3A//wandb.example.com"
+    assert ct.parse_ref(str(stored.ref)) == stored.ref
+    assert (("acme", "resnet", RUN)) in fake.servers[SELF_HOSTED].runs
+    assert not fake.servers["https://api.forge.coreweave.com"].runs
+    got = ct.restore(stored.ref, settings=ct.load_settings({}))  # base_url comes from the ref alone
+    assert got.step == 5
+
+
+# -- every reference form ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> FakeWandb:
+    """Run RUN in acme/resnet on three fake deployments, step offsets 0, 1, 2 to tell them apart."""
+    root = tmp_path_factory.mktemp("wandb-published")
+    world = FakeWandb(FakeServer(root / "saas"), FakeServer(root / "example", SELF_HOSTED),
+                      FakeServer(root / "local", LOCAL_SERVER))
+    with pytest.MonkeyPatch.context() as mp:
+        _set_env(mp, root / "home")
+        mp.setenv("WANDB_API_KEY", KEY)
+        mp.chdir(root)
+        world.install(mp)
+        for offset, base_url in enumerate((None, SELF_HOSTED, LOCAL_SERVER)):
+            settings = {"backend": "wandb", "blocking": True,
+                        "wandb": {"mode": "online", "dir": str(root / "wb"), "base_url": base_url}}
+            with ct.init(project="resnet", run_id=RUN, settings=settings) as run:
+                for step, loss in zip(STEPS, LOSSES):
+                    run.log_checkpoint(step + offset, model=_model(step + offset), metrics={"val/loss": loss})
+    return world
+
+
+def _model(step: int) -> torch.nn.Linear:
+    torch.manual_seed(step)
+    return torch.nn.Linear(3, 2)
+
+
+# text, the canonical Ref it parses to, index into STEPS it restores, server offset
+E = "acme/resnet/ckpt-" + RUN
+REFS = [
+    (f"wandb://acme/resnet/{RUN}", Ref("wandb", f"acme/resnet/{RUN}"), 3, 0),
+    (f"wandb://acme/resnet/{RUN}@best", Ref("wandb", f"acme/resnet/{RUN}", alias="best"), 1, 0),
+    (f"wandb://acme/resnet/{RUN}@latest", Ref("wandb", f"acme/resnet/{RUN}", alias="latest"), 3, 0),
+    (f"wandb://acme/resnet/{RUN}@step=1000", Ref("wandb", f"acme/resnet/{RUN}", step=1000), 1, 0),
+    (f"wandb://acme/resnet/{RUN}@step-1500", Ref("wandb", f"acme/resnet/{RUN}", alias="step-1500"), 2, 0),
+    (f"wandb://acme/resnet/{RUN}:v1", Ref("wandb", f"acme/resnet/{RUN}", version=1), 0, 0),
+    (f"wandb://resnet/{RUN}@best", Ref("wandb", f"resnet/{RUN}", alias="best"), 1, 0),
+    (f"wandb://acme/resnet/{RUN}@best?base_url=https://wandb.example.com",
+     Ref("wandb", f"acme/resnet/{RUN}", alias="best", params=(("base_url", SELF_HOSTED),)), 1, 1),
+    (f"{E}:v0", Ref("wandb", f"acme/resnet/{RUN}", version=1), 0, 0),
+    (f"{E}:v3", Ref("wandb", f"acme/resnet/{RUN}", version=4), 3, 0),
+    (f"{E}:best", Ref("wandb", f"acme/resnet/{RUN}", alias="best"), 1, 0),
+    (f"{E}:latest", Ref("wandb", f"acme/resnet/{RUN}", alias="latest"), 3, 0),
+    (f"{E}:step-500", Ref("wandb", f"acme/resnet/{RUN}", alias="step-500"), 0, 0),
+    (f"resnet/ckpt-{RUN}:v2", Ref("wandb", f"resnet/{RUN}", version=3), 2, 0),
+    (f"wandb-artifact://{E}:v1", Ref("wandb", f"acme/resnet/{RUN}", version=2), 1, 0),
+    (f"wandb-artifact://{SELF_HOSTED}/{E}:best",
+     Ref("wandb", f"acme/resnet/{RUN}", alias="best", params=(("base_url", SELF_HOSTED),)), 1, 1),
+    (f"https://wandb.ai/acme/resnet/runs/{RUN}", Ref("wandb", f"acme/resnet/{RUN}"), 3, 0),
+    (f"https://wandb.ai/acme/resnet/runs/{RUN}/overview?nw=nwuseracme", Ref("wandb", f"acme/resnet/{RUN}"), 3, 0),
+    (f"https://wandb.ai/acme/resnet/runs/{RUN}/files/wandb?workspace=user-acme#logs",
+     Ref("wandb", f"acme/resnet/{RUN}"), 3, 0),
+    (f"https://forge.coreweave.com/wandb/acme/resnet/runs/{RUN}", Ref("wandb", f"acme/resnet/{RUN}"), 3, 0),
+    (f"https://forge.coreweave.com/wandb/acme/resnet/runs/{RUN}/logs", Ref("wandb", f"acme/resnet/{RUN}"), 3, 0),
+    (f"{SELF_HOSTED}/acme/resnet/runs/{RUN}",
+     Ref("wandb", f"acme/resnet/{RUN}", params=(("base_url", SELF_HOSTED),)), 3, 1),
+    (f"{LOCAL_SERVER}/acme/resnet/runs/{RUN}/overview",
+     Ref("wandb", f"acme/resnet/{RUN}", params=(("base_url", LOCAL_SERVER),)), 3, 2),
+    (f"https://wandb.ai/acme/resnet/artifacts/model/ckpt-{RUN}/v1",
+     Ref("wandb", f"acme/resnet/{RUN}", version=2), 1, 0),
+    (f"https://wandb.ai/acme/resnet/artifacts/model/ckpt-{RUN}/v0/files",
+     Ref("wandb", f"acme/resnet/{RUN}", version=1), 0, 0),
+    (f"https://wandb.ai/acme/resnet/artifacts/model/ckpt-{RUN}/best/overview",
+     Ref("wandb", f"acme/resnet/{RUN}", alias="best"), 1, 0),
+    (f"https://wandb.ai/acme/resnet/artifacts/model/ckpt-{RUN}", Ref("wandb", f"acme/resnet/{RUN}"), 3, 0),
+    (f"https://forge.coreweave.com/wandb/acme/resnet/artifacts/model/ckpt-{RUN}/v2/lineage",
+     Ref("wandb", f"acme/resnet/{RUN}", version=3), 2, 0),
+    (f"{SELF_HOSTED}/acme/resnet/artifacts/model/ckpt-{RUN}/v2",
+     Ref("wandb", f"acme/resnet/{RUN}", version=3, params=(("base_url", SELF_HOSTED),)), 2, 1),
+]
+
+
+@pytest.mark.parametrize("text,expected,index,offset", REFS, ids=[r[0] for r in REFS])
+def test_reference_form_parses_and_restores(text: str, expected: Ref, index: int, offset: int,
+                                            published: FakeWandb, monkeypatch: pytest.MonkeyPatch) -> None:
+    ref = ct.parse_ref(text)
+    assert ref == expected and ct.parse_ref(str(ref)) == ref
+    monkeypatch.setenv("WANDB_API_KEY", KEY)
+    published.install(monkeypatch)
+    model = torch.nn.Linear(3, 2)
+    restored = ct.restore(text, model=model, settings=ct.load_settings({"wandb": {"mode": "online"}}))
+    step = STEPS[index] + offset
+    assert restored.step == step and restored.metrics == {"val/loss": LOSSES[index]}
+    assert restored.ref == str(expected.run_ref().select(version=index + 1)).replace("wandb://resnet/",
+                                                                                      "wandb://acme/resnet/")
+    assert torch.equal(model.weight, _model(step).weight)
+
+
+@pytest.mark.parametrize("text", [
+    "https://wandb.ai/acme/resnet/runs/",
+    f"https://wandb.ai/acme/runs/{RUN}",
+    f"https://wandb.ai/acme/resnet/runs/{RUN}%21",
+    f"https://forge.coreweave.com/acme/resnet/runs/{RUN}",
+    "https://wandb.ai/acme/resnet/artifacts/model/resnet-final/v1",
+    f"https://wandb.ai/acme/resnet/artifacts/dataset/ckpt-{RUN}/v1",
+    f"https://wandb.ai/acme/resnet/sweeps/{RUN}",
+    f"acme/resnet/model-{RUN}:v3",
+    f"acme/resnet/ckpt-{RUN}:",
+    f"acme/resnet/ckpt-{RUN}:v 1",
+    "acme/resnet/ckpt-:v1",
+    f"wandb-artifact://acme/ckpt-{RUN}",
+    f"wandb://acme/resnet/{RUN}:v0",
+    f"wandb://acme/resnet/{RUN}@step=-1",
+    f"wandb://acme/resnet/{RUN}@step=abc",
+])
+def test_malformed_references_are_invalid(text: str) -> None:
+    with pytest.raises(InvalidRef):
+        ct.parse_ref(text)
+
+
+def test_find_run_rejects_paths_of_the_wrong_shape(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRef, match="entity"):
+        WandbBackend({"mode": "offline", "dir": str(tmp_path)}).find_run(Ref("wandb", "a/b/c/d"))
+
+
+# -- errors through the real SDK ----------------------------------------------------------------------------
+def test_missing_api_key_is_an_auth_error_naming_the_variable() -> None:
+    be = WandbBackend({"mode": "online"})
+    with pytest.raises(AuthError, match="WANDB_API_KEY") as info:
+        be.find_run(Ref("wandb", f"acme/resnet/{RUN}"))
+    assert isinstance(info.value.__cause__, wandb.errors.UsageError)
+    with pytest.raises(AuthError, match="WANDB_API_KEY"):
+        be.open_run(RunSpec(project="resnet"))
+
+
+@pytest.fixture
+def http_status_server() -> Iterator[str]:
+    """A loopback HTTP server answering every request with 401 (the real SDK's own requests)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            body = b'{"errors": [{"message": "invalid api key"}]}'
+            self.send_response(401)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_rejected_api_key_is_an_auth_error(http_status_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", KEY)
+    be = WandbBackend({"mode": "online", "base_url": http_status_server})
+    with pytest.raises(AuthError, match="WANDB_API_KEY.*valid key|HTTP 401"):
+        be.find_run(Ref("wandb", f"acme/resnet/{RUN}"))
+
+
+def test_unreachable_server_is_backend_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("WANDB_API_KEY", KEY)
+    monkeypatch.setenv("WANDB_HTTP_TIMEOUT", "2")
+    be = WandbBackend({"mode": "online", "base_url": f"http://127.0.0.1:{port}"})
+    with pytest.raises(BackendUnavailable, match=f"127.0.0.1:{port}"):
+        be.find_run(Ref("wandb", f"acme/resnet/{RUN}"))
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match="WANDB_API_KEY"):
+        WandbBackend({"api_key": "secret"})
+    with pytest.raises(ConfigError, match="mode"):
+        WandbBackend({"mode": "sometimes"})
+    assert WandbBackend({"mode": "dryrun"}).mode == "offline"
+    with pytest.raises(ConfigError, match="api_key"):
+        ct.load_settings({"wandb": {"api_key": "secret"}})
+
+
+def test_importing_the_backend_does_not_import_the_sdk() -> None:
+    code = "import sys, ckpt_track, ckpt_track.backends.wandb as w; w.WandbBackend.parse_ref('acme/p/ckpt-x:v0'); " \
+           "sys.exit('wandb' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+# -- the fakes match the installed SDK ---------------------------------------------------------------------
+def _compatible(fake: Any, real: Any) -> list[str]:
+    """Every parameter the fake takes exists in the real one with the same kind and default, and
+    the fake takes every parameter the real one requires."""
+    f, r = inspect.signature(fake), inspect.signature(real)
+    problems = []
+    for name, p in f.parameters.items():
+        if name == "self" and "self" not in r.parameters:
+            continue  # FakeWandb.init stands in for the function wandb.init
+        q = r.parameters.get(name)
+        if q is None:
+            problems.append(f"{name}: not in the SDK")
+        elif q.kind != p.kind or q.default != p.default:
+            problems.append(f"{name}: SDK has {q}, fake has {p}")
+    problems += [f"{name}: required by the SDK" for name, q in r.parameters.items()
+                 if q.default is q.empty and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)
+                 and name not in f.parameters]
+    return problems
+
+
+@pytest.mark.parametrize("fake,real", FAKED, ids=[getattr(f, "__qualname__", str(f)) for f, _ in FAKED])
+def test_faked_names_exist_in_the_sdk_with_compatible_signatures(fake: Any, real: Any) -> None:
+    if not inspect.isclass(fake):
+        assert _compatible(fake, real) == [], f"{fake.__qualname__} vs {real}"
+        return
+    for name, member in vars(fake).items():
+        if name.startswith("_"):
+            continue
+        real_member = inspect.getattr_static(real, name, None)
+        assert real_member is not None, f"{real.__qualname__}.{name} is not in wandb {wandb.__version__}"
+        if isinstance(member, property):
+            assert isinstance(real_member, property), f"{real.__qualname__}.{name} is no longer a property"
+            assert (member.fset is None) or (real_member.fset is not None), f"{name} cannot be set in the SDK"
+        else:
+            assert _compatible(member, real_member) == [], f"{real.__qualname__}.{name}"
