@@ -28,7 +28,7 @@ from .refs import Ref
 from .resolve import Resolved, list_stored, open_backend, resolve
 from .state import Restored, apply, capture
 from .spool import DrainResult, Spool
-from .writer import Writer, snapshot_tensors
+from .writer import Writer, snapshot_tensors, wait_staged
 
 __all__ = ["CheckpointHandle", "Run", "init", "list_checkpoints", "log_checkpoint", "restore"]
 
@@ -188,20 +188,31 @@ class Run:
         self._writer.raise_errors()
         captured = capture(step=step, epoch=epoch, model=model, optimizer=optimizer,
                            scheduler=scheduler, scaler=scaler, extra=extra)
-        tensors = snapshot_tensors(captured.tensors, copy=not blocking)
-        with self._lock:
-            lineage = {**self._static_lineage, "parent": self._parent, "resumed_from": self._resumed_from}
-            self._parent = str(self.ref.select(step=step))
+        ref = self.ref.select(step=step)
 
-        def job() -> Stored | None:
+        def lineage_now() -> dict[str, Any]:
+            with self._lock:
+                lineage = {**self._static_lineage, "parent": self._parent, "resumed_from": self._resumed_from}
+                self._parent = str(ref)
+            return lineage
+
+        if blocking:
+            self._writer.flush()  # keep order: earlier background saves land first
+            tensors = snapshot_tensors(captured.tensors, copy=False)
+            done: Future[Stored | None] = Future()
+            done.set_result(self._commit(step, epoch, metric_values, captured.tree, tensors, lineage_now(),
+                                         user_aliases))
+            return CheckpointHandle(step, ref, done)
+
+        def stage(buffers: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+            return snapshot_tensors(captured.tensors, copy=True, buffers=buffers), lineage_now()
+
+        def job(staged: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> Stored | None:
+            tensors, lineage = staged
+            wait_staged(tensors)
             return self._commit(step, epoch, metric_values, captured.tree, tensors, lineage, user_aliases)
 
-        if not blocking:
-            return CheckpointHandle(step, self.ref.select(step=step), self._writer.submit(job))
-        self._writer.flush()  # keep order: earlier background saves land first
-        done: Future[Stored | None] = Future()
-        done.set_result(job())
-        return CheckpointHandle(step, self.ref.select(step=step), done)
+        return CheckpointHandle(step, ref, self._writer.submit_staged(stage, job))
 
     def _commit(self, step: int, epoch: int | None, metrics: dict[str, float], tree: dict[str, Any],
                 tensors: dict[str, torch.Tensor], lineage: dict[str, Any], aliases: tuple[str, ...]) -> Stored | None:

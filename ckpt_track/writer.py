@@ -18,9 +18,10 @@ import torch
 
 from .errors import CheckpointWriteError
 
-__all__ = ["Writer", "snapshot_tensors"]
+__all__ = ["Writer", "snapshot_tensors", "wait_staged"]
 
 T = TypeVar("T")
+S = TypeVar("S")
 
 
 def _owned(t: torch.Tensor) -> bool:
@@ -28,21 +29,56 @@ def _owned(t: torch.Tensor) -> bool:
             and t.untyped_storage().nbytes() == t.numel() * t.element_size() and t.storage_offset() == 0)
 
 
-def snapshot_tensors(tensors: Mapping[str, torch.Tensor], *, copy: bool) -> dict[str, torch.Tensor]:
+def snapshot_tensors(tensors: Mapping[str, torch.Tensor], *, copy: bool,
+                     buffers: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Contiguous CPU tensors that share no memory (what safetensors needs).
 
     With ``copy=True`` every tensor is copied, so the caller may keep training
     while the copy is written; otherwise only views and device tensors are.
+    ``buffers`` is a staging set reused across calls: a buffer whose shape and
+    dtype still match is overwritten instead of allocating a new one (pinned
+    memory for CUDA sources).  CUDA copies are issued on a side stream that the
+    caller's stream then waits on, so the host never blocks on them here; the
+    writer thread waits for them before reading (:func:`wait_staged`).
     """
+    buffers = {} if buffers is None else buffers
     out: dict[str, torch.Tensor] = {}
+    side = None
     for name, t in tensors.items():
         t = t.detach()
-        if copy or not _owned(t):
-            dst = torch.empty(t.shape, dtype=t.dtype, device="cpu")
-            dst.copy_(t)
-            t = dst
-        out[name] = t
+        if not copy and _owned(t):
+            out[name] = t
+            continue
+        buf = buffers.get(name)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+            buffers[name] = buf
+        if t.is_cuda:
+            if side is None:
+                side = torch.cuda.Stream(device=t.device)
+                side.wait_stream(torch.cuda.current_stream(t.device))  # copy what the loop computed so far
+            with torch.cuda.stream(side):
+                buf.copy_(t, non_blocking=True)
+            t.record_stream(side)  # keep the caching allocator from reusing t's memory mid-copy
+        else:
+            buf.copy_(t)
+        out[name] = buf
+    for name in set(buffers) - set(tensors):
+        del buffers[name]  # tensors that went away: free their staging memory
+    if side is not None:
+        _pending_copies[id(out)] = side.record_event()
+        torch.cuda.current_stream(side.device).wait_stream(side)  # later GPU writes wait for the copies
     return out
+
+
+_pending_copies: dict[int, Any] = {}
+
+
+def wait_staged(staged: Mapping[str, torch.Tensor]) -> None:
+    """Block until the device-to-host copies into ``staged`` have finished (writer thread)."""
+    event = _pending_copies.pop(id(staged), None)
+    if event is not None:
+        event.synchronize()
 
 
 class Writer:
@@ -51,34 +87,50 @@ class Writer:
     def __init__(self, max_in_flight: int = 1) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt_track-writer")
         self._slots = threading.BoundedSemaphore(max(1, max_in_flight))
+        # one reusable staging set per slot: a set is never overwritten while its job runs
+        self._staging: list[dict[str, torch.Tensor]] = [{} for _ in range(max(1, max_in_flight))]
         self._lock = threading.Lock()
         self._pending: set[Future[Any]] = set()
         self._errors: list[BaseException] = []
         self._closed = False
 
     def submit(self, job: Callable[[], T]) -> Future[T]:
+        """Run ``job`` in the background (after a free slot is available)."""
+        return self.submit_staged(lambda _buffers: None, lambda _staged: job())
+
+    def submit_staged(self, stage: Callable[[dict[str, torch.Tensor]], S], job: Callable[[S], T]) -> Future[T]:
+        """Wait for a free slot, run ``stage(buffers)`` here with that slot's reusable staging
+        buffers, then ``job(staged)`` in the background; the buffers are reused only after it ends."""
         self.raise_errors()
         if self._closed:
             raise CheckpointWriteError("this run is finished; start a new one with ct.init()")
-        self._slots.acquire()  # back-pressure: wait for a free slot
+        self._slots.acquire()  # back-pressure: wait for a free slot (and its staging buffers)
+        with self._lock:
+            buffers = self._staging.pop()
         try:
             self.raise_errors()  # the job we just waited for may have failed
-            fut = self._pool.submit(job)
+            staged = stage(buffers)
+            fut = self._pool.submit(job, staged)
         except BaseException:
-            self._slots.release()
+            self._give_back(buffers)
             raise
         with self._lock:
             self._pending.add(fut)
-        fut.add_done_callback(self._done)
+        fut.add_done_callback(lambda f: self._done(f, buffers))
         return fut
 
-    def _done(self, fut: Future[Any]) -> None:
+    def _give_back(self, buffers: dict[str, torch.Tensor]) -> None:
+        with self._lock:
+            self._staging.append(buffers)
+        self._slots.release()
+
+    def _done(self, fut: Future[Any], buffers: dict[str, torch.Tensor]) -> None:
         with self._lock:
             self._pending.discard(fut)
             exc = fut.exception()
             if exc is not None:
                 self._errors.append(exc)
-        self._slots.release()
+        self._give_back(buffers)
 
     def raise_errors(self) -> None:
         """Re-raise (once) the first error of a finished background job."""

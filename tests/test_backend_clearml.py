@@ -166,3 +166,112 @@ def test_offline_run_cannot_be_continued_and_says_how(clearml: FakeClearmlServer
         ClearmlBackend({"offline": True}).open_run(RunSpec(project="offline-proj", run_id="never-was", resume="must"))
     # find by <project>/<run id> among the sessions on disk
     assert ClearmlBackend({"offline": True}).find_run(ct.Ref("clearml", "offline-proj/crashy")).run_id == "crashy"
+
+
+# -- online: what the ClearML UI and a plain SDK client see --------------------------------------------
+def _small_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(4, 2)
+
+
+def test_online_checkpoints_are_native_clearml_models(clearml: FakeClearmlServer, tmp_path: Path) -> None:
+    from clearml import Model
+
+    model = _small_model()
+    with ct.init(project="native", name="native-run", backend="clearml", config={"lr": 0.1, "arch": {"depth": 2}},
+                 monitor="val/loss") as run:
+        for step, loss in ((10, 0.7), (20, 0.3), (30, 0.5)):
+            with torch.no_grad():
+                model.weight.mul_(1.5)
+            run.log_checkpoint(step, model=model, metrics={"val/loss": loss, "acc": 1 - loss})
+    task = clearml.tasks[run.id]
+    assert task["status"] == "completed" and "ckpt_track" in task["system_tags"]
+    assert task["hyperparams"]["config"]["lr"]["value"] == "0.1"
+    assert task["hyperparams"]["config"]["arch/depth"]["value"] == "2"
+    props = {k: v["value"] for k, v in task["hyperparams"]["properties"].items()}
+    assert props["ckpt_track_last_version"] == "3"  # survived the SDK's own edits at close()
+    models = {m["metadata"]["step"]["value"]: m for m in clearml.models.values() if m.get("task") == run.id}
+    assert sorted(models) == ["10", "20", "30"]
+    assert sorted(models["30"]["tags"]) == ["latest", "step-30"]
+    assert sorted(models["20"]["tags"]) == ["best", "step-20"]
+    assert models["10"]["tags"] == ["step-10"] and "package" in models["10"]["system_tags"]
+    assert models["20"]["framework"] == "PyTorch" and models["20"]["uri"].startswith(clearml.files_host)
+    assert {e["model"] for e in task["models"]["output"]} == {m["id"] for m in models.values()}
+    scalars = sorted((e["metric"], e["variant"], e["iter"], e["value"]) for e in clearml.scalars(run.id))
+    assert scalars == sorted([("val", "loss", 10, 0.7), ("val", "loss", 20, 0.3), ("val", "loss", 30, 0.5),
+                              ("acc", "acc", 10, 1 - 0.7), ("acc", "acc", 20, 1 - 0.3), ("acc", "acc", 30, 1 - 0.5)])
+    # a plain ClearML user finds the best checkpoint by tag and gets the directory back
+    found = Model.query_models(project_name="native", tags=["best"])
+    assert [m.id for m in found] == [models["20"]["id"]]
+    folder = Path(found[0].get_local_copy(raise_on_error=True))
+    assert verify(folder).step == 20
+    # the links ckpt_track hands out open the same run and checkpoint again
+    stored = ct.list_checkpoints(run.ref, ct.load_settings({"backend": "clearml"}))
+    assert ct.parse_ref(stored[1].native["url"]) == ct.Ref("clearml", f"models/{models['20']['id']}")
+    assert ct.parse_ref(run._targets[0][1].native["url"]) == run.ref
+
+
+def test_logs_into_the_users_own_task_and_leaves_it_open(clearml: FakeClearmlServer) -> None:
+    from clearml import Task
+
+    task = Task.init(project_name="mine", task_name="user-task", reuse_last_task_id=False)
+    run = ct.init(project="mine", backend="clearml")
+    assert run.id == task.id and not run.resumed
+    run.log_checkpoint(1, model=_small_model(), metrics={"val/loss": 1.0})
+    run.finish()
+    assert clearml.tasks[task.id]["status"] == "in_progress"  # the user's task: the user closes it
+    assert [s.step for s in ct.list_checkpoints(run.ref, ct.load_settings({"backend": "clearml"}))] == [1]
+
+
+def test_resume_from_another_run_connects_an_input_model(clearml: FakeClearmlServer) -> None:
+    settings = {"backend": "clearml"}
+    with ct.init(project="lineage", name="parent", settings=settings) as parent:
+        parent.log_checkpoint(3, model=_small_model(), metrics={"val/loss": 0.3})
+    with ct.init(project="lineage", name="child", settings=settings) as child:
+        assert child.resume(model=_small_model(1), ref=f"{parent.ref}@best") == 4
+        child.log_checkpoint(4, model=_small_model())
+    src = ct.list_checkpoints(parent.ref, ct.load_settings(settings))[0]
+    task = clearml.tasks[child.id]
+    assert [e["model"] for e in task["models"]["input"]] == [src.native["key"]]
+    assert task["hyperparams"]["properties"]["ckpt_track_resumed_from"]["value"] == str(src.ref)
+    mine = ct.list_checkpoints(child.ref, ct.load_settings(settings))[0]
+    assert mine.lineage["resumed_from"] == str(src.ref)
+
+
+def test_retention_deletes_models_and_their_files(clearml: FakeClearmlServer) -> None:
+    settings = {"backend": "clearml", "retention": {"keep_last": 1, "keep_best": 1}}
+    with ct.init(project="retention", name="r", settings=settings) as run:
+        for step, loss in enumerate([0.5, 0.1, 0.4, 0.3]):
+            run.log_checkpoint(step, model=_small_model(step), metrics={"val/loss": loss})
+    kept = ct.list_checkpoints(run.ref, ct.load_settings(settings))
+    assert [(s.version, s.step) for s in kept] == [(2, 1), (4, 3)]
+    left = [m for m in clearml.models.values() if m.get("task") == run.id]
+    assert sorted(m["metadata"]["version"]["value"] for m in left) == ["2", "4"]
+    prefix = clearml.files_host + "/"
+    assert sorted(k for k in clearml.files if k.startswith("retention/")) == sorted(
+        m["uri"][len(prefix):] for m in left)
+
+
+def test_bit_identical_resume_in_new_processes(clearml: FakeClearmlServer, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    script = REPO / "examples" / "resume_after_crash.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CKPT_TRACK_")}
+    env.update(CKPT_TRACK_BACKEND="clearml", CKPT_TRACK_LOCAL__ROOT=str(tmp_path / "spool"), PYTHONHASHSEED="0")
+
+    def train(name: str, out: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(script), "--steps", "20", "--out", out, *extra], cwd=tmp_path,
+                              env={**env, "RUN_NAME": name}, capture_output=True, text=True, timeout=240)
+
+    full = train("full", "full.safetensors")
+    assert full.returncode == 0, full.stderr[-3000:]
+    cut = train("cut", "x.safetensors", "--stop-after", "13")
+    assert cut.returncode == 3, cut.stderr[-3000:]
+    resumed = train("cut", "resumed.safetensors")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "start was 14" in resumed.stdout
+    a, b = load_file(tmp_path / "full.safetensors"), load_file(tmp_path / "resumed.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cut_tasks = [t for t in clearml.tasks.values() if t["name"] == "cut"]
+    assert len(cut_tasks) == 1 and cut_tasks[0]["status"] == "completed"  # continued, not duplicated
+    assert len(cut_tasks[0]["models"]["input"]) == 1  # the checkpoint it resumed from

@@ -355,6 +355,7 @@ def test_find_run_rejects_paths_of_the_wrong_shape(tmp_path: Path) -> None:
 
 # -- errors through the real SDK ----------------------------------------------------------------------------
 def test_missing_api_key_is_an_auth_error_naming_the_variable() -> None:
+    wandb.teardown()  # W&B keeps a key it once saw for the rest of the process; start without one
     be = WandbBackend({"mode": "online"})
     with pytest.raises(AuthError, match="WANDB_API_KEY") as info:
         be.find_run(Ref("wandb", f"acme/resnet/{RUN}"))

@@ -588,28 +588,36 @@ class ClearmlBackend:
     # -- writing -----------------------------------------------------------------------------------
     def _writable(self, run: RunInfo) -> _Open:
         tid = str(run.native.get("task_id") or run.run_id)
-        if tid in self._open:
-            return self._open[tid]
-        from clearml import Task
+        op = self._held(tid)
+        if op is None:
+            if tid.startswith("offline-"):
+                raise BackendError(f"{run.ref} cannot be changed: a closed offline session is read-only; "
+                                   "import it with clearml-task import_offline_session first")
+            from clearml import Task
 
-        current = Task.current_task()
-        if current is not None and current.id == tid:
-            op = _Open(current, owned=False, main=True)
-        elif tid.startswith("offline-"):
-            raise BackendError(f"{run.ref} cannot be changed: a closed offline session is read-only; "
-                               "import it with clearml-task import_offline_session first")
-        else:
             self._connect()
             op = _Open(Task.get_task(task_id=tid), owned=False, main=False)
         self._open[tid] = op
         return op
 
+    def _held(self, tid: str) -> _Open | None:
+        if tid in self._open:
+            return self._open[tid]
+        from clearml import Task
+
+        current = Task.current_task()
+        return _Open(current, owned=False, main=True) if current is not None and current.id == tid else None
+
     def _set_props(self, run: RunInfo, **props: str) -> None:
-        if str(run.native.get("task_id", "")).startswith("offline-"):
-            self._writable(run).task.set_user_properties(**props)
-            return
-        self._call("tasks.edit_hyper_params", {"task": run.native["task_id"], "force": True, "hyperparams": [
-            {"section": "properties", "name": k, "value": v, "type": "str"} for k, v in props.items()]})
+        tid = str(run.native.get("task_id") or run.run_id)
+        op = self._held(tid)
+        if op is not None:  # through the SDK, so its cached copy of the task stays current
+            op.task.set_user_properties(**props)
+        elif tid.startswith("offline-"):
+            self._writable(run)  # raises: a closed session is read-only
+        else:  # a finished run (e.g. ckpt-track gc): force, as the UI may edit properties of any task
+            self._call("tasks.edit_hyper_params", {"task": tid, "force": True, "hyperparams": [
+                {"section": "properties", "name": k, "value": v, "type": "str"} for k, v in props.items()]})
 
     def put(self, run: RunInfo, ckpt: LocalCheckpoint, aliases: Sequence[str] = ()) -> Stored:
         aliases = sorted(set(aliases))

@@ -1,0 +1,342 @@
+"""Hugging Face ``transformers.Trainer`` integration.
+
+>>> from ckpt_track.integrations.transformers import CkptTrackCallback
+>>> callback = CkptTrackCallback(project="gpt2-tiny")                       # doctest: +SKIP
+>>> trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback])  # doctest: +SKIP
+>>> trainer.train()                                                          # doctest: +SKIP
+>>> path = callback.checkpoint_dir("local://gpt2-tiny/3k2j1x@best")          # doctest: +SKIP
+>>> trainer.train(resume_from_checkpoint=str(path))                          # doctest: +SKIP
+
+:class:`CkptTrackCallback` records every checkpoint the Trainer saves (``on_save``)
+as a ckpt_track checkpoint of the configured backend, at ``state.global_step``,
+with the metrics the Trainer logged at that step (``loss``, ``eval_loss``, ...).
+The ``best`` alias follows the metric the Trainer itself tracks
+(``metric_for_best_model``, ``eval_loss`` by default; ``greater_is_better`` gives the mode).
+
+Design: what is stored, and why not the Trainer's own directory
+----------------------------------------------------------------
+A Trainer checkpoint directory holds ``model.safetensors`` and ``trainer_state.json``
+but also ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth`` and ``training_args.bin``,
+which are pickles.  ckpt_track promises that loading a checkpoint never unpickles,
+so uploading that directory as it is would break the promise for every user who
+restores it.  Instead the callback captures the live objects the Trainer hands to
+callbacks (``model``, ``optimizer``, ``lr_scheduler``) and the RNG states into the
+ckpt_track format (safetensors + JSON), and keeps the Trainer's ``trainer_state.json``
+and the model's ``config.json`` as JSON in ``extra["transformers"]``.  Such a
+checkpoint restores with ``ct.restore(ref, model=..., optimizer=...)`` like any other,
+is verified by hash before anything is read, and is deduplicated and retained by the
+core like any other.
+
+The reverse is :func:`checkpoint_dir`: it turns any reference into a local directory in
+exactly the layout the installed Trainer reads back (``_load_from_checkpoint``,
+``_load_optimizer_and_scheduler``, ``_load_rng_state``, ``TrainerState.load_from_json``).
+The pickled files in it are written with ``torch.save`` for the Trainer, which loads
+them itself (with ``weights_only=True``); ckpt_track never reads them.  Resuming through
+that directory is bit-identical to an uninterrupted run (tested), mid-epoch included.
+
+Limits: only the world-process-zero state is recorded (single-process training; the
+Trainer's per-rank RNG files of distributed runs are not reproduced), the mixed-precision
+``GradScaler`` is not reachable from a callback and so not stored, and DeepSpeed/FSDP
+sharded states are not supported.  With ``save_only_model=True`` the Trainer skips its
+own pickles while ckpt_track still records the full state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from safetensors.torch import save_file
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+import ckpt_track as ct
+from ckpt_track.backends.base import ResumeMode
+from ckpt_track.format import STATE, load_checkpoint
+from ckpt_track.resolve import cache_dir, resolve
+from ckpt_track.state import decode_tree
+
+__all__ = ["CkptTrackCallback", "checkpoint_dir"]
+
+log = logging.getLogger("ckpt_track")
+
+EXTRA_KEY = "transformers"
+SOURCE_FILE = "ckpt_track_source.json"  # names the checkpoint a directory was made from
+# file names the Trainer reads (transformers.trainer constants; fixed since 4.x)
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+SCALER = "scaler.pt"
+RNG = "rng_state.pth"
+
+
+def _as_settings(settings: ct.Settings | Mapping[str, Any] | None) -> ct.Settings:
+    return settings if isinstance(settings, ct.Settings) else ct.load_settings(settings)
+
+
+def _tracked_metric(args: TrainingArguments) -> tuple[str, str]:
+    """The metric name (as logged) and mode the Trainer uses to pick its best checkpoint."""
+    metric = args.metric_for_best_model or "loss"
+    if not metric.startswith("eval_"):  # the Trainer prefixes it the same way
+        metric = f"eval_{metric}"
+    return metric, "max" if args.greater_is_better else "min"
+
+
+def _metrics_at(log_history: Sequence[Mapping[str, Any]], step: int) -> dict[str, float]:
+    """Numbers the Trainer logged at ``step``; older values are left out so that ``best``
+    never judges a checkpoint by an evaluation of an earlier one."""
+    out: dict[str, float] = {}
+    for entry in log_history:
+        if entry.get("step") != step:
+            continue
+        for key, value in entry.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[key] = float(value)
+    return out
+
+
+def _model_config(model: torch.nn.Module | None) -> dict[str, Any] | None:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        return None
+    return json.loads(config.to_json_string(use_diff=True))
+
+
+class CkptTrackCallback(TrainerCallback):
+    """Log each checkpoint the Trainer saves to ckpt_track, with its metrics and step.
+
+    Without ``run`` the callback starts a run when training begins (``ct.init`` with the
+    keywords given here; the run name defaults to ``args.run_name``) and finishes it when
+    training ends.  With ``run`` it logs into that run and leaves finishing it to you;
+    ``best`` then follows that run's ``monitor``.
+
+    >>> trainer = Trainer(..., callbacks=[CkptTrackCallback(project="bert-tiny")])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        run: ct.Run | None = None,
+        *,
+        project: str | None = None,
+        name: str | None = None,
+        run_id: str | None = None,
+        backend: str | Sequence[str] | None = None,
+        settings: Mapping[str, Any] | None = None,
+        monitor: str | None = None,
+        mode: str | None = None,
+        resume: ResumeMode = "auto",
+    ) -> None:
+        given = {k: v for k, v in {"project": project, "name": name, "run_id": run_id, "backend": backend,
+                                   "settings": settings, "monitor": monitor, "mode": mode}.items() if v is not None}
+        if run is not None and given:
+            raise ct.ConfigError(f"pass either run= or the keywords to start one ({', '.join(given)}), not both")
+        self.run: ct.Run | None = run
+        self.handles: list[ct.CheckpointHandle] = []
+        self._owns_run = run is None
+        self._live = run is not None  # False once the run this callback started is finished
+        self._init: dict[str, Any] = {"project": project, "name": name, "run_id": run_id, "backend": backend,
+                                      "resume": resume}
+        self._settings = dict(settings or {})
+        self._monitor, self._mode = monitor, mode
+        self._resumed_from: str | None = None
+
+    # -- the run -----------------------------------------------------------------------
+    def settings(self) -> ct.Settings:
+        """The settings this callback's run uses (to resolve references the same way)."""
+        if self.run is not None:
+            return self.run.settings
+        overrides = {**self._settings, "project": self._init["project"], "backend": self._init["backend"]}
+        return ct.load_settings({k: v for k, v in overrides.items() if v is not None})
+
+    def _ensure_run(self, args: TrainingArguments, state: TrainerState) -> ct.Run | None:
+        if not state.is_world_process_zero:
+            return None  # one process records; the others hold the same replicated state
+        if self.run is not None and self._live:
+            return self.run
+        monitor, mode = _tracked_metric(args)
+        self.run = ct.init(
+            project=self._init["project"],
+            name=self._init["name"] or args.run_name or None,
+            run_id=self._init["run_id"],
+            backend=self._init["backend"],
+            config=args.to_dict(),
+            monitor=self._monitor or monitor,
+            mode=self._mode or mode,
+            resume=self._init["resume"],
+            settings=self._settings,
+        )
+        self._live = True
+        return self.run
+
+    def checkpoint_dir(self, ref: str | ct.Ref, dest: str | os.PathLike[str] | None = None) -> Path:
+        """:func:`checkpoint_dir` with this callback's settings; the next run records that it
+        resumed from ``ref`` (its lineage and, where the tracker has one, its input graph).
+
+        >>> trainer.train(resume_from_checkpoint=str(callback.checkpoint_dir("mlflow://<run_id>@latest")))  # doctest: +SKIP
+        """
+        path = checkpoint_dir(ref, dest, settings=self.settings())
+        self._resumed_from = json.loads((path / SOURCE_FILE).read_text())["ref"]
+        return path
+
+    # -- Trainer events ----------------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        run = self._ensure_run(args, state)
+        if run is not None and self._resumed_from is not None:
+            # nothing is applied here (the Trainer loads the directory itself): this only
+            # records resumed-from in the run's lineage and the tracker's input graph
+            run.resume(ref=self._resumed_from, rng=False)
+            self._resumed_from = None
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, *,
+                model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+                lr_scheduler: Any = None, **kwargs: Any) -> None:
+        run = self._ensure_run(args, state)
+        if run is None:
+            return
+        extra: dict[str, Any] = {
+            "trainer_state": dataclasses.asdict(state),
+            "version": transformers.__version__,
+        }
+        config = _model_config(model)
+        if config is not None:
+            extra["model_config"] = config
+        self.handles.append(run.log_checkpoint(
+            state.global_step,
+            model=model,
+            optimizer=optimizer,
+            scheduler=lr_scheduler,
+            metrics=_metrics_at(state.log_history, state.global_step),
+            epoch=None if state.epoch is None else int(state.epoch),
+            extra={EXTRA_KEY: extra},
+        ))
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        if self.run is None or not self._live:
+            return
+        if self._owns_run:
+            self._live = False  # a later train() starts (or, by name, continues) a run again
+            self.run.finish()  # waits for the background saves
+        else:
+            self.run.wait()
+
+
+# -- the reverse: a ckpt_track checkpoint as a Trainer checkpoint directory ------------------
+def checkpoint_dir(
+    ref: str | ct.Ref,
+    dest: str | os.PathLike[str] | None = None,
+    *,
+    settings: ct.Settings | Mapping[str, Any] | None = None,
+) -> Path:
+    """A local directory that ``trainer.train(resume_from_checkpoint=...)`` accepts, made
+    from any ckpt_track reference (run + step, alias, version, tracker URL).
+
+    The checkpoint is verified against its manifest first.  ``dest`` must be absent or
+    empty; by default the directory is ``checkpoint-<step>`` in the ckpt_track cache and
+    is reused when it already holds this checkpoint.  ``settings`` are ckpt_track
+    settings (a :class:`ckpt_track.Settings` or a mapping in ``ckpt_track.toml``'s shape).
+
+    >>> path = checkpoint_dir("mlflow://0f1e2d3c4b5a69788796a5b4c3d2e1f0@step=3000")  # doctest: +SKIP
+    >>> trainer.train(resume_from_checkpoint=str(path))                               # doctest: +SKIP
+    """
+    found = resolve(ref, _as_settings(settings))
+    ckpt = found.fetch()
+    source = {"ref": str(found.stored.ref), "state_hash": ckpt.manifest.files[STATE].hash}
+    if dest is None:
+        run = found.run
+        target = (cache_dir() / EXTRA_KEY / run.backend / run.project / run.run_id
+                  / f"v{found.stored.version}" / f"checkpoint-{found.stored.step}")
+        if _holds(target, source):
+            return target
+    else:
+        target = Path(dest)
+        if _holds(target, source):
+            return target
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise FileExistsError(f"{target} is not empty; give a new or empty directory")
+    _, tensors, tree = load_checkpoint(ckpt.path)
+    if "model" not in tree:
+        raise ct.StateMismatch(
+            f"{found.stored.ref} holds no model state, so a Trainer cannot resume from it; "
+            "log checkpoints with CkptTrackCallback or log_checkpoint(model=...)"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _write_trainer_files(tmp, tree, tensors, found.stored)
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
+        if target.exists():
+            target.rmdir()  # checked empty above
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _holds(path: Path, source: Mapping[str, str]) -> bool:
+    try:
+        return json.loads((path / SOURCE_FILE).read_text()) == dict(source)
+    except (OSError, ValueError):
+        return False
+
+
+def _write_trainer_files(out: Path, tree: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                         stored: ct.Stored) -> None:
+    """Write the files of a Trainer checkpoint, each in the form the Trainer loads it."""
+    weights = decode_tree(tree["model"], tensors)
+    # a tied tensor (e.g. lm_head tied to the embeddings) is stored once, under the first key
+    # of the state dict; like save_pretrained, keep only that key so safetensors accepts the file
+    owned = {k: v.contiguous() for k, v in weights.items()
+             if isinstance(v, torch.Tensor) and f"model/{k}" in tensors}
+    save_file(owned, str(out / WEIGHTS), metadata={"format": "pt"})
+
+    hf = decode_tree((tree.get("extra") or {}).get(EXTRA_KEY) or {}, tensors)
+    trainer_state = hf.get("trainer_state")
+    if trainer_state is None:  # logged by a plain loop: the Trainer still needs a state file
+        epoch = stored.epoch if stored.epoch is not None else 0
+        trainer_state = dataclasses.asdict(TrainerState(global_step=stored.step, epoch=float(epoch)))
+    # same serialisation as TrainerState.save_to_json, so the file is byte-identical
+    (out / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if hf.get("model_config") is not None:
+        (out / CONFIG).write_text(json.dumps(hf["model_config"], indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    # the Trainer loads optimizer and scheduler only when both files are there
+    if "optimizer" in tree and "scheduler" in tree:
+        torch.save(decode_tree(tree["optimizer"], tensors), out / OPTIMIZER)
+        torch.save(decode_tree(tree["scheduler"], tensors), out / SCHEDULER)
+    if "scaler" in tree:
+        torch.save(decode_tree(tree["scaler"], tensors), out / SCALER)
+    if "rng" in tree:
+        rng = _trainer_rng(decode_tree(tree["rng"], tensors))
+        if rng is not None:
+            torch.save(rng, out / RNG)
+
+
+def _trainer_rng(saved: Mapping[str, Any]) -> dict[str, Any] | None:
+    """ckpt_track's RNG record in the shape of ``Trainer._save_rng_state`` (one process)."""
+    if not {"python", "numpy", "torch"} <= saved.keys():
+        return None  # the Trainer sets all three unconditionally; better none than a partial file
+    version, internal, gauss = saved["python"]
+    kind, keys, pos, has_gauss, cached = saved["numpy"]
+    out: dict[str, Any] = {
+        "python": (version, tuple(internal), gauss),
+        "numpy": (kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached),
+        "cpu": saved["torch"],
+    }
+    if saved.get("cuda"):
+        out["cuda"] = saved["cuda"][0]  # a single-process Trainer restores the current device only
+    return out

@@ -1,0 +1,214 @@
+"""The Hugging Face Trainer integration: checkpoints logged from ``on_save`` and a Trainer
+resumed from a ckpt_track reference, bit-identical to uninterrupted training."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, TrainingArguments
+from transformers.trainer_pt_utils import safe_globals
+
+import ckpt_track as ct
+from ckpt_track.integrations.transformers import CkptTrackCallback, checkpoint_dir
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "hf_trainer_example.py"
+STEPS, EVERY, RESUME_AT = 12, 4, 4  # 40 samples / batch 8 = 5 steps an epoch: step 4 is mid-epoch
+
+
+class _Tokens(torch.utils.data.Dataset):
+    """Random token sequences; the model learns their unigram statistics."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.ids = torch.randint(0, 32, (n, 12), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _model() -> GPT2LMHeadModel:
+    # GPT-2 ties lm_head to the embeddings and has dropout: both must survive the round trip
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+
+
+def _train(out: str, callback: CkptTrackCallback | None, resume: str | None = None, **args: Any) -> Trainer:
+    options: dict[str, Any] = dict(
+        max_steps=STEPS, per_device_train_batch_size=8, learning_rate=1e-2, warmup_steps=2, logging_steps=1,
+        save_steps=EVERY, eval_strategy="steps", eval_steps=EVERY, metric_for_best_model="loss",
+        report_to="none", seed=0, use_cpu=True, disable_tqdm=True, log_level="error",
+    )
+    options.update(args)
+    trainer = Trainer(model=_model(), args=TrainingArguments(output_dir=out, **options),
+                      train_dataset=_Tokens(40, 0), eval_dataset=_Tokens(16, 1),
+                      callbacks=[callback] if callback else None)
+    trainer.remove_callback(PrinterCallback)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def _logged(trainer: Trainer, after: int) -> list[tuple[int, str, float]]:
+    """(step, name, value) of every loss the Trainer logged after step ``after``."""
+    return [(e["step"], k, e[k]) for e in trainer.state.log_history if e["step"] > after
+            for k in ("loss", "grad_norm", "learning_rate", "eval_loss") if k in e]
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.fixture(params=["local", "mlflow"])
+def settings(request: pytest.FixtureRequest) -> dict[str, Any]:
+    if request.param == "local":
+        return {"backend": "local"}
+    uri = request.getfixturevalue("mlflow_env").uri
+    return {"backend": "mlflow", "mlflow": {"tracking_uri": uri}}
+
+
+@pytest.mark.slow
+def test_resume_from_a_reference_is_bit_identical(settings: dict[str, Any]) -> None:
+    full_cb = CkptTrackCallback(project="hf", name="full", settings=settings)
+    full = _train("out-full", full_cb)
+    run = full_cb.run
+    assert run is not None
+
+    stored = ct.list_checkpoints(run.ref, ct.load_settings(settings))
+    assert [s.step for s in stored] == [4, 8, 12]
+    for s in stored:  # the Trainer's own numbers at that step
+        entries = [e for e in full.state.log_history if e["step"] == s.step]
+        assert s.metrics["loss"] == next(e["loss"] for e in entries if "loss" in e)
+        assert s.metrics["eval_loss"] == next(e["eval_loss"] for e in entries if "eval_loss" in e)
+    best = next(s for s in stored if "best" in s.aliases)
+    assert best.step == full.state.best_global_step  # the metric the Trainer tracks decides `best`
+    assert "latest" in stored[-1].aliases
+
+    resumed_cb = CkptTrackCallback(project="hf", name="resumed", settings=settings)
+    path = resumed_cb.checkpoint_dir(f"{run.ref}@step={RESUME_AT}")
+    resumed = _train("out-resumed", resumed_cb, resume=str(path))
+
+    _same_weights(full.model, resumed.model)  # identical weights, not only a close loss
+    assert _logged(resumed, RESUME_AT) == _logged(full, RESUME_AT)  # every later loss, exactly
+    final = [e["loss"] for e in resumed.state.log_history if e.get("step") == STEPS and "loss" in e]
+    assert final and final == [e["loss"] for e in full.state.log_history if e.get("step") == STEPS and "loss" in e]
+
+    assert resumed_cb.run is not None
+    later = ct.list_checkpoints(resumed_cb.run.ref, ct.load_settings(settings))
+    assert [s.step for s in later] == [8, 12]
+    assert later[0].lineage["resumed_from"] == str(stored[0].ref)
+
+
+@pytest.mark.slow
+def test_checkpoint_dir_matches_the_trainers_own_directory() -> None:
+    cb = CkptTrackCallback(project="hf", name="files")
+    _train("out", cb, max_steps=8)
+    assert cb.run is not None
+    handle = cb.handles[-1]
+    stored = handle.wait()
+    assert stored is not None and stored.step == 8
+
+    # what ckpt_track stored holds no pickle: safetensors and JSON only
+    local = ct.list_checkpoints(cb.run.ref)[-1]
+    ckpt_path = Path("ckpt_runs") / "hf" / cb.run.id / "checkpoints" / f"v{local.version:06d}"
+    assert {p.suffix for p in ckpt_path.iterdir()} == {".safetensors", ".json"}
+    state = json.loads((ckpt_path / "state.json").read_text())
+    assert state["extra"]["transformers"]["trainer_state"]["global_step"] == 8
+
+    ours = checkpoint_dir(handle.ref, Path("resume-here"))
+    theirs = Path("out") / "checkpoint-8"
+    assert {p.name for p in theirs.iterdir()} - {p.name for p in ours.iterdir()} == {
+        "training_args.bin", "generation_config.json"}  # neither is read when resuming
+    assert (ours / "trainer_state.json").read_bytes() == (theirs / "trainer_state.json").read_bytes()
+    a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
+    assert a.keys() == b.keys() and "lm_head.weight" not in a  # the tied copy is left out, as save_pretrained does
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        with safe_globals():  # how the Trainer loads them
+            _equal(torch.load(ours / name, weights_only=True), torch.load(theirs / name, weights_only=True), name)
+    assert json.loads((ours / "config.json").read_text())["n_embd"] == 16
+
+    assert checkpoint_dir(handle.ref, Path("resume-here")) == ours  # already there: reused
+    assert checkpoint_dir(handle.ref) == checkpoint_dir(f"{cb.run.ref}@latest")  # the cache, reused
+    Path("busy").mkdir()
+    (Path("busy") / "x").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        checkpoint_dir(handle.ref, Path("busy"))
+
+
+def _equal(a: Any, b: Any, where: str) -> None:
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _equal(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _equal(x, y, f"{where}/{i}")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and np.array_equal(a, b), where
+    else:
+        assert a == b, where
+
+
+@pytest.mark.slow
+def test_best_follows_greater_is_better() -> None:
+    # an odd choice on purpose: the highest eval loss is "best", so best != the lowest
+    cb = CkptTrackCallback(project="hf", name="max")
+    trainer = _train("out", cb, max_steps=8, save_steps=2, eval_steps=2, greater_is_better=True)
+    assert cb.run is not None
+    stored = ct.list_checkpoints(f"{cb.run.ref}@best")
+    best = next(s for s in stored if "best" in s.aliases)
+    assert best.step == trainer.state.best_global_step
+    assert best.metrics["eval_loss"] == max(s.metrics["eval_loss"] for s in stored)
+
+
+def test_a_run_passed_in_is_logged_into_and_left_open() -> None:
+    run = ct.init(project="hf", name="mine", monitor="eval_loss")
+    cb = CkptTrackCallback(run)
+    _train("out", cb, max_steps=4, save_steps=2, eval_steps=2, logging_steps=2)
+    assert [s.step for s in run.checkpoints()] == [2, 4]
+    run.log_checkpoint(5, metrics={"eval_loss": 0.0}, blocking=True)  # still open
+    run.finish()
+    with pytest.raises(ct.ConfigError, match="not both"):
+        CkptTrackCallback(run, project="hf")
+
+
+def test_checkpoint_dir_needs_model_state() -> None:
+    with ct.init(project="plain", name="no-model") as run:
+        run.log_checkpoint(3, extra={"note": "no model here"}, blocking=True)
+    with pytest.raises(ct.StateMismatch, match="no model state"):
+        checkpoint_dir(f"{run.ref}@step=3")
+
+
+def test_a_plain_loop_checkpoint_resumes_a_trainer() -> None:
+    """A checkpoint logged by hand (no trainer state) still gives a directory the Trainer accepts."""
+    model = _model()
+    with ct.init(project="plain", name="loop") as run:
+        run.log_checkpoint(3, model=model, epoch=0, blocking=True)
+    path = checkpoint_dir(f"{run.ref}@latest")
+    assert json.loads((path / "trainer_state.json").read_text())["global_step"] == 3
+    assert not (path / "optimizer.pt").exists()
+    trainer = _train("out", None, resume=str(path), max_steps=4, save_steps=100, eval_steps=100)
+    assert trainer.state.global_step == 4
+
+
+@pytest.mark.slow
+def test_example_runs(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(EXAMPLE)], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "identical to uninterrupted training: True" in done.stdout
