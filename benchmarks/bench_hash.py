@@ -8,10 +8,9 @@ Results go into the bench_hash section of benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import hashlib
+import sys
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -21,8 +20,9 @@ from pathlib import Path
 import blake3
 import xxhash
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-START, END = "<!-- bench_hash:start -->", "<!-- bench_hash:end -->"
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, machine, write_section  # noqa: E402
+
 REPEATS = 5
 
 HASHERS: dict[str, Callable[[memoryview], bytes]] = {
@@ -44,16 +44,6 @@ def measure(buf: memoryview) -> dict[str, float]:
     return {name: len(buf) / statistics.median(ts) / 1e9 for name, ts in times.items()}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def render(gbps: dict[str, float], size: int) -> str:
     base = gbps["xxh3_128"]
     rows = "\n".join(f"| {n} | {v:.2f} | {v / base:.2f} |" for n, v in gbps.items())
@@ -66,32 +56,17 @@ def render(gbps: dict[str, float], size: int) -> str:
         f"{base / b1:.1f}x the throughput of single-threaded blake3, {base / bn:.1f}x that of "
         f"blake3 on {usable} threads and {base / sha:.1f}x that of sha256."
     )
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"""{START}
-## Hash throughput (`benchmarks/bench_hash.py`)
+    return f"""## Hash throughput (`benchmarks/bench_hash.py`)
 
-- Date: {now}
-- Platform: {platform.platform()}
-- CPU: {cpu_model()}, {cores} logical cores ({usable} usable by this process)
-- Python {platform.python_version()}, xxhash {version("xxhash")}, blake3 {version("blake3")}
+{machine()}
+- xxhash {version("xxhash")}, blake3 {version("blake3")}
 - Buffer: {size / 2**20:.0f} MiB of random bytes, {REPEATS} interleaved repeats, median shown
 
 | Hash | GB/s (median) | vs xxh3_128 |
 |---|---:|---:|
 {rows}
 
-{conclusion}
-{END}"""
-
-
-def write_section(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
+{conclusion}"""
 
 
 def main() -> None:
@@ -103,7 +78,7 @@ def main() -> None:
     gbps = measure(buf)
     for name, value in gbps.items():
         print(f"{name:24s} {value:7.2f} GB/s  {value / gbps['xxh3_128']:.2f}x xxh3_128")
-    write_section(render(gbps, size))
+    write_section("bench_hash", render(gbps, size))
     print(f"updated {RESULTS}")
 
 
