@@ -40,8 +40,9 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
+from rich.tree import Tree
 
-from . import __version__
+from . import __version__, tools
 from .backends.base import RunInfo, Stored
 from .config import Settings, load_settings
 from .errors import (
@@ -575,6 +576,323 @@ def restore_command(
         return
     _stdout().print(Text(
         f"restored {ref_text} (step {restored.step}, {human_size(restored.size)}) to {restored.path}"
+    ))
+
+
+# --------------------------------------------------------------------------- lineage / diff / gc / copy / average
+# Thin commands over ckpt_track.tools, which holds the logic so that it is usable from Python too.
+
+
+def _sdk_prints_to_stderr() -> contextlib.redirect_stdout[Any]:
+    """Tracker SDKs print to stdout (MLflow's "View run ... at" when a run ends); stdout is ours,
+    for tables and --json."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
+def _table(title: str, columns: Sequence[str], right: Sequence[str] = (), no_wrap: Sequence[str] = ()) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAVY, title_justify="left")
+    for name in columns:
+        table.add_column(name, justify="right" if name in right else "left", no_wrap=name in no_wrap)
+    return table
+
+
+def _aliases_text(aliases: Sequence[str]) -> str:
+    shown = _shown_aliases(aliases, all_aliases=False)
+    return f"[{', '.join(shown)}]" if shown else ""
+
+
+def _metrics_text(metrics: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={_metric(v)}" for k, v in sorted(metrics.items()))
+
+
+def _run_label(run: RunInfo) -> str:
+    return str(run.ref) + ("" if run.name == run.run_id else f" ({run.name})")
+
+
+def _lineage_tree(nodes: Sequence[tools.LineageNode]) -> Tree:
+    tree = Tree(Text(f"lineage of {nodes[0].ref}"), guide_style="dim")
+    branch: Tree | None = None
+    current: tuple[str, str] | None = None
+    for node in nodes:
+        s = node.stored
+        if s is None:
+            tree.add(Text(f"missing {node.ref}: {node.error}", style="red"))
+            continue
+        key = (s.run.backend, s.run.ref.path)
+        if branch is None or key != current:  # consecutive checkpoints of one run share a branch
+            branch, current = tree.add(Text(f"run {_run_label(s.run)}", style="bold")), key
+        parts = [f"v{s.version}", f"step {s.step}", _metrics_text(s.metrics), _aliases_text(s.aliases)]
+        if node.logged_by:
+            parts.append(f"copy, logged by {node.logged_by}")
+        averaged = node.lineage.get("averaged_from") or []
+        if averaged:
+            parts.append(f"average of {', '.join(map(str, averaged))}")
+        if node.via == "resumed_from":
+            parts.append(f"resumed from {node.parent}")
+        elif node.via is None:
+            parts.append("(root)")
+        branch.add(Text("  ".join(p for p in parts if p)))
+    return tree
+
+
+@app.command("lineage")
+def lineage_command(
+    ref: Annotated[str, typer.Argument(metavar="REF", help="A checkpoint reference, e.g. local://PROJECT/RUN@best.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show where a checkpoint comes from: parents and resumes back to the root, across runs and backends.
+
+    The chain follows each manifest's parent (the previous checkpoint of the run, or
+    the checkpoint a run resumed from); a parent that no longer exists ends it.
+    --json prints the chain as a list, REF first.
+
+    Example: ckpt-track lineage local://resnet/3k2j1x@best
+    """
+    with _guard(), _sdk_prints_to_stderr():
+        nodes = tools.lineage(ref, settings=_settings())
+    if as_json:
+        _print_json([n.to_json() for n in nodes])
+        return
+    _stdout().print(_lineage_tree(nodes))
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else _metric(value)
+
+
+def _shape(t: tools.TensorDelta) -> str:
+    a = "-" if t.shape_a is None else "x".join(map(str, t.shape_a)) or "scalar"
+    b = "-" if t.shape_b is None else "x".join(map(str, t.shape_b)) or "scalar"
+    return a if a == b else f"{a} -> {b}"
+
+
+def _dtype(t: tools.TensorDelta) -> str:
+    a, b = t.dtype_a or "-", t.dtype_b or "-"
+    return a if a == b else f"{a} -> {b}"
+
+
+_STATUS = {"unchanged": "unchanged", "changed": "changed", "shape": "shape changed",
+           "only_a": "only in A", "only_b": "only in B"}
+
+
+def _diff_renderable(d: tools.CheckpointDiff, show_all: bool) -> Group:
+    parts: list[Any] = [Text(f"A {d.a.ref} (step {d.a.step})\nB {d.b.ref} (step {d.b.step})")]
+    counts = d.counts()
+    if not d.changed:
+        parts.append(Text(f"no differences: {len(d.tensors)} tensors, the metrics and the other state are identical"))
+        return Group(*parts)
+    if d.metrics:
+        metrics = _table("metrics", ("name", "A", "B", "B - A"), right=("A", "B", "B - A"))
+        for m in d.metrics:
+            metrics.add_row(Text(m.name), _number(m.a), _number(m.b), _number(m.delta))
+        parts.append(metrics)
+    rows = d.tensors if show_all else d.changed_tensors
+    summary = (f"tensors: {counts['changed']} changed, {counts['shape']} changed shape, {counts['unchanged']} "
+               f"unchanged, {counts['only_a']} only in A, {counts['only_b']} only in B")
+    if rows:
+        tensors = _table(summary, ("name", "status", "shape", "dtype", "max |A-B|", "|A-B|/|A|"),
+                         right=("max |A-B|", "|A-B|/|A|"), no_wrap=("name",))
+        for t in rows:
+            tensors.add_row(Text(t.name), _STATUS[t.status], _shape(t), _dtype(t), _number(t.max_abs),
+                            _number(t.rel_l2))
+        parts.append(tensors)
+    else:
+        parts.append(Text(summary))
+    parts.append(Text("other state (state.json): " + (f"differs in {', '.join(d.state_keys)}" if d.state_keys
+                                                      else "identical")))
+    return Group(*parts)
+
+
+@app.command("diff")
+def diff_command(
+    a: Annotated[str, typer.Argument(metavar="REF_A", help="The first checkpoint (A).")],
+    b: Annotated[str, typer.Argument(metavar="REF_B", help="The second checkpoint (B).")],
+    prefix: Annotated[
+        str | None, typer.Option("--prefix", metavar="PREFIX", help="Compare only tensors whose name starts "
+                                 "with PREFIX, e.g. model/.")
+    ] = None,
+    show_all: Annotated[bool, typer.Option("--all", help="Also list unchanged tensors.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare two checkpoints: metric deltas (B - A), changed tensors, other state.
+
+    A tensor is unchanged when its bytes are identical; for a changed one the table
+    gives max |A-B| and the relative L2 distance ||A-B|| / ||A||.  Both checkpoints are
+    verified against their manifests first.
+
+    Example: ckpt-track diff local://resnet/3k2j1x:v3 local://resnet/3k2j1x@best
+    """
+    with _guard(), _sdk_prints_to_stderr():
+        result = tools.diff(a, b, prefix=prefix, settings=_settings())
+    if as_json:
+        _print_json(result.to_json())
+        return
+    _stdout().print(_diff_renderable(result, show_all))
+
+
+def _gc_table(result: tools.GcResult) -> Table:
+    metric = result.retention.metric
+    doomed = {s.version for s in result.planned}
+    rules = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in (("keep_last", result.retention.keep_last),
+                                                                 ("keep_best", result.retention.keep_best),
+                                                                 ("keep_every", result.retention.keep_every)) if v)
+    title = f"{_run_label(result.run)}: {rules}" + (f" by {metric} ({result.retention.mode})"
+                                                    if result.retention.keep_best else "")
+    table = _table(title, ("version", "step", "aliases", metric or "metric", "size", "action"),
+                   right=("version", "step", metric or "metric", "size"))
+    verb = "would delete" if result.dry_run else "deleted"
+    for s in sorted((*result.kept, *result.planned), key=lambda x: x.version):
+        value = s.metrics.get(metric) if metric else None
+        table.add_row(f"v{s.version}", str(s.step), Text(", ".join(_shown_aliases(s.aliases, False))),
+                      _number(value), human_size(s.size), verb if s.version in doomed else "keep")
+    return table
+
+
+@app.command("gc")
+def gc_command(
+    ref: Annotated[str, typer.Argument(metavar="RUN", help="A run reference; a selector, if any, is ignored.")],
+    keep_last: Annotated[int | None, typer.Option("--keep-last", metavar="N", help="Keep the N newest.")] = None,
+    keep_best: Annotated[
+        int | None, typer.Option("--keep-best", metavar="K", help="Keep the K best by --metric.")
+    ] = None,
+    metric: Annotated[
+        str | None, typer.Option("--metric", metavar="M", help="Metric ranking --keep-best (default: [retention] "
+                                 "metric, then monitor).")
+    ] = None,
+    mode: Annotated[
+        str | None, typer.Option("--mode", metavar="min|max", help="Whether lower or higher --metric is better.")
+    ] = None,
+    keep_every: Annotated[
+        int | None, typer.Option("--keep-every", metavar="S", help="Keep checkpoints whose step is a multiple of S.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Delete nothing; list what would be deleted.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Apply retention to a run on any backend: delete the versions no rule keeps.
+
+    Never deletes a version holding latest, best or one of your own aliases.  The
+    --keep-* options replace the rules of [retention] in ckpt_track.toml; without
+    any, those configured rules apply.  Run with --dry-run first.
+
+    Example: ckpt-track gc local://resnet/3k2j1x --keep-last 3 --keep-best 1 --metric val/loss --dry-run
+    """
+    with _guard(), _sdk_prints_to_stderr():
+        result = tools.gc(ref, keep_last=keep_last, keep_best=keep_best, keep_every=keep_every, metric=metric,
+                          mode=mode, dry_run=dry_run, settings=_settings())
+    if as_json:
+        _print_json({"run": str(result.run.ref), "dry_run": result.dry_run,
+                     "delete": [_ls_record(s) for s in result.planned],
+                     "deleted": [_ls_record(s) for s in result.deleted],
+                     "keep": [_ls_record(s) for s in result.kept]})
+        return
+    console = _stdout()
+    console.print(_gc_table(result))
+    size = human_size(sum(s.size for s in result.planned))
+    if not result.planned:
+        console.print(Text("nothing to delete"))
+    elif result.dry_run:
+        console.print(Text(f"dry run: would delete {len(result.planned)} of {len(result.planned) + len(result.kept)}"
+                           f" checkpoints ({size}); run without --dry-run to delete them"))
+    else:
+        console.print(Text(f"deleted {len(result.deleted)} checkpoints ({size}); kept {len(result.kept)}"))
+
+
+_TARGET_HELP = (
+    "The run to copy into: an existing run (mlflow://RUN_ID, local://PROJECT/RUN) or "
+    "BACKEND://PROJECT/NAME, created if missing (for MLflow, PROJECT is the experiment). "
+    "?key=value sets backend options, e.g. ?tracking_uri=http://host:5000 or ?root=/data/ckpts."
+)
+
+
+@app.command("copy")
+def copy_command(
+    ref: Annotated[str, typer.Argument(metavar="REF", help="A checkpoint (with a selector) or a whole run (without).")],
+    to: Annotated[str, typer.Option("--to", metavar="TARGET", help=_TARGET_HELP)],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy checkpoints between trackers, keeping steps, metrics, aliases and lineage.
+
+    REF without a selector copies every version of the run, oldest first; with one
+    (@best, @step=500, :v3) just that checkpoint.  Files are verified, then sent
+    unchanged (the manifest too, so lineage edges survive).  Versions already in the
+    target are skipped, so an interrupted copy can be run again.
+
+    TARGET: BACKEND://PROJECT/NAME creates (or reuses) the run NAME in PROJECT, e.g.
+    local://resnet/mirror or mlflow://resnet/mirror (PROJECT is the MLflow experiment);
+    an existing run's reference (mlflow://RUN_ID) appends to it.  Add ?key=value for
+    backend options of the target, e.g. mlflow://resnet/mirror?tracking_uri=http://host:5000.
+
+    Example: ckpt-track copy mlflow://0f1e2d3c4b5a69788796a5b4c3d2e1f0 --to local://resnet/mirror
+    """
+    err = _stderr()
+    show_progress = not (quiet or as_json) and err.is_terminal
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
+    with _guard(), _sdk_prints_to_stderr(), Progress(*columns, console=err, disable=not show_progress) as bar:
+        task = bar.add_task("copying", total=None)
+
+        def advance(done: int, total: int, s: Stored) -> None:
+            bar.update(task, completed=done, total=total, description=f"copying step {s.step}")
+
+        result = tools.copy(ref, to, settings=_settings(), progress=advance)
+    rows = [(src, dst, "copied") for src, dst in result.copied] + [(src, dst, "already there")
+                                                                   for src, dst in result.skipped]
+    rows.sort(key=lambda r: r[0].version)
+    if as_json:
+        _print_json({"source": str(result.source.ref), "target": str(result.target.ref),
+                     "copied": [{"from": str(a.ref), "to": str(b.ref), "step": a.step, "aliases": list(a.aliases),
+                                 "status": status} for a, b, status in rows]})
+        return
+    table = _table(f"{_run_label(result.source)} -> {_run_label(result.target)}",
+                   ("step", "aliases", "from", "to", "status"), right=("step",), no_wrap=("from", "to"))
+    for src, dst, status in rows:
+        table.add_row(str(src.step), Text(", ".join(_shown_aliases(src.aliases, False))), Text(str(src.ref)),
+                      Text(str(dst.ref)), status)
+    console = _stdout()
+    console.print(table)
+    console.print(Text(f"copied {len(result.copied)}, already there {len(result.skipped)}, into {result.target.ref}"))
+
+
+@app.command("average")
+def average_command(
+    refs: Annotated[list[str], typer.Argument(metavar="REF...", help="Two or more checkpoints of one model.")],
+    output: Annotated[
+        str, typer.Option("--output", "-o", metavar="DIR|RUN", help="A new or empty directory, or a run to log "
+                          "the result to (as for copy --to).")
+    ],
+    alias: Annotated[
+        list[str] | None, typer.Option("--alias", metavar="NAME", help="Alias for the logged result (repeatable).")
+    ] = None,
+    non_float: Annotated[
+        str, typer.Option("--non-float", metavar="equal|first", help="Integer buffers (e.g. BatchNorm's "
+                          "num_batches_tracked) are taken from the first checkpoint; 'equal' (default) requires "
+                          "them to be equal in all.")
+    ] = "equal",
+    as_json: JsonOpt = False,
+) -> None:
+    """Average model weights: the element-wise mean of the float model/* tensors.
+
+    The result holds the model only (no optimizer, scheduler or RNG state), the step
+    of the newest source, and lineage naming every source.  Logged into a new run it
+    becomes that run's latest; into an existing run it moves only the aliases you give.
+
+    Example: ckpt-track average local://resnet/3k2j1x:v8 local://resnet/3k2j1x:v9 local://resnet/3k2j1x:v10 -o ./swa
+    """
+    with _guard(), _sdk_prints_to_stderr():
+        if non_float not in ("equal", "first"):
+            raise ConfigError(f"--non-float must be 'equal' or 'first', got {non_float!r}")
+        result = tools.average(refs, output, aliases=alias or (), settings=_settings(),
+                               non_float="first" if non_float == "first" else "equal")
+    where = str(result.path) if result.path is not None else str(result.stored.ref) if result.stored else ""
+    if as_json:
+        _print_json({"sources": list(result.sources), "step": result.step, "path": None if result.path is None
+                     else str(result.path), "ref": None if result.stored is None else str(result.stored.ref),
+                     "averaged": list(result.averaged), "taken_from_first": list(result.taken)})
+        return
+    _stdout().print(Text(
+        f"averaged {len(result.sources)} checkpoints ({len(result.averaged)} tensors"
+        + (f"; {len(result.taken)} non-float taken from the first" if result.taken else "")
+        + f") into {where} at step {result.step}"
     ))
 
 

@@ -14,7 +14,7 @@ from .format import LocalCheckpoint
 from .policy import select
 from .refs import Ref, parse_ref
 
-__all__ = ["Resolved", "cache_dir", "open_backend", "resolve", "list_stored"]
+__all__ = ["Resolved", "cache_dir", "canonical", "open_backend", "resolve", "list_stored"]
 
 
 def cache_dir() -> Path:
@@ -51,12 +51,14 @@ def resolve(ref: str | Ref, settings: Settings | None = None) -> Resolved:
     """Find the stored checkpoint a reference selects."""
     r = parse_ref(ref)
     backend = open_backend(r.backend, _settings(settings), r)
-    r = _canonical(backend, r)
+    r = canonical(backend, r)
     run = backend.find_run(r)
     return Resolved(backend, run, select(backend.list(run), r))
 
 
-def _canonical(backend: Backend, ref: Ref) -> Ref:
+def canonical(backend: Backend, ref: Ref) -> Ref:
+    """A reference to a non-run object (logged model, registry version) as ``<run>:vN``,
+    via the backend's optional ``resolve_ref`` hook; other references unchanged."""
     hook = getattr(backend, "resolve_ref", None)
     return hook(ref) if hook is not None else ref
 
@@ -65,4 +67,4 @@ def list_stored(ref: str | Ref, settings: Settings | None = None) -> list[Stored
     """Every checkpoint of the run a reference points into, oldest version first."""
     r = parse_ref(ref)
     backend = open_backend(r.backend, _settings(settings), r)
-    return backend.list(backend.find_run(_canonical(backend, r)))
+    return backend.list(backend.find_run(canonical(backend, r)))

@@ -55,6 +55,7 @@ from .format import STATE, LocalCheckpoint, tensor_files, verify, write_checkpoi
 from .policy import PROTECTED_ALIASES, retention_plan, select
 from .refs import Ref, parse_ref
 from .resolve import Resolved, open_backend
+from .resolve import canonical as canonical_ref
 
 __all__ = [
     "AverageResult",
@@ -104,8 +105,7 @@ class _Resolver:
         """The run a reference points into, its checkpoints (oldest first), and the canonical ref."""
         parsed = parse_ref(ref)
         backend = self.backend(parsed)
-        hook = getattr(backend, "resolve_ref", None)  # logged-model / registry refs -> <run>:vN
-        canonical: Ref = hook(parsed) if hook is not None else parsed
+        canonical = canonical_ref(backend, parsed)  # logged-model / registry refs -> <run>:vN
         key = (canonical.backend, canonical.params, canonical.path)
         if key not in self._runs:
             info = backend.find_run(canonical)
@@ -523,8 +523,7 @@ def open_target(target: str | Ref, settings: SettingsLike = None) -> tuple[Backe
     if ref.selector:
         raise ConfigError(f"target {ref} names a checkpoint; name a run instead (drop {ref.selector!r})")
     backend = open_backend(ref.backend, s, ref)
-    hook = getattr(backend, "resolve_ref", None)
-    canonical: Ref = hook(ref) if hook is not None else ref
+    canonical = canonical_ref(backend, ref)
     if canonical.selector:
         raise ConfigError(f"target {ref} names a checkpoint, not a run")
     try:
@@ -569,15 +568,15 @@ def copy(
     to: str | Ref,
     *,
     settings: SettingsLike = None,
-    progress: Callable[[Stored], None] | None = None,
+    progress: Callable[[int, int, Stored], None] | None = None,
 ) -> CopyResult:
     """Copy one checkpoint (``ref`` with a selector) or a whole run (no selector: every
     version, oldest first) into the run ``to`` names, on any backend.
 
     Steps, metrics, the source's aliases and the manifest (so lineage) travel unchanged;
     files are verified before they are sent.  Versions already in the target are skipped,
-    so an interrupted copy can simply be run again.  ``progress(stored)`` is called
-    before each source version is handled.
+    so an interrupted copy can simply be run again.  ``progress(done, total, stored)`` is
+    called before each source version is handled.
 
     >>> copy("mlflow://0f1e2d3c4b5a69788796a5b4c3d2e1f0", "local://resnet/mirror")  # doctest: +SKIP
     """
@@ -592,9 +591,9 @@ def copy(
     skipped: list[tuple[Stored, Stored]] = []
     try:
         present = {_identity(x): x for x in backend.list(target)}
-        for src in chosen:
+        for done, src in enumerate(chosen):
             if progress is not None:
-                progress(src)
+                progress(done, len(chosen), src)
             there = present.get(_identity(src))
             if there is not None:
                 if src.aliases:

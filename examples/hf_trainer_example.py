@@ -62,7 +62,7 @@ class Preempt(TrainerCallback):
 
 def make_model() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2))
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0))
 
 
 def train(out: str, callbacks: list[TrainerCallback], resume: str | None = None) -> Trainer:

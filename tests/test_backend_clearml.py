@@ -60,6 +60,7 @@ def clearml(clearml_server: FakeClearmlServer, tmp_path: Path, monkeypatch: pyte
     finally:
         close_current_task()
         Task.set_offline(False)
+        os.environ.pop("CLEARML_PROC_MASTER_ID", None)  # set by Task.init; children would inherit it
         clearml_server.reject_auth = False
         faulthandler.cancel_dump_traceback_later()
 
@@ -252,22 +253,32 @@ def test_retention_deletes_models_and_their_files(clearml: FakeClearmlServer) ->
         m["uri"][len(prefix):] for m in left)
 
 
-def test_bit_identical_resume_in_new_processes(clearml: FakeClearmlServer, tmp_path: Path) -> None:
+def test_bit_identical_resume_in_a_new_process(clearml: FakeClearmlServer, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train, stop at step 13, resume in a fresh process through ClearML: the weights end
+    bit-identical to an uninterrupted run (which needs no tracker: it runs on ``local``)."""
+    import runpy
+
     from safetensors.torch import load_file
 
-    script = REPO / "examples" / "resume_after_crash.py"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CKPT_TRACK_")}
-    env.update(CKPT_TRACK_BACKEND="clearml", CKPT_TRACK_LOCAL__ROOT=str(tmp_path / "spool"), PYTHONHASHSEED="0")
+    script = str(REPO / "examples" / "resume_after_crash.py")
 
-    def train(name: str, out: str, *extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, str(script), "--steps", "20", "--out", out, *extra], cwd=tmp_path,
-                              env={**env, "RUN_NAME": name}, capture_output=True, text=True, timeout=240)
+    def train_here(backend: str, name: str, out: str, *extra: str) -> int:
+        monkeypatch.setenv("CKPT_TRACK_BACKEND", backend)
+        monkeypatch.setenv("CKPT_TRACK_LOCAL__ROOT", str(tmp_path / "spool"))
+        monkeypatch.setenv("RUN_NAME", name)
+        monkeypatch.setattr(sys, "argv", [script, "--steps", "20", "--out", out, *extra])
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(script, run_name="__main__")
+        return int(done.value.code or 0)
 
-    full = train("full", "full.safetensors")
-    assert full.returncode == 0, full.stderr[-3000:]
-    cut = train("cut", "x.safetensors", "--stop-after", "13")
-    assert cut.returncode == 3, cut.stderr[-3000:]
-    resumed = train("cut", "resumed.safetensors")
+    assert train_here("local", "full", "full.safetensors") == 0
+    assert train_here("clearml", "cut", "x.safetensors", "--stop-after", "13") == 3
+    # CLEARML_PROC_MASTER_ID: the SDK marks this process as a task's master; a child seeing it would
+    # take itself for a subprocess of that task and get a stub task from Task.init
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_PROC_", "TRAINS_PROC_"))}
+    resumed = subprocess.run([sys.executable, script, "--steps", "20", "--out", "resumed.safetensors"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "start was 14" in resumed.stdout
     a, b = load_file(tmp_path / "full.safetensors"), load_file(tmp_path / "resumed.safetensors")
@@ -275,3 +286,213 @@ def test_bit_identical_resume_in_new_processes(clearml: FakeClearmlServer, tmp_p
     cut_tasks = [t for t in clearml.tasks.values() if t["name"] == "cut"]
     assert len(cut_tasks) == 1 and cut_tasks[0]["status"] == "completed"  # continued, not duplicated
     assert len(cut_tasks[0]["models"]["input"]) == 1  # the checkpoint it resumed from
+    steps = sorted(int(m["metadata"]["step"]["value"]) for m in clearml.models.values()
+                   if m.get("task") == cut_tasks[0]["id"])
+    assert steps == [0, 5, 10, 13, 15]
+
+
+def test_starting_a_run_leaves_the_training_rng_alone(clearml: FakeClearmlServer) -> None:
+    """ClearML's Task.init reseeds random/numpy/torch; through ckpt_track it must not, or the
+    same script would train differently on this backend than on any other."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    before = (torch.random.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    run = ct.init(project="rng", name="rng", backend="clearml")
+    after = (torch.random.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    run.finish()
+    assert torch.equal(before[0], after[0]) and before[1] == after[1] and (before[2] == after[2]).all()
+
+
+# -- references ----------------------------------------------------------------------------------------
+TID = "4a1b2c3d4e5f60718293a4b5c6d7e8f9"
+MID = "0e9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b"
+PID = "7c0f4a9e2b1d4e6f8a3c5b7d9e1f2a4c"
+OFF = "offline-1f2e3d4c5b6a79880716253443526170"
+REFS = [
+    (f"clearml://{TID}", ct.Ref("clearml", TID)),
+    (f"clearml://{TID}@step=500", ct.Ref("clearml", TID, step=500)),
+    (f"clearml://{TID}@best", ct.Ref("clearml", TID, alias="best")),
+    (f"clearml://{TID}:v3", ct.Ref("clearml", TID, version=3)),
+    (TID, ct.Ref("clearml", TID)),
+    (f"{TID}@latest", ct.Ref("clearml", TID, alias="latest")),
+    (f"{TID}:v2", ct.Ref("clearml", TID, version=2)),
+    (f"clearml://{OFF}@step=10", ct.Ref("clearml", OFF, step=10)),
+    (OFF, ct.Ref("clearml", OFF)),
+    (f"{OFF}@best", ct.Ref("clearml", OFF, alias="best")),
+    (f"clearml://models/{MID}", ct.Ref("clearml", f"models/{MID}")),
+    (f"clearml://resnet/run-a@best", ct.Ref("clearml", "resnet/run-a", alias="best")),
+    (f"clearml://team/vision/run-a@step=20", ct.Ref("clearml", "team/vision/run-a", step=20)),
+    (f"https://app.clear.ml/projects/*/experiments/{TID}/output/execution", ct.Ref("clearml", TID)),
+    (f"https://app.clear.ml/projects/{PID}/experiments/{TID}", ct.Ref("clearml", TID)),
+    (f"https://app.clear.ml/projects/{PID}/tasks/{TID}/output/log", ct.Ref("clearml", TID)),
+    (f"http://localhost:8080/projects/{PID}/tasks/{TID}/info-output/metrics/scalar?columns=name", ct.Ref("clearml", TID)),
+    (f"https://clearml.example.com/projects/*/models/{MID}/general", ct.Ref("clearml", f"models/{MID}")),
+    (f"https://app.clear.ml/projects/{PID}/models/{MID}/metadata#top", ct.Ref("clearml", f"models/{MID}")),
+]
+
+
+@pytest.mark.parametrize("text,expected", REFS, ids=[r[0][:60] for r in REFS])
+def test_reference_forms_parse_and_round_trip(text: str, expected: ct.Ref) -> None:
+    ref = ct.parse_ref(text)
+    assert ref == expected
+    assert ct.parse_ref(str(ref)) == ref
+
+
+@pytest.mark.parametrize("text", [
+    f"https://app.clear.ml/projects/*/experiments/{TID[:-1]}",  # 31 hex digits
+    "https://app.clear.ml/projects/*/experiments/not-a-task-id/output/log",
+    f"https://app.clear.ml/projects/*/datasets/{TID}",
+    "offline-xyz",
+    f"{TID}@step=-1",
+    f"clearml://{TID}@step=x",
+    f"clearml://{TID}:v0",
+    f"clearml://{TID} extra",
+])
+def test_malformed_clearml_refs(text: str) -> None:
+    with pytest.raises(InvalidRef):
+        ct.parse_ref(text)
+
+
+def test_run_path_that_is_no_clearml_run_is_invalid(clearml: FakeClearmlServer) -> None:
+    with pytest.raises(InvalidRef, match="accepted forms"):
+        ClearmlBackend({}).find_run(ct.Ref("clearml", "just-a-name"))
+    with pytest.raises(InvalidRef):
+        ClearmlBackend({}).resolve_ref(ct.Ref("clearml", "models/not-hex"))
+
+
+@pytest.fixture(scope="module")
+def logged(clearml_server: FakeClearmlServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One online run with three checkpoints (steps 10, 20, 30; best at 20), run id ``refs-fixed``."""
+    spool = tmp_path_factory.mktemp("clearml-spool")
+    be = ClearmlBackend({})
+    run = be.open_run(RunSpec(project="refs", name="ref-run", run_id="refs-fixed"))
+    weights = {}
+    for version, (step, loss) in enumerate(((10, 0.5), (20, 0.2), (30, 0.4)), 1):
+        ckpt = make_checkpoint(spool, step, {"val/loss": loss})
+        weights[step] = verify(ckpt.path)
+        aliases = ["latest", f"step-{step}"] + (["best"] if step != 30 else [])
+        stored = be.put(run, ckpt, aliases)
+        assert stored.version == version
+    be.finish_run(run)
+    listed = be.list(run)
+    return {"tid": run.native["task_id"], "pid": clearml_server.tasks[run.native["task_id"]]["project"],
+            "mid2": listed[1].native["key"], "url2": listed[1].native["url"], "run_url": run.native["url"],
+            "manifests": weights}
+
+
+RESTORE_FORMS = [
+    ("clearml://{tid}", 30), ("clearml://{tid}@step=20", 20), ("clearml://{tid}@best", 20),
+    ("clearml://{tid}:v1", 1 * 10), ("clearml://{tid}@step-30", 30), ("{tid}", 30), ("{tid}@step=10", 10),
+    ("clearml://models/{mid2}", 20), ("{url2}", 20), ("{run_url}", 30),
+    ("http://localhost:8080/projects/{pid}/experiments/{tid}/output/execution", 30),
+    ("https://app.clear.ml/projects/*/tasks/{tid}/output/log", 30),
+    ("http://localhost:8080/projects/{pid}/models/{mid2}/general", 20),
+    ("clearml://refs/ref-run@step=20", 20), ("clearml://refs/refs-fixed@latest", 30),
+]
+
+
+@pytest.mark.parametrize("form,step", RESTORE_FORMS, ids=[f[0] for f in RESTORE_FORMS])
+def test_every_reference_form_restores_through_the_server(clearml: FakeClearmlServer, logged: dict[str, Any],
+                                                          form: str, step: int) -> None:
+    text = form.format(**logged)
+    settings = ct.load_settings({"backend": "clearml"})
+    model = torch.nn.Linear(8, 4)
+    restored = ct.restore(text, model=model, settings=settings)
+    assert restored.step == step
+    assert restored.ref.startswith(f"clearml://{logged['tid']}:v")  # canonical: the task and version
+
+
+# -- errors ---------------------------------------------------------------------------------------------
+def test_server_down_is_backend_unavailable_naming_the_host(clearml: FakeClearmlServer,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("CLEARML_API_HOST", f"http://127.0.0.1:{port}")
+    with pytest.raises(BackendUnavailable, match=f"127.0.0.1:{port}.*CLEARML_API_HOST"):
+        ClearmlBackend({}).open_run(RunSpec(project="down", name="x"))
+    with pytest.raises(BackendUnavailable, match=f"127.0.0.1:{port}"):
+        ct.restore(f"clearml://{TID}", model=torch.nn.Linear(4, 2), settings=ct.load_settings({"backend": "clearml"}))
+
+
+def test_wrong_credentials_are_an_auth_error(clearml: FakeClearmlServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLEARML_API_SECRET_KEY", "not-the-secret")
+    with pytest.raises(AuthError, match="CLEARML_API_ACCESS_KEY.*CLEARML_API_SECRET_KEY"):
+        ClearmlBackend({}).find_run(ct.Ref("clearml", TID))
+
+
+def test_missing_credentials_are_an_auth_error(clearml: FakeClearmlServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CLEARML_API_ACCESS_KEY")
+    monkeypatch.delenv("CLEARML_API_SECRET_KEY")
+    with pytest.raises(AuthError, match="CLEARML_API_ACCESS_KEY"):
+        ClearmlBackend({}).open_run(RunSpec(project="nocreds", name="x"))
+
+
+def test_not_found(clearml: FakeClearmlServer, logged: dict[str, Any]) -> None:
+    settings = ct.load_settings({"backend": "clearml"})
+    with pytest.raises(CheckpointNotFound, match="available steps: 10, 20, 30"):
+        ct.restore(f"clearml://{logged['tid']}@step=99", model=torch.nn.Linear(8, 4), settings=settings)
+    with pytest.raises(CheckpointNotFound, match="no such model"):
+        ct.restore(f"clearml://models/{MID}", model=torch.nn.Linear(8, 4), settings=settings)
+    with pytest.raises(CheckpointNotFound, match="offline"):
+        ct.restore(OFF, model=torch.nn.Linear(8, 4), settings=settings)
+
+
+def test_unknown_option_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="output_url"):
+        ClearmlBackend({"output_url": "s3://x"})
+    with pytest.raises(ConfigError, match="offline"):
+        ClearmlBackend({"offline": "maybe"})
+
+
+# -- the fake and the SDK agree ---------------------------------------------------------------------------
+def test_every_faked_endpoint_exists_in_the_installed_sdk() -> None:
+    """The fake answers only endpoints the installed SDK has request classes for, so an SDK
+    that renames or drops one breaks this test rather than users."""
+    import importlib
+    import pkgutil
+
+    import clearml.backend_api.services as services
+
+    newest = max((m.name for m in pkgutil.iter_modules(services.__path__) if m.name.startswith("v")),
+                 key=lambda v: tuple(map(int, v[1:].split("_"))))
+    endpoints = [n[1:].replace("__", ".") for n in dir(FakeClearmlServer) if n.count("__") == 1 and n.startswith("_")
+                 and not n.startswith("__")] + ["events.add_batch"]
+    for endpoint in endpoints:
+        service, action = endpoint.split(".")
+        module = importlib.import_module(f"{services.__name__}.{newest}.{service}")
+        cls = "".join(p.title() for p in action.split("_")) + "Request"
+        assert hasattr(module, cls), f"{endpoint}: no {cls} in clearml {newest}.{service}"
+
+
+def test_module_imports_and_parses_without_the_sdk() -> None:
+    code = (
+        "import sys; sys.modules['clearml'] = None\n"
+        "import ckpt_track\n"
+        "from ckpt_track.backends.clearml import ClearmlBackend\n"
+        f"print(ClearmlBackend.parse_ref('{TID}@best'))\n"
+        "from ckpt_track.backends import registry\n"
+        "from ckpt_track.errors import BackendNotInstalled\n"
+        "try:\n    registry.get_class('clearml')\nexcept BackendNotInstalled as e:\n    print('missing:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert f"clearml://{TID}@best" in out.stdout and "pip install 'ckpt-track[clearml]'" in out.stdout
+
+
+@pytest.mark.live
+def test_live_round_trip_against_the_configured_server(tmp_path: Path) -> None:
+    """Against a real ClearML server (app.clear.ml or self-hosted) when credentials are set."""
+    if not (os.environ.get("CLEARML_API_ACCESS_KEY") and os.environ.get("CLEARML_API_SECRET_KEY")):
+        pytest.skip("set CLEARML_API_ACCESS_KEY / CLEARML_API_SECRET_KEY (and CLEARML_API_HOST) to run")
+    be = ClearmlBackend({})
+    run = be.open_run(RunSpec(project="ckpt_track-live", name=f"live-{os.getpid()}"))
+    try:
+        stored = be.put(run, make_checkpoint(tmp_path / "spool", 1, {"val/loss": 1.0}), ["latest", "step-1"])
+        assert verify(be.get(stored, tmp_path / "dl").path).step == 1
+        be.delete(stored)
+    finally:
+        be.finish_run(run)

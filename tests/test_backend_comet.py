@@ -13,16 +13,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
-import textwrap
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import comet_ml
 import pytest
 import torch
 import xxhash
@@ -30,7 +27,7 @@ import xxhash
 import ckpt_track as ct
 from ckpt_track.backends.base import RunSpec
 from ckpt_track.backends.comet import RESUMED_FROM_KEY, STATE_KEY, CometBackend, model_name
-from ckpt_track.errors import AuthError, BackendUnavailable, CheckpointNotFound, InvalidRef
+from ckpt_track.errors import AuthError, BackendError, BackendNotInstalled, BackendUnavailable, ConfigError, InvalidRef
 from ckpt_track.format import MANIFEST
 from ckpt_track.refs import Ref, parse_ref
 from ckpt_track.resolve import resolve
@@ -68,11 +65,22 @@ def comet_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_server: Fake
         monkeypatch.setenv(var, value)
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # the SDK's per-experiment temp dirs
+    import comet_ml  # first imported here, after the env above: it reads error-tracking settings on import
+
     yield fake_server
+    _clean_running(comet_ml)
+    assert fake_server.unhandled == [], "the SDK called endpoints the fake does not model"
+
+
+def _clean_running(comet_ml: Any) -> None:
+    """Close the experiment left running (Comet keeps one per process; creating one ends the last).
+
+    ``clean()`` is the SDK's quick close: like ``end()`` it writes the offline archive, without
+    ``end()``'s ~1 s wait for the offline writer thread; never leave one to comet's atexit hook.
+    """
     running = comet_ml.get_running_experiment()
     if running is not None and not running.ended:
-        running.end()  # never leave one for comet's atexit hook (it would call a stopped server)
-    assert fake_server.unhandled == [], "the SDK called endpoints the fake does not model"
+        running.clean()
 
 
 def _settings(**comet: Any) -> dict[str, Any]:
@@ -100,6 +108,9 @@ class TestCometOfflineContract(BackendContract):
     def backend(self, comet_env: FakeComet, tmp_path: Path) -> Iterator[CometBackend]:
         be = CometBackend({"workspace": "ws", "online": False, "offline_directory": str(tmp_path / "off")})
         yield be
+        import comet_ml
+
+        _clean_running(comet_ml)
         be.close()
         assert comet_env.requests == []  # offline means offline
 
@@ -235,7 +246,7 @@ def test_self_hosted_url_keeps_its_host() -> None:
     f"experiment://{KEY}/my-sklearn-model",
     "experiment://not-a-key/ckpt-v1-step10",
     "experiment://acme/resnet/ckpt-v1-step10",
-    f"experiment://acme//run/ckpt-v1-step10",
+    "experiment://acme//run/ckpt-v1-step10",
     "registry://acme",
     "registry://acme/resnet-ckpt:",
     "registry://a/b/c",
@@ -267,3 +278,151 @@ def test_every_reference_form_restores_through_the_fake(comet_env: FakeComet, tm
         assert got.step == step, text
         assert found.stored.ref.version == found.stored.version, text
         assert parse_ref(str(found.stored.ref)) == found.stored.ref, text
+    registry = resolve("registry://acme/resnet-ckpt:1.0.0", settings)
+    with pytest.raises(BackendError, match="read-only"):
+        registry.backend.set_aliases(registry.stored, ["prod"])
+
+
+# -- lineage, retention, the user's own experiment ------------------------------------------
+def test_resume_lineage_and_retention_online(comet_env: FakeComet) -> None:
+    torch.manual_seed(2)
+    model = torch.nn.Linear(4, 2)
+    settings = {**_settings(), "retention": {"keep_last": 1}}
+    with ct.init(project="lin", name="first", settings=settings) as first:
+        for step in (4, 5):
+            first.log_checkpoint(step, model=model)
+    key = first.info.native["key"]
+    assert {a.model for a in comet_env.experiment(key).assets.values()} == {model_name(2, 5)}  # v1 deleted
+    assert json.loads(comet_env.experiment(key).others[STATE_KEY])["deleted"] == [1]
+    fresh = torch.nn.Linear(4, 2)
+    with ct.init(project="lin", name="second", settings=settings) as second:
+        assert second.resume(model=fresh, ref=first.ref.select(step=5)) == 6
+        second.log_checkpoint(6, model=fresh)
+    exp = comet_env.experiment(second.info.native["key"])
+    source = str(first.ref.select(version=2))
+    assert exp.others[RESUMED_FROM_KEY] == source  # the tracker-side lineage
+    meta = json.loads(next(iter(exp.assets.values())).metadata or "{}")
+    assert meta["lineage"]["resumed_from"] == source and meta["lineage"]["parent"] == source
+    assert torch.equal(fresh.weight, model.weight)
+
+
+def test_checkpoints_go_into_the_experiment_the_user_started(comet_env: FakeComet, tmp_path: Path) -> None:
+    """Comet keeps one experiment per process: ckpt_track logs into the user's rather than ending it."""
+    import comet_ml
+
+    offline = tmp_path / "off"
+    user = comet_ml.OfflineExperiment(project_name="mine", workspace="ws", offline_directory=str(offline))
+    with ct.init(project="ignored", settings=_settings(online=False, offline_directory=str(offline))) as run:
+        assert run.info.native["key"] == user.get_key() and run.project == "mine"
+        run.log_checkpoint(1, model=torch.nn.Linear(2, 2))
+    assert not user.ended  # the user's experiment stays theirs to end
+    user.end()
+    messages, z = _messages(offline / f"{user.get_key()}.zip")
+    z.close()
+    assert {m["payload"]["additional_params"]["groupingName"] for m in messages
+            if m["type"] == "file_upload"} == {model_name(1, 1)}
+    with pytest.raises(ConfigError, match="online = false"):  # an online backend must not end it either
+        user2 = comet_ml.OfflineExperiment(project_name="mine", offline_directory=str(offline))
+        try:
+            CometBackend({"workspace": "ws"}).open_run(RunSpec(project="p"))
+        finally:
+            user2.clean()
+
+
+# -- errors ----------------------------------------------------------------------------------
+def test_missing_api_key_is_an_auth_error_naming_the_variable(comet_env: FakeComet,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COMET_API_KEY")
+    be = CometBackend({"workspace": "ws"})
+    with pytest.raises(AuthError, match="COMET_API_KEY"):
+        be.open_run(RunSpec(project="p"))
+    with pytest.raises(AuthError, match="COMET_API_KEY.*online = false"):
+        ct.restore(f"https://www.comet.com/ws/p/{KEY}", settings=ct.load_settings(_settings()))
+    assert comet_env.requests == []
+
+
+def test_wrong_api_key_is_an_auth_error(comet_env: FakeComet, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMET_API_KEY", "0" * 32)
+    be = CometBackend({"workspace": "ws"})
+    with pytest.raises(AuthError, match="COMET_API_KEY") as rest:
+        be.find_run(Ref("comet", f"ws/p/{KEY}"))  # the REST API answers 401
+    with pytest.raises(AuthError, match="COMET_API_KEY") as handshake:
+        be.open_run(RunSpec(project="p"))  # the experiment handshake answers "key not registered"
+    assert rest.value.__cause__ is not None and handshake.value.__cause__ is not None
+
+
+def test_unreachable_server_is_backend_unavailable(comet_env: FakeComet, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("COMET_URL_OVERRIDE", f"http://127.0.0.1:{port}/clientlib/")
+    for knob in ("HTTP_SESSION_RETRY_TOTAL", "GET_OR_ADD_EXPERIMENT_RETRY_TOTAL",
+                 "GET_OR_ADD_EXPERIMENT_RETRY_CONNECT"):  # the SDK's retries, so this takes ms, not minutes
+        monkeypatch.setenv(f"COMET_{knob}", "0")
+    be = CometBackend({"workspace": "ws"})
+    with pytest.raises(BackendUnavailable, match="online = false"):
+        be.find_run(Ref("comet", f"ws/p/{KEY}"))
+    with pytest.raises(BackendUnavailable):
+        CometBackend({"workspace": "ws"}).open_run(RunSpec(project="p"))
+
+
+def test_module_needs_no_sdk_to_import_or_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    import ckpt_track.backends.comet as mod
+
+    monkeypatch.setitem(sys.modules, "comet_ml", None)  # as if comet_ml were not installed
+    name = "ckpt_track.backends._comet_without_sdk"
+    spec = importlib.util.spec_from_file_location(name, mod.__file__)
+    assert spec is not None and spec.loader is not None
+    fresh = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, fresh)
+    spec.loader.exec_module(fresh)  # would raise ImportError if the SDK were imported at module level
+    assert fresh.CometBackend.parse_ref("registry://acme/m:1.0.0") == Ref("comet", "registry/acme/m", alias="1.0.0")
+    assert parse_ref(f"https://www.comet.com/acme/resnet/{KEY}").backend == "comet"
+    with pytest.raises(BackendNotInstalled, match=r"ckpt-track\[comet\]"):
+        ct.restore(f"comet://acme/resnet/{KEY}")
+
+
+def test_sdk_calls_we_rely_on_keep_their_signatures() -> None:
+    """Not a fake (nothing is patched), but an SDK rename should fail here first."""
+    import inspect
+
+    import comet_ml
+
+    wanted = {
+        comet_ml.Experiment.log_model: {"name", "file_or_folder", "overwrite", "metadata", "prepend_folder_name"},
+        comet_ml.Experiment.log_metrics: {"dic", "step", "epoch"},
+        comet_ml.Experiment.register_model: {"model_name", "version", "registry_name", "tags", "comment"},
+        comet_ml.Experiment.flush: set(),
+        comet_ml.OfflineExperiment.__init__: {"workspace", "project_name", "experiment_key", "offline_directory"},
+        comet_ml.ExistingOfflineExperiment.__init__: {"workspace", "project_name", "experiment_key",
+                                                      "offline_directory"},
+        comet_ml.API.__init__: {"api_key", "cache"},
+        comet_ml.API.get_experiment: {"workspace", "project_name", "experiment"},
+        comet_ml.API.get_registry_model_details: {"workspace", "registry_name"},
+        comet_ml.APIExperiment.get_model_asset_list: {"model_name"},
+        comet_ml.APIExperiment.get_asset: {"asset_id", "return_type", "stream"},
+        comet_ml.APIExperiment.get_others_summary: {"other"},
+        comet_ml.APIExperiment.log_other: {"key", "value"},
+        comet_ml.APIExperiment.delete_asset: {"asset_id"},
+    }
+    for fn, params in wanted.items():
+        assert params <= set(inspect.signature(fn).parameters), fn
+
+
+@pytest.mark.live
+def test_live_round_trip_on_comet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """comet.com itself (or $COMET_URL_OVERRIDE): needs COMET_API_KEY and COMET_WORKSPACE."""
+    if not (os.environ.get("COMET_API_KEY") and os.environ.get("COMET_WORKSPACE")):
+        pytest.skip("set COMET_API_KEY and COMET_WORKSPACE to run against a real Comet")
+    for var, value in _QUIET.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    settings = _settings(workspace=os.environ["COMET_WORKSPACE"])
+    model = torch.nn.Linear(4, 2)
+    with ct.init(project="ckpt-track-live", settings=settings) as run:
+        run.log_checkpoint(1, model=model, metrics={"val/loss": 1.0})
+    fresh = torch.nn.Linear(4, 2)
+    assert ct.restore(run.ref.select(step=1), model=fresh, settings=ct.load_settings(settings)).step == 1
+    assert torch.equal(fresh.weight, model.weight)

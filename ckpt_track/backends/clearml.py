@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import shutil
 import socket
@@ -234,6 +235,26 @@ class ClearmlBackend:
                 raise ConfigError(f"ClearML: {text}") from exc
             raise BackendError(f"ClearML failed while {doing}: {name}: {text}") from exc
 
+    @staticmethod
+    def _task_init(**kwargs: Any) -> Any:
+        """``Task.init`` without its side effect on training: it reseeds random/numpy/torch
+        (ClearML's seed 1337), so the same script would train differently on this backend."""
+        from clearml import Task
+
+        seed = getattr(Task, "_random_seed", True)  # what Task.set_random_seed last chose
+        Task.set_random_seed(None)
+        state = random.getstate()  # the SDK also draws from Python's global generator while starting
+        try:
+            task = Task.init(auto_connect_frameworks={"pytorch": False}, **kwargs)
+        finally:
+            random.setstate(state)
+            Task.set_random_seed(seed)
+        if type(task).__name__ == "_TaskStub":
+            raise ConfigError("ClearML's Task.init returned a stub: it takes this process for a child of the "
+                              f"process in CLEARML_PROC_MASTER_ID={os.environ.get('CLEARML_PROC_MASTER_ID')!r}; "
+                              "unset that variable to log from this process")
+        return task
+
     def _connect(self) -> Any:
         """The SDK's HTTP session (online reads and small edits), after a reachability check."""
         self._sdk()
@@ -320,8 +341,7 @@ class ClearmlBackend:
         if current is not None and current.id == tid:
             op = _Open(current, owned=False, main=True)
         elif current is None:
-            task = Task.init(task_name=row.get("name"), continue_last_task=tid, output_uri=self.output_uri or True,
-                             auto_connect_frameworks={"pytorch": False})
+            task = self._task_init(task_name=row.get("name"), continue_last_task=tid, output_uri=self.output_uri or True)
             task.set_initial_iteration(0)  # scalars are reported at the real step, not offset by ClearML
             op = _Open(task, owned=True, main=True)
         else:
@@ -338,8 +358,8 @@ class ClearmlBackend:
         if current is not None and spec.run_id is None and spec.name is None:
             op = _Open(current, owned=False, main=True)  # the user's own Task.init: log into it
         elif current is None:
-            task = Task.init(project_name=project, task_name=spec.name or spec.run_id, reuse_last_task_id=False,
-                             output_uri=self.output_uri or True, auto_connect_frameworks={"pytorch": False})
+            task = self._task_init(project_name=project, task_name=spec.name or spec.run_id, reuse_last_task_id=False,
+                                   output_uri=self.output_uri or True)
             op = _Open(task, owned=True, main=True)
         else:  # a second run in this process: ClearML allows one Task.init per process
             task = Task.create(project_name=project, task_name=spec.name or spec.run_id or "ckpt_track run",
@@ -374,8 +394,7 @@ class ClearmlBackend:
         else:
             was = bool(Task.is_offline())
             Task.set_offline(True)
-            task = Task.init(project_name=project, task_name=spec.name or spec.run_id, reuse_last_task_id=False,
-                             auto_connect_frameworks={"pytorch": False})
+            task = self._task_init(project_name=project, task_name=spec.name or spec.run_id, reuse_last_task_id=False)
             op = _Open(task, owned=True, main=True, restore_offline=was)
             tags = ["ckpt_track", *([_RUN_TAG + spec.run_id] if spec.run_id else [])]
             task.set_system_tags(sorted(set(task.get_system_tags() or []) | set(tags)))

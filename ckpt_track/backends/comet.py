@@ -1,25 +1,21 @@
 """The ``comet`` backend: checkpoints as models of a Comet experiment.
 
-A run is a Comet experiment.  Checkpoint version N is the experiment model
-``ckpt-v<N>-step<S>``: one model per checkpoint, so the UI's Models tab,
-``APIExperiment.get_model_asset_list(name)`` and ``download_model(name)`` each
-address exactly one checkpoint (one model name per run would mix the files of
-every step under one name).  Every file is a model element carrying the same
-metadata: version, step, epoch, metrics, the aliases it got when logged,
-lineage, and the size of each file (so a half-uploaded model is never listed).
-Metrics also go to the experiment with ``log_metrics(step=)``.
+A run is an experiment; checkpoint version N is the experiment model
+``ckpt-v<N>-step<S>``.  One model per checkpoint lets the Models tab,
+``get_model_asset_list(name)`` and ``download_model(name)`` address exactly one
+checkpoint (one name per run would mix every step's files).  Each file is a
+model element carrying the same metadata: version, step, epoch, metrics, the
+aliases it got, lineage and every file's size (a half-uploaded model is never
+listed).  Metrics also go to ``log_metrics(step=)``.  Comet models have no
+aliases, so the alias table, the highest version used and deleted versions live
+in the experiment "other" ``ckpt_track.state``; resume lineage in
+``ckpt_track.resumed_from``.
 
-Comet models have no aliases, so the alias table, the highest version ever used
-and deleted versions live in one experiment "other", ``ckpt_track.state``
-(JSON); others are the one per-experiment value that is mutable online and
-recorded offline.  Resume lineage is the other ``ckpt_track.resumed_from``.
-
-Online (default): ``Experiment`` / ``ExistingExperiment`` write, ``API`` reads
-(``COMET_API_KEY``; ``url`` or ``COMET_URL_OVERRIDE`` for a self-hosted server).
-Offline (``online = false``): ``OfflineExperiment`` writes ``<key>.zip`` for
-``comet upload``, and each checkpoint is also kept (hard-linked where possible)
-at ``<offline_directory>/ckpt_track/<key>/v<N>/``, so it can be restored by any
-process, also after a crash that never wrote the zip.
+Online: ``Experiment`` writes, ``API`` reads.  Offline (``online = false``):
+``OfflineExperiment`` writes ``<key>.zip`` for ``comet upload``, and every
+checkpoint is also kept in ``<offline_directory>/ckpt_track/<key>/v<N>/`` so any
+process can restore it at once, also after a crash that never wrote the zip.
+See ``backends/comet.md``.
 """
 
 from __future__ import annotations
@@ -34,7 +30,7 @@ import uuid
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
@@ -42,8 +38,17 @@ from urllib.parse import urlparse
 
 from filelock import FileLock
 
-from ..errors import (AuthError, BackendError, BackendNotInstalled, BackendUnavailable, CheckpointNotFound,
-                      CkptTrackError, ConfigError, IntegrityError, InvalidRef)
+from ..errors import (
+    AuthError,
+    BackendError,
+    BackendNotInstalled,
+    BackendUnavailable,
+    CheckpointNotFound,
+    CkptTrackError,
+    ConfigError,
+    IntegrityError,
+    InvalidRef,
+)
 from ..format import MANIFEST, LocalCheckpoint, copy_checkpoint, read_manifest, verify
 from ..refs import Ref
 from .base import RunInfo, RunSpec, Stored
@@ -56,19 +61,20 @@ RESUMED_FROM_KEY = "ckpt_track.resumed_from"
 _KEY = re.compile(r"^[A-Za-z0-9]{32,50}$")  # what comet_ml accepts as an experiment key
 _MODEL = re.compile(r"^ckpt-v(\d+)-step(\d+)$")
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_REGISTRY_NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 _SAAS_HOSTS = frozenset({"comet.com", "www.comet.com", "comet.ml", "www.comet.ml"})
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-_ours: weakref.WeakSet[Any] = weakref.WeakSet()  # experiments this module started (vs. the user's own)
+_ours: weakref.WeakSet[Any] = weakref.WeakSet()  # experiments ckpt_track started, as opposed to the user's
 
 
 def model_name(version: int, step: int) -> str:
-    """The Comet model name of checkpoint version ``version`` logged at ``step``."""
+    """The Comet model name of checkpoint ``version`` logged at ``step``."""
     return f"ckpt-v{version}-step{step}"
 
 
 @dataclass
 class _State:
-    """The ``ckpt_track.state`` other: aliases, the version high-water mark, tombstones."""
+    """The ``ckpt_track.state`` other: alias table, version high-water mark, tombstones."""
 
     aliases: dict[str, int] = field(default_factory=dict)
     last_version: int = 0
@@ -79,7 +85,7 @@ class _State:
         if not text:
             return cls()
         try:
-            d = json.loads(text) if isinstance(text, (str, bytes)) else dict(text)
+            d = json.loads(text)
             return cls({str(k): int(v) for k, v in d.get("aliases", {}).items()},
                        int(d.get("last_version", 0)), sorted(int(v) for v in d.get("deleted", [])))
         except (ValueError, TypeError, AttributeError) as exc:
@@ -87,12 +93,12 @@ class _State:
                                  "Others tab (aliases are lost, checkpoints are not)") from exc
 
     def dump(self) -> str:
-        return json.dumps({"aliases": self.aliases, "last_version": self.last_version,
-                           "deleted": self.deleted}, sort_keys=True)
+        return json.dumps({"aliases": self.aliases, "last_version": self.last_version, "deleted": self.deleted},
+                          sort_keys=True)
 
-    def point(self, aliases: Sequence[str], version: int) -> None:
-        self.aliases.update({a: version for a in aliases})
-        self.last_version = max(self.last_version, version)
+    def point(self, aliases: Sequence[str], version: int) -> _State:
+        return _State({**self.aliases, **{a: version for a in aliases}}, max(self.last_version, version),
+                      list(self.deleted))
 
     def aliases_of(self, version: int) -> tuple[str, ...]:
         return tuple(sorted(a for a, v in self.aliases.items() if v == version))
@@ -105,10 +111,6 @@ class _Found:
     project: str
     name: str | None
     run_id: str | None
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _segment(value: Any, what: str) -> str:
@@ -124,8 +126,7 @@ def _server_root(url: Any) -> str | None:
     u = urlparse(str(url))
     if u.scheme not in ("http", "https") or not u.netloc:
         raise ConfigError(f"[comet] url {url!r} must look like https://comet.example.com (the server root)")
-    path = re.sub(r"/clientlib/?$", "", u.path.rstrip("/"))
-    return f"{u.scheme}://{u.netloc}{path}"
+    return f"{u.scheme}://{u.netloc}{re.sub(r'/clientlib/?$', '', u.path.rstrip('/'))}"
 
 
 def _meta(assets: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
@@ -146,13 +147,14 @@ def _semver(version: str) -> tuple[int, ...]:
 
 
 def _atomic_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, path)
 
 
 class CometBackend:
-    """Checkpoints as Comet experiment models, online or offline.  See the module docstring."""
+    """Checkpoints as Comet experiment models, online or offline (see the module docstring)."""
 
     name: ClassVar[str] = "comet"
     options: ClassVar[frozenset[str]] = frozenset(
@@ -167,29 +169,31 @@ class CometBackend:
         self.workspace = None if options.get("workspace") is None else _segment(options["workspace"], "workspace")
         self.project = None if options.get("project") is None else _segment(options["project"], "project")
         online = options.get("online", True)
-        if isinstance(online, str) and online.strip().lower() in _BOOLS:
-            online = _BOOLS[online.strip().lower()]
+        online = _BOOLS.get(online.strip().lower(), online) if isinstance(online, str) else online
         if not isinstance(online, bool):
             raise ConfigError(f"[comet] online must be true or false, got {online!r}")
         self.online = online
         self.url = _server_root(options.get("url"))
         self.register_as = options.get("register_as") or None
+        if self.register_as is not None and not _REGISTRY_NAME.match(str(self.register_as)):
+            raise ConfigError(f"[comet] register_as {self.register_as!r}: Comet registry names are lowercase "
+                              "letters and digits joined by single '-', e.g. 'resnet-ckpt'")
         root = options.get("offline_directory") or os.environ.get("COMET_OFFLINE_DIRECTORY") or ".cometml-runs"
         self.offline_directory = Path(root).expanduser().absolute()
-        self._open: dict[str, tuple[Any, bool]] = {}  # key -> (experiment, owned by us)
-        self._states: dict[str, _State] = {}
+        self._open: dict[str, tuple[Any, bool]] = {}  # key -> (experiment, started by us)
+        self._states: dict[str, _State] = {}  # online; we are the experiment's only writer
         self._models: dict[tuple[str, str], list[dict[str, Any]]] = {}  # complete models never change
         self._api_exps: dict[str, Any] = {}
         self._api_obj: Any = None
         self._lock = threading.RLock()
 
-    # -- the SDK boundary -----------------------------------------------------------
+    # -- the SDK boundary -----------------------------------------------------------------
     def _sdk(self) -> Any:
         try:
             import comet_ml
         except ImportError as exc:
             raise BackendNotInstalled("comet", "comet", "comet_ml") from exc
-        if self.url:  # comet_ml reads the server from the environment only
+        if self.url:  # comet_ml reads its server from the environment only
             os.environ["COMET_URL_OVERRIDE"] = f"{self.url}/clientlib/"
         return comet_ml
 
@@ -198,7 +202,7 @@ class CometBackend:
 
     @contextmanager
     def _calling(self, what: str) -> Iterator[None]:
-        """Turn comet_ml / requests errors into ckpt_track's, chaining the original."""
+        """Turn comet_ml and requests errors into ckpt_track's, chaining the original."""
         try:
             yield
         except CkptTrackError:
@@ -213,7 +217,7 @@ class CometBackend:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if isinstance(exc, (cx.InvalidAPIKey, cx.Unauthorized, cx.AuthenticationError)) or status in (401, 403):
             return AuthError(f"{self._where()} rejected the API key while {what}: set COMET_API_KEY to a valid "
-                             "key (Comet → Account Settings → API Keys)")
+                             "key (Comet: Account Settings, API Keys)")
         if isinstance(exc, (cx.InvalidWorkspace, cx.ServiceAccountWorkspaceRestricted, cx.ViewOnlyAccessException)):
             return ConfigError(f"{what}: {exc}; check [comet] workspace and your access to it")
         if isinstance(exc, cx.NotFound) or status == 404:
@@ -223,15 +227,12 @@ class CometBackend:
                                       "[comet] url, or set [comet] online = false and `comet upload` later")
         return BackendError(f"Comet failed while {what}: {type(exc).__name__}: {exc}")
 
-    def _require_key(self, comet_ml: Any) -> None:
-        if comet_ml.config.get_api_key(None, comet_ml.config.get_config()) is None:
-            raise AuthError("Comet needs an API key to work online: set COMET_API_KEY (or run `comet login`), "
-                            "or set [comet] online = false to log offline and `comet upload` later")
-
     def _api(self) -> Any:
         if self._api_obj is None:
             comet_ml = self._sdk()
-            self._require_key(comet_ml)
+            if comet_ml.config.get_api_key(None, comet_ml.config.get_config()) is None:
+                raise AuthError("Comet needs an API key to work online: set COMET_API_KEY (or run `comet login`), "
+                                "or set [comet] online = false to log offline and `comet upload` later")
             with self._calling("connecting to the REST API"):
                 self._api_obj = comet_ml.API(cache=False)  # cached reads would hide our own writes
         return self._api_obj
@@ -248,10 +249,10 @@ class CometBackend:
     def _ws_for_reads(self) -> str:
         if self.workspace:
             return self.workspace
-        with self._calling("reading the default workspace"):
+        with self._calling("reading your default workspace"):
             return str(self._api().get_default_workspace())
 
-    # -- runs -----------------------------------------------------------------------------
+    # -- runs ----------------------------------------------------------------------------------
     def _mirror(self, key: str) -> Path:
         return self.offline_directory / "ckpt_track" / key
 
@@ -262,7 +263,7 @@ class CometBackend:
         return FileLock(str(self._mirror(key) / ".lock"), timeout=120)
 
     def _derive_key(self, project: str, run_id: str) -> str:
-        """A user's run id as an experiment key, the same in every process (Comet keys are global)."""
+        """A run id as an experiment key, the same in every process (Comet keys are global)."""
         if _KEY.match(run_id):
             return run_id
         return hashlib.sha256(f"ckpt_track/{self.workspace or ''}/{project}/{run_id}".encode()).hexdigest()[:32]
@@ -274,39 +275,35 @@ class CometBackend:
         return RunInfo(backend=self.name, project=f.project, run_id=f.run_id or f.key, name=f.name or f.run_id or f.key,
                        ref=ref, resumed=resumed, native={"key": f.key, "workspace": f.workspace})
 
-    def _lookup(self, workspace: str | None, project: str | None, wanted: str) -> _Found | None:
-        """An existing experiment by key, by a ckpt_track run id, or by name (latest)."""
-        keys = [wanted] if _KEY.match(wanted) else []
+    def _lookup(self, workspace: str | None, project: str | None, wanted: str, names: bool = True) -> _Found | None:
+        """An existing experiment by key, by ckpt_track run id, or (``names``) by name."""
+        keys = {wanted} if _KEY.match(wanted) else set()
         if project is not None:
-            keys.append(self._derive_key(project, wanted))
-        for key in keys:
-            found = self._by_key(key)
-            if found is not None:
+            keys.add(self._derive_key(project, wanted))
+        for key in sorted(keys):
+            if (found := self._by_key(key)) is not None:
                 return found
-        return self._by_name(project, wanted, workspace) if project is not None else None
+        return self._by_name(project, wanted, workspace) if project is not None and names else None
 
     def _by_key(self, key: str) -> _Found | None:
         if not self.online:
-            meta = self._mirror_meta(key)
-            return None if meta is None else _Found(key, meta.get("workspace"), meta["project"], meta.get("name"),
-                                                    meta.get("run_id"))
+            m = self._mirror_meta(key)
+            return None if m is None else _Found(key, m.get("workspace"), m["project"], m.get("name"), m.get("run_id"))
         with self._calling(f"looking up experiment {key}"):
             exp = self._api().get_experiment_by_key(key)
             if exp is None:
                 return None
             others = {o["name"]: o.get("valueCurrent") for o in exp.get_others_summary() or []}
         self._api_exps[key] = exp
-        if key not in self._states:
-            self._states[key] = _State.load(others.get(STATE_KEY), f"experiment {key}")
+        self._states.setdefault(key, _State.load(others.get(STATE_KEY), f"experiment {key}"))
         return _Found(key, exp.workspace, exp.project_name, exp.name, others.get(RUN_ID_KEY))
 
     def _by_name(self, project: str, name: str, workspace: str | None = None) -> _Found | None:
         if not self.online:
             root = self.offline_directory / "ckpt_track"
             metas = [m for d in (root.iterdir() if root.is_dir() else []) if (m := self._mirror_meta(d.name))]
-            hits = sorted((m for m in metas if m["project"] == project and m.get("name") == name),
-                          key=lambda m: str(m.get("created", "")))
-            return self._by_key(hits[-1]["key"]) if hits else None
+            hits = [m for m in metas if m["project"] == project and m.get("name") == name]
+            return self._by_key(max(hits, key=lambda m: str(m["created"]))["key"]) if hits else None
         ws = workspace or self._ws_for_reads()
         with self._calling(f"looking up experiment {name!r} in {ws}/{project}"):
             exp = self._api().get_experiment(ws, project, name)  # by key, then by name
@@ -320,24 +317,28 @@ class CometBackend:
         except ValueError as exc:
             raise IntegrityError(f"{self._mirror(key) / 'run.json'} is damaged: {exc}") from exc
 
+    def _write_run_json(self, f: _Found, config: Mapping[str, Any] | None) -> None:
+        with self._run_lock(f.key):
+            _atomic_json(self._mirror(f.key) / "run.json", {
+                "key": f.key, "workspace": f.workspace, "project": f.project, "name": f.name, "run_id": f.run_id,
+                "created": datetime.now(timezone.utc).isoformat(), "config": dict(config or {})})
+
     def _not_found(self, wanted: str, project: str | None) -> CheckpointNotFound:
-        where = (f"online on {self._where()}" if self.online
-                 else f"in the offline store {self.offline_directory / 'ckpt_track'}")
-        hint = "; set [comet] online = false to read offline runs" if self.online else ""
+        where = f"on {self._where()}" if self.online else f"in the offline store {self.offline_directory}"
+        hint = "; offline runs need [comet] online = false until uploaded" if self.online else ""
         return CheckpointNotFound(f"no Comet experiment {wanted!r} in project {project!r} {where}{hint}")
 
     def open_run(self, spec: RunSpec) -> RunInfo:
         project = _segment(self.project or spec.project, "project")
         comet_ml = self._sdk()
         if self.online:
-            self._require_key(comet_ml)
+            self._api()  # checks the key before anything starts
         running = comet_ml.get_running_experiment()
         if running is not None and running.alive and not running.ended and running not in _ours:
             return self._adopt(comet_ml, running, spec, project)
         found = None
         if spec.run_id is not None:
-            _segment(spec.run_id, "run id")
-            found = self._lookup(None, project, spec.run_id)
+            found = self._lookup(None, project, _segment(spec.run_id, "run id"), names=False)
             if found is not None and spec.resume == "never":
                 raise ConfigError(f"run {spec.run_id!r} already exists in Comet project {project!r} and "
                                   "resume='never'; pass resume='auto' to continue it, or another run_id")
@@ -347,25 +348,24 @@ class CometBackend:
             if spec.run_id is None and spec.name is None:
                 raise ConfigError("resume='must' needs run_id= or name= to know which run to continue")
             raise self._not_found(str(spec.run_id or spec.name), project)
-        existing = found is not None
-        if found is None:
-            key = self._derive_key(project, spec.run_id) if spec.run_id else uuid.uuid4().hex
-            found = _Found(key, self.workspace, project, spec.name or spec.run_id, spec.run_id)
-        return self._info(self._start(found, create=not existing, config=spec.config), resumed=existing)
+        if found is not None:
+            return self._info(self._start(found, create=False), resumed=True)
+        key = self._derive_key(project, spec.run_id) if spec.run_id else uuid.uuid4().hex
+        if self.online and spec.run_id is None and spec.name is None:
+            self._by_key(key)  # one REST call first, so a wrong key or a dead server fail clearly
+        new = _Found(key, self.workspace, project, spec.name or spec.run_id, spec.run_id)
+        return self._info(self._start(new, create=True, config=spec.config), resumed=False)
 
     def _start(self, f: _Found, create: bool, config: Mapping[str, Any] | None = None) -> _Found:
-        """Start (create) or re-attach the experiment this process logs to; Comet keeps one per process."""
+        """Create or re-attach the experiment this process logs to (Comet keeps one per process)."""
         comet_ml = self._sdk()
         with self._calling(f"starting experiment {f.key}"):
             if self.online:
-                if create:
-                    exp = comet_ml.Experiment(workspace=f.workspace, project_name=f.project, experiment_key=f.key)
-                else:
-                    exp = comet_ml.ExistingExperiment(experiment_key=f.key)
-                if not exp.alive:  # the SDK logs connection failures instead of raising them
-                    raise BackendUnavailable(f"{self._where()} did not accept experiment {f.key} (see the COMET "
-                                             "ERROR above); check the network and [comet] url, or set "
-                                             "[comet] online = false")
+                exp = (comet_ml.Experiment(workspace=f.workspace, project_name=f.project, experiment_key=f.key)
+                       if create else comet_ml.ExistingExperiment(experiment_key=f.key))
+                if not exp.alive:  # the SDK logs handshake failures instead of raising them
+                    raise BackendUnavailable(f"{self._where()} did not start experiment {f.key} (see the COMET "
+                                             "ERROR above); check the network, [comet] url, workspace and project")
             else:
                 cls = comet_ml.OfflineExperiment if create else comet_ml.ExistingOfflineExperiment
                 exp = cls(workspace=f.workspace, project_name=f.project, experiment_key=f.key,
@@ -380,50 +380,41 @@ class CometBackend:
                 if config:
                     exp.log_parameters(dict(config))
                 if self.online:
-                    exp.flush()  # so the name is searchable before the first checkpoint
+                    exp.flush()  # the name must be searchable before the first checkpoint
         self._open[f.key] = (exp, True)
-        if self.online and f.workspace is None:
-            f = _Found(f.key, self._ws_for_reads(), f.project, f.name, f.run_id)
         if create and not self.online:
-            with self._run_lock(f.key):
-                _atomic_json(self._mirror(f.key) / "run.json", {
-                    "key": f.key, "workspace": f.workspace, "project": f.project, "name": f.name,
-                    "run_id": f.run_id, "created": _now(), "config": dict(config or {})})
-        return f
+            self._write_run_json(f, config)
+        return replace(f, workspace=self._ws_for_reads()) if self.online and f.workspace is None else f
 
     def _adopt(self, comet_ml: Any, exp: Any, spec: RunSpec, project: str) -> RunInfo:
-        """Log into the experiment the user already started: creating another would end it."""
+        """Log into the experiment the user started: starting another would end theirs."""
         offline = isinstance(exp, comet_ml.OfflineExperiment)
-        if offline == self.online:
-            raise ConfigError(f"a Comet {'offline' if offline else 'online'} experiment ({exp.get_key()}) is "
-                              f"running in this process; set [comet] online = {str(not offline).lower()} to log "
-                              "checkpoints into it, or end() it before ckpt_track.init")
         key = exp.get_key()
+        if offline == self.online:
+            raise ConfigError(f"a Comet {'offline' if offline else 'online'} experiment ({key}) is running in "
+                              f"this process; set [comet] online = {str(not offline).lower()} to log checkpoints "
+                              "into it, or end() it before ckpt_track.init")
         if spec.run_id is not None and self._derive_key(project, spec.run_id) != key:
-            raise ConfigError(f"run_id={spec.run_id!r} names another experiment than the Comet experiment {key} "
-                              "already running in this process (Comet allows one); drop run_id= or end() it first")
+            raise ConfigError(f"run_id={spec.run_id!r} is not the Comet experiment {key} already running in this "
+                              "process (Comet allows one); drop run_id= or end() it first")
         f = _Found(key, exp.workspace or self.workspace, exp.project_name or project, exp.name or spec.name,
                    spec.run_id)
         self._open[key] = (exp, False)
         if offline and self._mirror_meta(key) is None:
-            with self._run_lock(key):
-                _atomic_json(self._mirror(key) / "run.json", {
-                    "key": key, "workspace": f.workspace, "project": f.project, "name": f.name,
-                    "run_id": f.run_id, "created": _now(), "config": dict(spec.config)})
-        elif self.online and f.workspace is None:
-            f = _Found(key, self._ws_for_reads(), f.project, f.name, f.run_id)
-        resumed = isinstance(exp, (comet_ml.ExistingExperiment, comet_ml.ExistingOfflineExperiment))
-        return self._info(f, resumed=resumed)
+            self._write_run_json(f, spec.config)
+        if self.online and f.workspace is None:
+            f = replace(f, workspace=self._ws_for_reads())
+        return self._info(f, resumed=isinstance(exp, (comet_ml.ExistingExperiment, comet_ml.ExistingOfflineExperiment)))
 
     def _exp(self, run: RunInfo) -> Any:
-        """The live experiment of ``run``, re-attached if it was ended (finish, or another run started)."""
+        """The live experiment of ``run``, re-attached if it ended (finished, or another run started)."""
         key = run.native["key"]
-        exp, owned = self._open.get(key, (None, True))
+        exp, ours = self._open.get(key, (None, True))
         if exp is not None and exp.alive and not exp.ended:
             return exp
-        if not owned:
-            raise BackendError(f"the Comet experiment {key} you started has ended; start it again (or let "
-                               "ckpt_track.init create one) before logging more checkpoints")
+        if not ours:
+            raise BackendError(f"the Comet experiment {key} you started has ended; start it again before "
+                               "logging more checkpoints")
         self._start(_Found(key, run.native.get("workspace"), run.project, None, None), create=False)
         return self._open[key][0]
 
@@ -441,7 +432,7 @@ class CometBackend:
             raise self._not_found(segs[-1], project)
         return self._info(found, resumed=True)
 
-    # -- checkpoints ---------------------------------------------------------------------
+    # -- checkpoints ------------------------------------------------------------------------
     def _state(self, key: str) -> _State:
         if not self.online:
             try:
@@ -455,52 +446,46 @@ class CometBackend:
         return self._states[key]
 
     def _save_other(self, run: RunInfo, name: str, value: str) -> None:
-        """Record an experiment other: on the live experiment, else through the REST API."""
+        """An experiment other: on the live experiment (into the zip offline), else by REST."""
         key = run.native["key"]
         exp, _ = self._open.get(key, (None, False))
         with self._calling(f"logging {name} to experiment {key}"):
             if exp is not None and exp.alive and not exp.ended:
                 exp.log_other(name, value)
                 if self.online and not exp.flush():
-                    raise BackendUnavailable(f"{self._where()} did not take {name} of experiment {key}")
+                    raise BackendUnavailable(f"{self._where()} did not take {name} of experiment {key} in time")
             elif self.online:
                 self._api_exp(key).log_other(name, value)
 
     def _save_state(self, run: RunInfo, state: _State) -> None:
         key = run.native["key"]
+        self._save_other(run, STATE_KEY, state.dump())
         if not self.online:
             _atomic_json(self._mirror(key) / "state.json", json.loads(state.dump()))
-        self._save_other(run, STATE_KEY, state.dump())
         self._states[key] = state
 
-    def _stored(self, run: RunInfo, version: int, meta: Mapping[str, Any], state: _State,
-                native: dict[str, Any], aliases: Sequence[str] | None = None) -> Stored:
+    def _stored(self, run: RunInfo, version: int, meta: Mapping[str, Any], aliases: Sequence[str],
+                native: dict[str, Any]) -> Stored:
         return Stored(
             ref=run.ref.select(version=version), run=run, version=version, step=int(meta["step"]),
-            epoch=None if meta.get("epoch") is None else int(meta["epoch"]),
-            aliases=tuple(aliases) if aliases is not None else state.aliases_of(version),
+            epoch=None if meta.get("epoch") is None else int(meta["epoch"]), aliases=tuple(aliases),
             metrics={str(k): float(v) for k, v in (meta.get("metrics") or {}).items()},
             size=int(meta.get("size") or 0), created=str(meta.get("created") or ""),
-            lineage=dict(meta.get("lineage") or {}), native=native,
-        )
+            lineage=dict(meta.get("lineage") or {}), native=native)
 
     def put(self, run: RunInfo, ckpt: LocalCheckpoint, aliases: Sequence[str] = ()) -> Stored:
         key, m = run.native["key"], ckpt.manifest
         with self._lock, self._run_lock(key):
             exp = self._exp(run)
             state = self._state(key)
-            listed = [s.version for s in self.list(run)]
-            version = max([state.last_version, *listed, *state.deleted], default=0) + 1
-            name = model_name(version, m.step)
-            src = ckpt.path
+            version = max([state.last_version, *state.deleted, *(s.version for s in self.list(run))]) + 1
+            name, src = model_name(version, m.step), ckpt.path
             if not self.online:  # the durable offline copy, restorable before any upload
                 src = copy_checkpoint(ckpt, self._mirror(key), f"v{version:06d}").path
-            files = {**{f: e.size for f, e in m.files.items()}, MANIFEST: (src / MANIFEST).stat().st_size}
-            meta = {"ckpt_track": 1, "version": version, "step": m.step, "epoch": m.epoch,
-                    "metrics": dict(m.metrics), "aliases": sorted(aliases), "created": m.created,
-                    "size": m.size, "files": files, "lineage": dict(m.lineage)}
-            new_state = _State(dict(state.aliases), state.last_version, list(state.deleted))
-            new_state.point(aliases, version)
+            meta = {"ckpt_track": 1, "version": version, "step": m.step, "epoch": m.epoch, "metrics": dict(m.metrics),
+                    "aliases": sorted(aliases), "created": m.created, "size": m.size, "lineage": dict(m.lineage),
+                    "files": {**{f: e.size for f, e in m.files.items()}, MANIFEST: (src / MANIFEST).stat().st_size}}
+            new_state = state.point(aliases, version)
             try:
                 with self._calling(f"logging checkpoint v{version} (step {m.step}) to experiment {key}"):
                     exp.set_step(m.step)
@@ -511,28 +496,25 @@ class CometBackend:
                         exp.log_metrics(dict(m.metrics), step=m.step, epoch=m.epoch)
                     if self.register_as:
                         exp.register_model(name, registry_name=self.register_as, version=self._next_registry(),
-                                           tags=[*sorted(aliases)], comment=f"{run.ref.select(version=version)}")
-                    self._save_state(run, new_state)
+                                           tags=sorted(aliases), comment=str(run.ref.select(version=version)))
+                    self._save_state(run, new_state)  # flushes online: returns once Comet has every file
             except BaseException:
                 self._states.pop(key, None)
                 if not self.online:
                     shutil.rmtree(src, ignore_errors=True)
                 raise
-        return self._stored(run, version, meta, new_state, {"model": name, "experiment": key, "path": str(src)}
-                            if not self.online else {"model": name, "experiment": key})
+        native = {"model": name, "experiment": key, **({} if self.online else {"path": str(src)})}
+        return self._stored(run, version, meta, new_state.aliases_of(version), native)
 
     def _next_registry(self) -> str | None:
-        """The next major version of ``register_as``; offline the registry is unknown until upload."""
+        """The next major version of ``register_as``; offline, Comet picks it at upload."""
         if not self.online:
             return None
         ws = self._ws_for_reads()
         with self._calling(f"reading registry model {self.register_as!r}"):
-            try:
-                versions = self._api().get_registry_model_versions(ws, self.register_as)
-            except Exception as exc:  # a model not registered yet is a 404
-                if getattr(getattr(exc, "response", None), "status_code", None) != 404:
-                    raise
-                versions = []
+            api = self._api()
+            known = self.register_as in (api.get_registry_model_names(ws) or [])
+            versions = api.get_registry_model_versions(ws, self.register_as) if known else []
         return f"{max((_semver(v)[0] for v in versions), default=0) + 1}.0.0"
 
     def list(self, run: RunInfo) -> list[Stored]:
@@ -540,48 +522,41 @@ class CometBackend:
             return self._registry_list(run)
         key = run.native["key"]
         state = self._state(key)
+        out = []
         if not self.online:
-            out = []
-            root = self._mirror(key)
-            for d in sorted(root.glob("v[0-9]*")) if root.is_dir() else []:
-                version = int(d.name[1:])
-                if version in state.deleted:
-                    continue
-                try:
-                    m = read_manifest(d)
-                except CheckpointNotFound:
-                    continue  # a copy that never committed
-                meta = {"step": m.step, "epoch": m.epoch, "metrics": m.metrics, "size": m.size,
-                        "created": m.created, "lineage": m.lineage}
-                out.append(self._stored(run, version, meta, state, {"model": model_name(version, m.step),
-                                                                    "experiment": key, "path": str(d)}))
+            for d in sorted(self._mirror(key).glob("v[0-9]*")):
+                if int(d.name[1:]) in state.deleted or not (d / MANIFEST).is_file():
+                    continue  # deleted, or a copy that never committed
+                m = read_manifest(d)
+                meta = {"step": m.step, "epoch": m.epoch, "metrics": m.metrics, "size": m.size, "created": m.created,
+                        "lineage": m.lineage}
+                v = int(d.name[1:])
+                out.append(self._stored(run, v, meta, state.aliases_of(v),
+                                        {"model": model_name(v, m.step), "experiment": key, "path": str(d)}))
             return out
         with self._calling(f"listing the checkpoints of experiment {key}"):
             exp = self._api_exp(key)
-            out = []
             for name in exp.get_model_names() or []:
                 match = _MODEL.match(name)
                 if not match or int(match.group(1)) in state.deleted:
                     continue
                 assets = self._models.get((key, name)) or exp.get_model_asset_list(name) or []
-                stored = self._from_assets(run, int(match.group(1)), assets, state, key, name)
-                if stored is not None:
+                v = int(match.group(1))
+                if (stored := self._from_assets(run, v, assets, state.aliases_of(v), key, name)) is not None:
                     self._models[(key, name)] = assets
                     out.append(stored)
         return sorted(out, key=lambda s: s.version)
 
-    def _from_assets(self, run: RunInfo, version: int, assets: Sequence[Mapping[str, Any]], state: _State,
-                     key: str, name: str, aliases: Sequence[str] | None = None) -> Stored | None:
-        """A Stored from a model's elements; None unless every file of the manifest is there."""
+    def _from_assets(self, run: RunInfo, version: int, assets: Sequence[Mapping[str, Any]], aliases: Sequence[str],
+                     key: str, name: str) -> Stored | None:
+        """A Stored from a model's elements; None unless every file of the checkpoint is there."""
         meta = _meta(assets)
-        if meta is None or not meta.get("files"):
-            return None
         have = {str(a["fileName"]): a for a in assets}
-        for fname, size in meta["files"].items():
-            if fname not in have or int(have[fname].get("fileSize") or -1) != int(size):
-                return None  # an upload that did not finish
+        if meta is None or not meta.get("files") or any(
+                f not in have or int(have[f].get("fileSize") or -1) != int(size) for f, size in meta["files"].items()):
+            return None  # not ours, or an upload that did not finish
         ids = {f: str(have[f]["assetId"]) for f in meta["files"]}
-        return self._stored(run, version, meta, state, {"model": name, "experiment": key, "assets": ids}, aliases)
+        return self._stored(run, version, meta, aliases, {"model": name, "experiment": key, "assets": ids})
 
     def get(self, stored: Stored, dest: Path) -> LocalCheckpoint:
         if "path" in stored.native:  # offline: already on local disk
@@ -589,31 +564,22 @@ class CometBackend:
             return LocalCheckpoint(path, read_manifest(path))
         dest = Path(dest)
         try:
-            return LocalCheckpoint(dest, verify(dest))  # the per-version cache is already complete
+            return LocalCheckpoint(dest, verify(dest))  # a complete earlier download
         except (CheckpointNotFound, IntegrityError):
             pass
-        key, ids = stored.native["experiment"], stored.native.get("assets")
         tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
             with self._calling(f"downloading {stored.ref}"):
-                exp = self._api_exp(key)
-                if ids is None:
-                    found = self._from_assets(stored.run, stored.version,
-                                              exp.get_model_asset_list(stored.native["model"]) or [],
-                                              _State(), key, stored.native["model"])
-                    if found is None:
-                        raise CheckpointNotFound(f"{stored.ref}: model {stored.native['model']} is incomplete")
-                    ids = found.native["assets"]
+                exp, ids = self._assets_of(stored)
                 for fname, asset_id in sorted(ids.items(), key=lambda kv: kv[0] == MANIFEST):
                     if Path(fname).is_absolute() or ".." in Path(fname).parts:
                         raise IntegrityError(f"{stored.ref}: file name {fname!r} escapes the checkpoint")
                     (tmp / fname).parent.mkdir(parents=True, exist_ok=True)
                     response = exp.get_asset(asset_id, return_type="response", stream=True)
-                    try:
+                    try:  # streamed: download_model() would hold the whole checkpoint in memory
                         with open(tmp / fname, "wb") as out:
-                            for chunk in response.iter_content(1 << 20):
-                                out.write(chunk)
+                            out.writelines(response.iter_content(1 << 20))
                     finally:
                         response.close()
             if dest.exists():
@@ -624,43 +590,49 @@ class CometBackend:
             raise
         return LocalCheckpoint(dest, read_manifest(dest))
 
+    def _assets_of(self, stored: Stored) -> tuple[Any, dict[str, str]]:
+        """The APIExperiment holding a version, and its asset id per file name."""
+        key, model = stored.native["experiment"], stored.native["model"]
+        exp = self._api_exp(key)
+        if "assets" in stored.native:
+            return exp, dict(stored.native["assets"])
+        found = self._from_assets(stored.run, stored.version, exp.get_model_asset_list(model) or [], (), key, model)
+        if found is None:  # a Stored straight from put() carries no asset ids
+            raise CheckpointNotFound(f"{stored.ref}: model {model} of experiment {key} is incomplete")
+        return exp, dict(found.native["assets"])
+
+    def _writable(self, stored: Stored) -> str:
+        if stored.native.get("registry"):
+            raise BackendError(f"{stored.ref}: registry versions are read-only here; change them in Comet's "
+                               "model registry")
+        return str(stored.run.native["key"])
+
     def set_aliases(self, stored: Stored, aliases: Sequence[str]) -> None:
-        run = self._writable(stored)
-        with self._lock, self._run_lock(run.native["key"]):
-            state = self._state(run.native["key"])
-            state.point(aliases, stored.version)
-            self._save_state(run, state)
+        key = self._writable(stored)
+        with self._lock, self._run_lock(key):
+            self._save_state(stored.run, self._state(key).point(aliases, stored.version))
 
     def delete(self, stored: Stored) -> None:
-        run = self._writable(stored)
-        key = run.native["key"]
+        key = self._writable(stored)
         with self._lock, self._run_lock(key):
-            state = self._state(key)
-            # tombstone first: a half-deleted version is never listed, and an uploaded
-            # offline archive (which still holds the files) stays consistent
-            state.deleted = sorted({*state.deleted, stored.version})
-            state.aliases = {a: v for a, v in state.aliases.items() if v != stored.version}
-            state.last_version = max(state.last_version, stored.version)
-            self._save_state(run, state)
+            old = self._state(key)
+            # tombstone first: a half-deleted version is never listed, and an archive uploaded
+            # later (still holding the files) stays consistent
+            self._save_state(stored.run, _State({a: v for a, v in old.aliases.items() if v != stored.version},
+                                                max(old.last_version, stored.version),
+                                                sorted({*old.deleted, stored.version})))
             if "path" in stored.native:
                 path = Path(stored.native["path"])
-                trash = path.with_name(f".deleting-{path.name}-{uuid.uuid4().hex[:8]}")
                 if path.exists():
+                    trash = path.with_name(f".deleting-{path.name}-{uuid.uuid4().hex[:8]}")
                     os.rename(path, trash)
                     shutil.rmtree(trash, ignore_errors=True)
                 return
-            ids = stored.native.get("assets") or {}
             with self._calling(f"deleting {stored.ref}"):
-                exp = self._api_exp(key)
+                exp, ids = self._assets_of(stored)
                 for asset_id in ids.values():
                     exp.delete_asset(asset_id)
             self._models.pop((key, stored.native["model"]), None)
-
-    def _writable(self, stored: Stored) -> RunInfo:
-        if stored.native.get("registry"):
-            raise BackendError(f"{stored.ref}: registry versions are read-only here; change their tags in "
-                               "Comet's model registry")
-        return stored.run
 
     def link_input(self, run: RunInfo, source: Stored) -> None:
         if not self.online:
@@ -671,24 +643,23 @@ class CometBackend:
         self._save_other(run, RESUMED_FROM_KEY, str(source.ref))
 
     def finish_run(self, run: RunInfo) -> None:
-        exp, owned = self._open.pop(run.native.get("key", ""), (None, False))
-        if exp is None:
-            return
-        with self._calling(f"ending experiment {run.native['key']}"):
-            if owned:
-                exp.end()  # offline: writes <key>.zip for `comet upload`
-            elif self.online:
-                exp.flush()  # the user's experiment: they end it
+        exp, ours = self._open.pop(str(run.native.get("key")), (None, False))
+        if exp is not None:
+            with self._calling(f"ending experiment {run.native['key']}"):
+                if ours:
+                    exp.end()  # offline: writes <key>.zip for `comet upload`
+                elif self.online:
+                    exp.flush()  # the user's experiment: theirs to end
 
     def close(self) -> None:
-        """End every experiment this backend started (tests, long-lived processes)."""
+        """End every experiment this backend started (for tests and long-lived processes)."""
         for key in list(self._open):
-            exp, owned = self._open.pop(key)
-            if owned and not exp.ended:
+            exp, ours = self._open.pop(key)
+            if ours and not exp.ended:
                 with self._calling(f"ending experiment {key}"):
                     exp.end()
 
-    # -- the model registry (read-only) -----------------------------------------------
+    # -- the model registry (read-only) --------------------------------------------------------
     def _registry_run(self, workspace: str, model: str) -> RunInfo:
         if not self.online:
             raise BackendError("registry references need Comet online: set [comet] online = true")
@@ -703,17 +674,17 @@ class CometBackend:
             details = self._api().get_registry_model_details(run.native["workspace"], run.native["model"])
         items = sorted(details.get("versions") or [], key=lambda v: _semver(str(v.get("version"))))
         out = []
-        for i, item in enumerate(items, 1):
+        for i, item in enumerate(items, 1):  # :vN is the N-th version in version order
             source = item.get("experimentModel") or {}
-            tags = [t for t in [item.get("version"), *(item.get("stages") or []), *(item.get("tags") or [])]
-                    if isinstance(t, str) and _SEGMENT.match(t)]
-            found = self._from_assets(run, i, item.get("assets") or [], _State(), str(source.get("experimentKey")),
-                                      str(source.get("experimentModelName")), aliases=sorted(set(tags)))
+            tags = {t for t in [item.get("version"), *(item.get("stages") or []), *(item.get("tags") or [])]
+                    if isinstance(t, str) and _SEGMENT.match(t)}
+            found = self._from_assets(run, i, item.get("assets") or [], sorted(tags),
+                                      str(source.get("experimentKey")), str(source.get("experimentModelName")))
             if found is not None:  # only checkpoints ckpt_track logged can be restored
-                out.append(Stored(**{**found.__dict__, "native": {**found.native, "registry": True}}))
+                out.append(replace(found, native={**found.native, "registry": True}))
         return out
 
-    # -- references -----------------------------------------------------------------------
+    # -- references -------------------------------------------------------------------------------
     @classmethod
     def parse_ref(cls, text: str) -> Ref | None:
         t = text.strip()
@@ -723,12 +694,11 @@ class CometBackend:
             if len(parts) not in (2, 4) or not all(parts):
                 raise InvalidRef(f"{text!r}: expected experiment://<experiment key>/<model> or "
                                  "experiment://<workspace>/<project>/<experiment name>/<model>")
-            match = _MODEL.match(parts[-1])
-            if not match:
+            if not (match := _MODEL.match(parts[-1])):
                 raise InvalidRef(f"{text!r}: model {parts[-1]!r} is not a ckpt_track checkpoint "
                                  "(those are named ckpt-v<N>-step<S>)")
             if len(parts) == 2 and not _KEY.match(parts[0]):
-                raise InvalidRef(f"{text!r}: {parts[0]!r} is not an experiment key (32-50 letters and digits)")
+                raise InvalidRef(f"{text!r}: {parts[0]!r} is not an experiment key (32 to 50 letters and digits)")
             return Ref(cls.name, "/".join(parts[:-1]), version=int(match.group(1)))
         if low.startswith("registry://"):
             path, colon, version = t[len("registry://"):].partition(":")
@@ -740,11 +710,10 @@ class CometBackend:
             u = urlparse(t)
             parts = [p for p in u.path.split("/") if p]
             saas = (u.hostname or "") in _SAAS_HOSTS
-            if len(parts) >= 3 and _KEY.match(parts[2]):
-                params = () if saas else (("url", f"{u.scheme}://{u.netloc}"),)
-                return Ref(cls.name, "/".join(parts[:3]), params=params)
+            if len(parts) >= 3 and _KEY.match(parts[2]):  # <ws>/<project>/<key>[/...]: an experiment page
+                return Ref(cls.name, "/".join(parts[:3]), params=() if saas else (("url", f"{u.scheme}://{u.netloc}"),))
             if saas:
-                raise InvalidRef(f"{text!r} is not a Comet experiment page; copy the URL of an experiment: "
+                raise InvalidRef(f"{text!r} is not a Comet experiment page; copy an experiment's URL: "
                                  "https://www.comet.com/<workspace>/<project>/<experiment key>")
         return None
 

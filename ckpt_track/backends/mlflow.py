@@ -17,8 +17,10 @@ The SDK is imported on first use only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -253,7 +255,7 @@ class MlflowBackend:
     def _stored(self, run: RunInfo, model: Any) -> Stored:
         tags = model.tags
         version = int(tags[TAG_VERSION])
-        lineage = {k: tags[t] for k, t in _LINEAGE_TAGS.items() if t in tags}
+        lineage = {k: tags.get(t) for k, t in _LINEAGE_TAGS.items()}  # None: recorded as absent
         return Stored(
             ref=run.ref.select(version=version), run=run, version=version, step=int(tags.get(TAG_STEP, 0)),
             epoch=int(tags["ckpt_track.epoch"]) if tags.get("ckpt_track.epoch", "") not in ("", "None") else None,
@@ -381,7 +383,9 @@ class MlflowBackend:
             self._client.set_tag(run.run_id, "ckpt_track.resumed_from", str(source.ref))
 
     def finish_run(self, run: RunInfo) -> None:
-        with self._errors(f"finishing MLflow run {run.run_id}"):
+        # MLflow prints "View run ... at <url>" to stdout here; keep stdout clean for the
+        # caller's own output (and --json), and show the link on stderr instead
+        with self._errors(f"finishing MLflow run {run.run_id}"), contextlib.redirect_stdout(sys.stderr):
             self._client.set_terminated(run.run_id, "FINISHED")
 
     # -- references --------------------------------------------------------------------------

@@ -258,29 +258,35 @@ def checkpoint_dir(
         run = found.run
         target = (cache_dir() / EXTRA_KEY / run.backend / run.project / run.run_id
                   / f"v{found.stored.version}" / f"checkpoint-{found.stored.step}")
-        if _holds(target, source):
-            return target
     else:
         target = Path(dest)
-        if _holds(target, source):
-            return target
-        if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise FileExistsError(f"{target} is not empty; give a new or empty directory")
+    if _holds(target, source):
+        return target
+    if dest is not None and target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"{target} is not empty; give a new or empty directory")
     _, tensors, tree = load_checkpoint(ckpt.path)
-    if "model" not in tree:
+    hf = decode_tree((tree.get("extra") or {}).get(EXTRA_KEY) or {}, tensors)
+    if "model" not in tree or not isinstance(hf, Mapping) or "trainer_state" not in hf:
         raise ct.StateMismatch(
-            f"{found.stored.ref} holds no model state, so a Trainer cannot resume from it; "
-            "log checkpoints with CkptTrackCallback or log_checkpoint(model=...)"
+            f"{found.stored.ref} was not logged by CkptTrackCallback (it holds no Trainer state), so a "
+            "Trainer cannot resume from it; load its weights with ct.restore(ref, model=model) instead"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        _write_trainer_files(tmp, tree, tensors, found.stored)
+        _write_trainer_files(tmp, tree, tensors, hf)
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
-        if target.exists():
-            target.rmdir()  # checked empty above
+        if target.exists() and dest is None:  # a stale cache entry: ours to replace
+            shutil.rmtree(target)
+        elif target.exists():  # an empty dest (checked above)
+            target.rmdir()
         os.rename(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _holds(target, source):  # another process made the same directory first
+            return target
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -295,7 +301,7 @@ def _holds(path: Path, source: Mapping[str, str]) -> bool:
 
 
 def _write_trainer_files(out: Path, tree: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
-                         stored: ct.Stored) -> None:
+                         hf: Mapping[str, Any]) -> None:
     """Write the files of a Trainer checkpoint, each in the form the Trainer loads it."""
     weights = decode_tree(tree["model"], tensors)
     # a tied tensor (e.g. lm_head tied to the embeddings) is stored once, under the first key
@@ -304,13 +310,9 @@ def _write_trainer_files(out: Path, tree: Mapping[str, Any], tensors: Mapping[st
              if isinstance(v, torch.Tensor) and f"model/{k}" in tensors}
     save_file(owned, str(out / WEIGHTS), metadata={"format": "pt"})
 
-    hf = decode_tree((tree.get("extra") or {}).get(EXTRA_KEY) or {}, tensors)
-    trainer_state = hf.get("trainer_state")
-    if trainer_state is None:  # logged by a plain loop: the Trainer still needs a state file
-        epoch = stored.epoch if stored.epoch is not None else 0
-        trainer_state = dataclasses.asdict(TrainerState(global_step=stored.step, epoch=float(epoch)))
     # same serialisation as TrainerState.save_to_json, so the file is byte-identical
-    (out / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (out / TRAINER_STATE).write_text(json.dumps(hf["trainer_state"], indent=2, sort_keys=True) + "\n",
+                                     encoding="utf-8")
     if hf.get("model_config") is not None:
         (out / CONFIG).write_text(json.dumps(hf["model_config"], indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

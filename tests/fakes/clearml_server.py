@@ -248,9 +248,6 @@ class FakeClearmlServer:
     def _projects__get_all(self, body: dict[str, Any]) -> dict[str, Any]:
         return {"projects": self._query(list(self.projects.values()), body)}
 
-    def _projects__get_all_ex(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._projects__get_all(body)
-
     def _projects__get_by_id(self, body: dict[str, Any]) -> dict[str, Any]:
         return {"project": copy.deepcopy(self._get(self.projects, "project", body["project"]))}
 
@@ -285,9 +282,6 @@ class FakeClearmlServer:
     def _tasks__get_all(self, body: dict[str, Any]) -> dict[str, Any]:
         docs = [t for t in self.tasks.values() if body.get("search_hidden") or "hidden" not in t.get("system_tags", [])]
         return {"tasks": self._query(docs, body)}
-
-    def _tasks__get_all_ex(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._tasks__get_all(body)
 
     def _tasks__get_by_id(self, body: dict[str, Any]) -> dict[str, Any]:
         return {"task": copy.deepcopy(self._get(self.tasks, "task", body["task"]))}
@@ -431,9 +425,6 @@ class FakeClearmlServer:
 
     def _models__get_all(self, body: dict[str, Any]) -> dict[str, Any]:
         return {"models": self._query(list(self.models.values()), body)}
-
-    def _models__get_all_ex(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._models__get_all(body)
 
     def _models__get_by_id(self, body: dict[str, Any]) -> dict[str, Any]:
         return {"model": copy.deepcopy(self._get(self.models, "model", body["model"]))}
