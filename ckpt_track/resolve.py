@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,11 @@ class Resolved:
 
     def fetch(self) -> LocalCheckpoint:
         """The checkpoint on local disk; remote backends download into the cache."""
-        dest = cache_dir() / self.run.backend / self.run.project / self.run.run_id / f"v{self.stored.version}"
+        run_ref = self.run.ref
+        # the run's whole reference (entity, server, ...) keys the cache, so two runs that share
+        # a project and id on different servers never share a slot
+        where = hashlib.sha256(str(run_ref.params).encode()).hexdigest()[:10] if run_ref.params else "default"
+        dest = cache_dir() / run_ref.backend / where / Path(*run_ref.segments) / f"v{self.stored.version}"
         return self.backend.get(self.stored, dest)
 
 

@@ -62,7 +62,8 @@ class Preempt(TrainerCallback):
 
 def make_model() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0))
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config)
 
 
 def train(out: str, callbacks: list[TrainerCallback], resume: str | None = None) -> Trainer:
@@ -95,8 +96,8 @@ def main() -> None:
     print(f"resumed from {path.name} and trained to step {resumed.state.global_step}")
 
     reference = train("hf_example_out/uninterrupted", [])
-    same = all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(),
-                                                  reference.model.state_dict().values()))
+    ours, theirs = resumed.model.state_dict(), reference.model.state_dict()
+    same = ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     print(f"weights identical to uninterrupted training: {same}")
 
     print(f"\n{'step':>4}  {'loss':>7}  {'eval_loss':>9}  aliases")

@@ -11,7 +11,7 @@ Offline (``offline = true`` or ``CLEARML_OFFLINE_MODE=1``) ``OutputModel`` canno
 upload (clearml 2.x: ``'DummyModel' object has no attribute 'locked'``), so each
 checkpoint is a task artifact (``upload_artifact`` of the directory) with the same
 metadata, and the alias table lives in the task's user properties.  Those
-survive ``clearml-task import_offline_session``, so an imported run stays
+survive ``clearml-task --import-offline-session``, so an imported run stays
 restorable online; before that, ``list``/``get`` read the session folder (or its
 zip) the SDK wrote.  Versions are counted per task in the user property
 ``ckpt_track_last_version``, so a deleted version number is never reused.
@@ -27,6 +27,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 import uuid
 import warnings
 import zipfile
@@ -37,8 +38,17 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from ..errors import (AuthError, BackendError, BackendNotInstalled, BackendUnavailable, CheckpointNotFound,
-                      CkptTrackError, ConfigError, IntegrityError, InvalidRef)
+from ..errors import (
+    AuthError,
+    BackendError,
+    BackendNotInstalled,
+    BackendUnavailable,
+    CheckpointNotFound,
+    CkptTrackError,
+    ConfigError,
+    IntegrityError,
+    InvalidRef,
+)
 from ..format import MANIFEST, LocalCheckpoint, Manifest, read_manifest, verify
 from ..refs import Ref
 from .base import RunInfo, RunSpec, Stored
@@ -125,6 +135,10 @@ def _artifacts(task: Mapping[str, Any]) -> list[_Item]:
     return items
 
 
+def _tid(run: RunInfo) -> str:
+    return str(run.native.get("task_id") or run.run_id)
+
+
 def _zip_dir(ckpt: LocalCheckpoint, target: Path) -> None:
     # stored, not deflated: safetensors barely compress, and extraction stays I/O-bound
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -198,6 +212,7 @@ class ClearmlBackend:
         self.offline_dir = Path(opts["offline_dir"]).expanduser() if opts.get("offline_dir") else None
         self._open: dict[str, _Open] = {}
         self._session: Any = None
+        self._probed = -1e9
 
     # -- the SDK boundary ------------------------------------------------------------------
     @staticmethod
@@ -230,6 +245,7 @@ class ClearmlBackend:
                 raise AuthError(f"ClearML rejected the credentials while {doing}: {text}; check "
                                 "CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY") from exc
             if name in ("LoginError", "ConnectionError", "MaxRetryError", "Timeout") or isinstance(exc, ConnectionError):
+                self._probed = -1e9  # check the server again before the next call
                 raise BackendUnavailable(f"ClearML server unreachable while {doing}: {text}") from exc
             if name == "UsageError":
                 raise ConfigError(f"ClearML: {text}") from exc
@@ -264,8 +280,10 @@ class ClearmlBackend:
         if Task.is_offline():
             raise ConfigError("this needs the ClearML server, but ClearML offline mode is on "
                               "(CLEARML_OFFLINE_MODE or [clearml] offline); turn it off to read online runs")
-        if self._session is None:
+        if time.monotonic() - self._probed > 5.0:  # cheap, and it spares a lost server hours of SDK retries
             _probe(Session.get_api_server_host())
+            self._probed = time.monotonic()
+        if self._session is None:
             self._session = Session()
         return self._session
 
@@ -367,8 +385,13 @@ class ClearmlBackend:
             task.output_uri = self.output_uri or True
             task.mark_started(force=True)
             op = _Open(task, owned=True, main=False)
-        tags = ["ckpt_track", *([_RUN_TAG + spec.run_id] if spec.run_id else [])]
-        op.task.set_system_tags(sorted(set(op.task.get_system_tags() or []) | set(tags)))
+        return self._adopt(op, spec)
+
+    def _adopt(self, op: _Open, spec: RunSpec) -> _Open:
+        """Mark a new task as ours (and with the user's run id), record the config, hold it."""
+        if op.owned:
+            tags = ["ckpt_track", *([_RUN_TAG + spec.run_id] if spec.run_id else [])]
+            op.task.set_system_tags(sorted(set(op.task.get_system_tags() or []) | set(tags)))
         if spec.config:
             op.task.connect(dict(spec.config), name="config")
         self._open[op.task.id] = op
@@ -380,7 +403,7 @@ class ClearmlBackend:
         if spec.run_id and self._sessions(run_id=spec.run_id):
             raise ConfigError(
                 f"run {spec.run_id!r} is an offline ClearML session, which cannot be continued; import it "
-                "(clearml-task import_offline_session ...) and resume online, or start a new run and call "
+                "(clearml-task --import-offline-session <zip>) and resume online, or start a new run and call "
                 "run.resume(ref='clearml://offline-...') to continue from its checkpoint")
         if spec.resume == "must":
             raise CheckpointNotFound(f"no offline ClearML session for run {spec.run_id or spec.name!r}")
@@ -396,19 +419,12 @@ class ClearmlBackend:
             Task.set_offline(True)
             task = self._task_init(project_name=project, task_name=spec.name or spec.run_id, reuse_last_task_id=False)
             op = _Open(task, owned=True, main=True, restore_offline=was)
-            tags = ["ckpt_track", *([_RUN_TAG + spec.run_id] if spec.run_id else [])]
-            task.set_system_tags(sorted(set(task.get_system_tags() or []) | set(tags)))
-            if spec.config:
-                task.connect(dict(spec.config), name="config")
-        self._open[op.task.id] = op
-        return self._info(op, resumed=False)
+        return self._info(self._adopt(op, spec), resumed=False)
 
     def _info(self, op: _Open, resumed: bool) -> RunInfo:
-        task = op.task
-        tags = task.get_system_tags() or []
-        doc = {"id": task.id, "name": task.name, "system_tags": tags, "project_name": task.get_project_name(),
-               "project": task.project}
-        return self._run_info(doc, resumed)
+        t = op.task
+        return self._run_info({"id": t.id, "name": t.name, "system_tags": t.get_system_tags() or [],
+                               "project_name": t.get_project_name(), "project": t.project}, resumed)
 
     def _run_info(self, doc: Mapping[str, Any], resumed: bool, params: tuple[tuple[str, str], ...] = ()) -> RunInfo:
         tid = str(doc["id"])
@@ -470,7 +486,7 @@ class ClearmlBackend:
     # -- reading a run's checkpoints ------------------------------------------------------------
     def _state(self, run: RunInfo) -> tuple[list[_Item], dict[str, str], dict[str, Any]]:
         """(checkpoints, user properties, where they live) of a run."""
-        tid = str(run.native.get("task_id") or run.run_id)
+        tid = _tid(run)
         if tid.startswith("offline-"):
             doc, where = self._session_doc(tid)
             return _artifacts(doc), _props(doc), where
@@ -548,15 +564,9 @@ class ClearmlBackend:
 
     # -- offline sessions --------------------------------------------------------------------------
     def _session_dirs(self) -> list[Path]:
-        dirs = [self.offline_dir] if self.offline_dir else []
-        try:
-            self._sdk()
-            from clearml.config import get_offline_dir
+        from clearml.config import get_offline_dir
 
-            dirs.append(Path(get_offline_dir()))
-        except BackendNotInstalled:
-            pass
-        return [d for d in dirs if d is not None]
+        return [*([self.offline_dir] if self.offline_dir else []), Path(get_offline_dir())]
 
     def _session_doc(self, task_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """task.json of an offline session, from its folder or else its zip."""
@@ -606,12 +616,12 @@ class ClearmlBackend:
 
     # -- writing -----------------------------------------------------------------------------------
     def _writable(self, run: RunInfo) -> _Open:
-        tid = str(run.native.get("task_id") or run.run_id)
+        tid = _tid(run)
         op = self._held(tid)
         if op is None:
             if tid.startswith("offline-"):
                 raise BackendError(f"{run.ref} cannot be changed: a closed offline session is read-only; "
-                                   "import it with clearml-task import_offline_session first")
+                                   "import it with clearml-task --import-offline-session <zip> first")
             from clearml import Task
 
             self._connect()
@@ -628,7 +638,7 @@ class ClearmlBackend:
         return _Open(current, owned=False, main=True) if current is not None and current.id == tid else None
 
     def _set_props(self, run: RunInfo, **props: str) -> None:
-        tid = str(run.native.get("task_id") or run.run_id)
+        tid = _tid(run)
         op = self._held(tid)
         if op is not None:  # through the SDK, so its cached copy of the task stays current
             op.task.set_user_properties(**props)
@@ -641,12 +651,14 @@ class ClearmlBackend:
     def put(self, run: RunInfo, ckpt: LocalCheckpoint, aliases: Sequence[str] = ()) -> Stored:
         aliases = sorted(set(aliases))
         with self._boundary(f"storing step {ckpt.step} in {run.ref}"):
+            if not run.native.get("offline"):
+                self._connect()
             op = self._writable(run)
             items, props, _ = self._state(run)
             last = max([int(props.get(_P_VERSION) or 0), *(i.version for i in items)])
             version, record = last + 1, _record(ckpt.manifest, last + 1)
             table = {a: v for a, v in self._table(props).items() if a not in aliases}
-            name, tid = f"ckpt-v{version:06d}", str(run.native.get("task_id") or run.run_id)
+            name, tid = f"ckpt-v{version:06d}", _tid(run)
             if run.native.get("offline"):
                 if not op.task.upload_artifact(name, artifact_object=str(ckpt.path), metadata=record,
                                                wait_on_upload=True):
@@ -747,7 +759,7 @@ class ClearmlBackend:
                 InputModel(model_id=source.native["key"]).connect(op.task, name=f"resumed_from_v{source.version}")
 
     def finish_run(self, run: RunInfo) -> None:
-        op = self._open.pop(str(run.native.get("task_id") or run.run_id), None)
+        op = self._open.pop(_tid(run), None)
         if op is None:
             return
         with self._boundary(f"closing {run.ref}"):
@@ -780,6 +792,6 @@ class ClearmlBackend:
         return (
             "clearml://<task_id>[@selector]   clearml://offline-<hex>[@selector]   <task_id>   offline-<hex>",
             "clearml://models/<model_id>   clearml://<project>/<task name or run id>[@selector]",
-            "ClearML UI URLs: https://app.clear.ml/projects/<id|*>/experiments/<task_id>/..., "
-            ".../projects/<id>/tasks/<task_id>/..., .../projects/<id>/models/<model_id>/... (any web host)",
+            ("ClearML UI URLs: https://app.clear.ml/projects/<id|*>/experiments/<task_id>/..., "
+             ".../projects/<id>/tasks/<task_id>/..., .../projects/<id>/models/<model_id>/... (any web host)"),
         )

@@ -47,13 +47,21 @@ from urllib.parse import unquote, urlsplit
 
 from filelock import FileLock, Timeout
 
-from ..errors import (AuthError, BackendError, BackendUnavailable, CheckpointNotFound, CkptTrackError, ConfigError,
-                      IntegrityError, InvalidRef)
+from ..errors import (
+    AuthError,
+    BackendError,
+    BackendUnavailable,
+    CheckpointNotFound,
+    CkptTrackError,
+    ConfigError,
+    IntegrityError,
+    InvalidRef,
+)
 from ..format import MANIFEST, LocalCheckpoint, copy_checkpoint, hash_file, publish, read_manifest, verify
 from ..refs import Ref
 from .base import RunInfo, RunSpec, Stored
 
-__all__ = ["WandbBackend", "ARTIFACT_PREFIX"]
+__all__ = ["ARTIFACT_PREFIX", "WandbBackend"]
 
 ARTIFACT_PREFIX = "ckpt-"
 _METRIC = "checkpoint/"
@@ -315,8 +323,12 @@ class WandbBackend:
                 except RunNotFoundError:
                     return None
                 return str(r.id), str(r.name or r.id), str(r.entity)
-            for r in api.runs(f"{entity}/{project}", filters={"displayName": wanted}, order="-created_at"):
-                return str(r.id), str(r.name or r.id), str(r.entity)
+            try:
+                for r in api.runs(f"{entity}/{project}", filters={"displayName": wanted}, order="-created_at"):
+                    return str(r.id), str(r.name or r.id), str(r.entity)
+            except ValueError as exc:  # how the SDK says the project has no runs yet
+                if "Could not find project" not in str(exc):
+                    raise
         return None
 
     def _init(self, spec: RunSpec, entity: str | None, project: str, run_id: str | None, resumed: bool) -> Any:
@@ -371,7 +383,8 @@ class WandbBackend:
                       metrics={str(k): float(v) for k, v in (meta.get("metrics") or {}).items()},
                       size=int(meta.get("size") or 0), created=str(meta.get("created") or ""),
                       lineage=dict(meta.get("lineage") or {}),
-                      native={"artifact": self._artifact_path(run, version), **native})
+                      native={"artifact": self._artifact_path(run, version),
+                              "manifest_xxh3": meta.get("manifest_xxh3"), **native})
 
     def _live_run(self, run: RunInfo) -> Any:
         live = self._live(run.project, run.run_id)
@@ -452,11 +465,14 @@ class WandbBackend:
             path = Path(stored.native["path"])
             return LocalCheckpoint(path, read_manifest(path))
         dest = Path(dest)
+        expected = stored.native.get("manifest_xxh3")
         if (dest / MANIFEST).is_file():
             try:
-                return LocalCheckpoint(dest, verify(dest))
-            except (IntegrityError, CheckpointNotFound):
-                pass  # damaged or partial: download again
+                # the manifest hash tells this version from another one cached under the same path
+                if expected in (None, hash_file(dest / MANIFEST)):
+                    return LocalCheckpoint(dest, verify(dest))
+            except (IntegrityError, CheckpointNotFound, OSError):
+                pass  # damaged, partial or another checkpoint: download again
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
         try:

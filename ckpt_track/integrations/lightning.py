@@ -39,6 +39,8 @@ callback therefore also stores, in its own callback state, the train dataloaders
 ``torch.Generator`` states and the global RNG at the start of the current epoch, plus
 how many batches were drawn; on resume it replays the epoch's shuffle and skips the
 batches already seen, so training continues bit-identically mid-epoch too (tested).
+Keep the callback in the resumed Trainer: the plugin alone restores what Lightning
+itself stores, but not the data order.
 
 Values the JSON codec cannot store (a module or a path among the hyper-parameters,
 anything odd a ``on_save_checkpoint`` hook adds) never stop training: hyper-parameters
@@ -257,6 +259,9 @@ class CkptTrackCheckpointIO(CheckpointIO):
             return
         if storage_options is not None:
             raise TypeError("CkptTrackCheckpointIO.save_checkpoint takes no storage_options")
+        if "://" in str(path):
+            raise ConfigError(f"{path}: CkptTrackCheckpointIO saves to local directories; log to a tracker "
+                              "with CkptTrackCallback instead")
         cleaned, notes = _storable_checkpoint(checkpoint, self._warned)
         target = Path(path)
         step, epoch = int(checkpoint.get("global_step", 0)), checkpoint.get("epoch")
@@ -264,7 +269,8 @@ class CkptTrackCheckpointIO(CheckpointIO):
                            model=_Fixed(cleaned["state_dict"]) if "state_dict" in cleaned else None,  # type: ignore[arg-type]
                            optimizer=_optimizer_state(cleaned), scheduler=_scheduler_state(cleaned))
         tensors = snapshot_tensors(captured.tensors, copy=False)
-        # written beside the target and swapped in, so an existing one (last.ckpt) is replaced whole
+        # written beside the target and swapped in, so an existing one (last.ckpt) is replaced whole;
+        # POSIX cannot rename over a non-empty directory, hence the two renames
         tmp_name = f".{target.name}-{uuid.uuid4().hex[:8]}"
         ckpt = write_checkpoint(target.parent, tmp_name, tensors, captured.tree, step=step, epoch=epoch)
         old = target.parent / f".{target.name}-old-{uuid.uuid4().hex[:8]}"
@@ -295,7 +301,7 @@ def _scheduler_state(checkpoint: Mapping[str, Any]) -> _Fixed | None:
     return _Fixed(states[0]) if len(states) == 1 else None
 
 
-def resume_ref(ref: str, *, settings: Settings | None = None) -> str | None:
+def resume_ref(ref: str | ct.Ref, *, settings: Settings | None = None) -> str | None:
     """The checkpoint ``ref`` selects as a canonical reference, or None when its run does not
     exist yet or has no checkpoint (a first start): pass it as ``fit(ckpt_path=...)``.
 
@@ -397,7 +403,7 @@ class CkptTrackCallback(Callback):
         self.install_checkpoint_io = install_checkpoint_io
         self._run = run
         self._owns_run = run is None
-        self._run_id: str | None = None
+        self._open = False  # an owned run is finished when fit ends; the next fit re-attaches to it
         self._trainer: pl.Trainer | None = None
         self._init_kwargs: dict[str, Any] = {
             k: v for k, v in {"project": project, "name": name, "run_id": run_id, "backend": backend,
@@ -415,7 +421,8 @@ class CkptTrackCallback(Callback):
 
     @property
     def run(self) -> ct.Run | None:
-        """The run checkpoints go to (None before the first ``fit`` and off rank zero)."""
+        """The run checkpoints go to (None before the first ``fit`` and off rank zero); after
+        ``fit`` the finished run, e.g. for ``cb.run.ref``."""
         return self._run
 
     # -- set-up and tear-down ----------------------------------------------------------------
@@ -423,17 +430,22 @@ class CkptTrackCallback(Callback):
         self._trainer = trainer
         self._last_step, self._deferred, self._epoch_start = None, False, None
         self._loaded, self._resumed_from = None, None
-        if stage == "fit" and trainer.is_global_zero and self._run is None:
+        if stage == "fit" and trainer.is_global_zero and self._owns_run and not self._open:
             kwargs = dict(self._init_kwargs)
             if "config" not in kwargs and pl_module.hparams:
                 kwargs["config"] = dict(pl_module.hparams)
-            if self._run_id is not None:  # a later fit with this callback continues its run
-                kwargs["run_id"], kwargs["resume"] = self._run_id, "auto"
+            if self._run is not None:  # a later fit with this callback continues its run
+                kwargs["run_id"], kwargs["resume"] = self._run.id, "auto"
             self._run = ct.init(**kwargs)
-            self._run_id = self._run.id
-        if self.install_checkpoint_io and not isinstance(trainer.strategy.checkpoint_io, CkptTrackCheckpointIO):
-            trainer.strategy.checkpoint_io = CkptTrackCheckpointIO(
-                self._run.settings if self._run is not None else None, fallback=trainer.strategy.checkpoint_io)
+            self._open = True
+        # references resolve with the run's settings; off rank zero with the same overrides
+        settings = self._run.settings if self._run is not None else ct.load_settings(
+            dict(self._init_kwargs.get("settings") or {}))
+        io = trainer.strategy.checkpoint_io
+        if isinstance(io, CkptTrackCheckpointIO):
+            io.settings = io.settings or settings
+        elif self.install_checkpoint_io:
+            trainer.strategy.checkpoint_io = CkptTrackCheckpointIO(settings, fallback=io)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -445,12 +457,11 @@ class CkptTrackCallback(Callback):
     def _close(self, raise_errors: bool) -> None:
         self._unquiet()
         run = self._run
-        if run is None:
+        if run is None or (self._owns_run and not self._open):
             return
-        if self._owns_run:
-            self._run = None  # finished; the next fit re-attaches by run_id
         try:
             if self._owns_run:
+                self._open = False
                 run.finish()
             else:
                 run.wait()
@@ -504,7 +515,7 @@ class CkptTrackCallback(Callback):
         # every rank builds the dict (strategies may gather inside); rank zero records it
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         self._last_step = trainer.global_step
-        if self._run is None or not trainer.is_global_zero:
+        if self._run is None or not trainer.is_global_zero or (self._owns_run and not self._open):
             return
         cleaned, notes = _storable_checkpoint(checkpoint, self._warned)
         optimizers = trainer.optimizers
@@ -586,8 +597,8 @@ class CkptTrackCallback(Callback):
                               f"run: {problem}", UserWarning, stacklevel=2)
             return
         assert data is not None and loaders is not None and isinstance(fetcher, _PrefetchDataFetcher)
-        for loader, states in zip(loaders, data["generators"]):
-            for generator, saved in zip(_generators(loader), states):
+        for loader, states in zip(loaders, data["generators"], strict=True):
+            for generator, saved in zip(_generators(loader), states, strict=True):
                 generator.set_state(saved)
         _set_rng(data["rng"])
         if data["mode"] == "pre":  # the checkpoint's state precedes the epoch's iterator: make it anew

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import shutil
 import uuid
@@ -66,8 +65,6 @@ from ckpt_track.resolve import cache_dir, resolve
 from ckpt_track.state import decode_tree
 
 __all__ = ["CkptTrackCallback", "checkpoint_dir"]
-
-log = logging.getLogger("ckpt_track")
 
 EXTRA_KEY = "transformers"
 SOURCE_FILE = "ckpt_track_source.json"  # names the checkpoint a directory was made from
@@ -183,7 +180,8 @@ class CkptTrackCallback(TrainerCallback):
         """:func:`checkpoint_dir` with this callback's settings; the next run records that it
         resumed from ``ref`` (its lineage and, where the tracker has one, its input graph).
 
-        >>> trainer.train(resume_from_checkpoint=str(callback.checkpoint_dir("mlflow://<run_id>@latest")))  # doctest: +SKIP
+        >>> path = callback.checkpoint_dir("mlflow://<run_id>@latest")  # doctest: +SKIP
+        >>> trainer.train(resume_from_checkpoint=str(path))             # doctest: +SKIP
         """
         path = checkpoint_dir(ref, dest, settings=self.settings())
         self._resumed_from = json.loads((path / SOURCE_FILE).read_text())["ref"]

@@ -83,7 +83,7 @@ def _tags_match(have: list[str], expr: list[str] | None) -> bool:
             negate_next = True
             continue
         neg = negate_next or item.startswith("-")
-        tag = item[1:] if item.startswith("-") else item
+        tag = item.removeprefix("-")
         negate_next = False
         groups[-1][1].append((tag in have) != neg)
     results = [all(v) if m == "and" else any(v) for m, v in groups if v]
@@ -112,26 +112,36 @@ class FakeClearmlServer:
         self._key = uuid.uuid4().bytes
         self._lock = threading.RLock()
         self._httpd: ThreadingHTTPServer | None = None
+        self._conns: set[socket.socket] = set()
         self._thread: threading.Thread | None = None
         self.reset()
 
     # -- life cycle -------------------------------------------------------------------
-    def start(self) -> FakeClearmlServer:
+    def start(self, port: int = 0) -> FakeClearmlServer:
+        """Serve on ``port`` (0: a free one); a stopped server restarts with its state."""
         fake = self
 
         class Handler(_Handler):
             server_fake = fake
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="fake-clearml", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop serving and drop open keep-alive connections, as a dead server would."""
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         if self._thread is not None:
             self._thread.join(timeout=10)
         self._httpd = self._thread = None
@@ -159,8 +169,6 @@ class FakeClearmlServer:
             self.files: dict[str, bytes] = {}
             self.calls: list[str] = []
             self.unknown: list[str] = []
-            self.down = False  # answer every API call with 503-free connection errors? see Handler
-            self.reject_auth = False
 
     # -- helpers for tests ----------------------------------------------------------------
     def scalars(self, task_id: str) -> list[dict[str, Any]]:
@@ -534,12 +542,17 @@ class _Handler(BaseHTTPRequestHandler):
         # headers and body go out in separate writes: without this, Nagle's algorithm and
         # delayed ACKs add ~40 ms to every keep-alive request
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self.server_fake._lock:
+            self.server_fake._conns.add(self.connection)
 
     def handle(self) -> None:
         try:
             super().handle()
-        except ConnectionError:
-            pass  # the SDK dropped a keep-alive connection: normal, not a test failure
+        except (ConnectionError, OSError):
+            pass  # a dropped keep-alive connection: normal, not a test failure
+        finally:
+            with self.server_fake._lock:
+                self.server_fake._conns.discard(self.connection)
 
     # -- plumbing ---------------------------------------------------------------------------
     def _body(self) -> bytes:
@@ -590,7 +603,7 @@ class _Handler(BaseHTTPRequestHandler):
         if endpoint == "auth.login":
             auth = self.headers.get("Authorization", "")
             good = "Basic " + base64.b64encode(f"{fake.access_key}:{fake.secret_key}".encode()).decode()
-            if fake.reject_auth or not hmac.compare_digest(auth, good):
+            if not hmac.compare_digest(auth, good):
                 return self._envelope(endpoint, 401, 20, "Unauthorized (invalid credentials) (failed to locate "
                                       "provided credentials)", {})
         elif not fake.token_ok(self.headers.get("Authorization", "")):

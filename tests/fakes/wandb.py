@@ -133,6 +133,7 @@ class FakeServer:
         self.runs: dict[tuple[str, str, str], _Run] = {}
         self.collections: dict[tuple[str, str, str], list[_Version]] = {}
         self.links: list[tuple[str, str, list[str]]] = []  # (target, source artifact, aliases)
+        self.downloads = 0
         self._synced: set[Path] = set()
 
     def run(self, entity: str, project: str, run_id: str, name: str | None = None) -> _Run:
@@ -280,6 +281,7 @@ class FakeArtifact:
                  skip_cache: bool | None = None) -> str:
         if self._v.deleted:
             raise CommError(f"artifact {self.qualified_name} was deleted")
+        self._server.downloads += 1
         target = Path(root or f"./artifacts/{self.name}")
         shutil.copytree(self._v.files, target, dirs_exist_ok=True)
         return str(target)
@@ -341,8 +343,10 @@ class FakeApi:
         if unknown:
             raise ValueError(f"the fake server only filters by displayName, not {sorted(unknown)}")
         wanted = (filters or {}).get("displayName")
-        found = sorted((r for r in self._server.runs.values() if (r.entity, r.project) == (entity, project)
-                        and (wanted is None or r.display_name == wanted)), key=lambda r: r.order,
+        in_project = [r for r in self._server.runs.values() if (r.entity, r.project) == (entity, project)]
+        if not in_project:  # the SDK raises this while iterating a project the server does not know
+            raise ValueError(f"Could not find project {project}")
+        found = sorted((r for r in in_project if wanted is None or r.display_name == wanted), key=lambda r: r.order,
                        reverse=order.startswith("-"))
         return [FakePublicRun(self._server, r) for r in found]
 
@@ -424,8 +428,8 @@ class FakeWandb:
              allow_val_change: bool | None = None, mode: str | None = None, reinit: Any = None,
              resume: Any = None, settings: Any = None) -> Any:
         """``wandb.init``: online runs become real offline runs reported to the fake server."""
-        real = dict(entity=entity, project=project, dir=dir, id=id, name=name, config=config,
-                    allow_val_change=allow_val_change, reinit=reinit, settings=settings)
+        real = {"entity": entity, "project": project, "dir": dir, "id": id, "name": name, "config": config,
+                "allow_val_change": allow_val_change, "reinit": reinit, "settings": settings}
         if mode != "online":
             return self._real_init(mode=mode, resume=resume, **real)
         server = self.server(getattr(settings, "base_url", None))
