@@ -283,6 +283,17 @@ class Run:
         found = resolve(ref, self.settings)
         restored = _restore_from(found, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                  strict=strict, rng=rng)
+        self._record_resume(found)
+        return restored.step + 1
+
+    def mark_resumed(self, ref: str | Ref) -> Stored:
+        """Record that this run continues from ``ref`` without loading it (for integrations
+        that restore state their own way); returns the checkpoint it resolved to."""
+        found = resolve(ref, self.settings)
+        self._record_resume(found)
+        return found.stored
+
+    def _record_resume(self, found: Resolved) -> None:
         for backend, info in self._targets:
             if backend.name == found.backend.name:  # the tracker's own lineage graph, where it has one
                 try:
@@ -290,9 +301,8 @@ class Run:
                 except CkptTrackError as exc:
                     log.warning("ckpt_track: could not record the resume in %s: %s", backend.name, exc)
         with self._lock:
-            self._resumed_from = restored.ref
-            self._parent = restored.ref
-        return restored.step + 1
+            self._resumed_from = str(found.stored.ref)
+            self._parent = str(found.stored.ref)
 
     def checkpoints(self) -> list[Stored]:
         """This run's committed checkpoints (primary backend), oldest first."""

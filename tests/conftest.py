@@ -4,6 +4,10 @@ import os
 
 import pytest
 
+# comet_ml, once imported (transformers imports it when installed), patches other SDKs to
+# copy what they log into Comet experiments; keep it from doing that in every other test
+os.environ.setdefault("COMET_DISABLE_AUTO_LOGGING", "1")
+
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):

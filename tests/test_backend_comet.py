@@ -321,12 +321,13 @@ def test_checkpoints_go_into_the_experiment_the_user_started(comet_env: FakeCome
     z.close()
     assert {m["payload"]["additional_params"]["groupingName"] for m in messages
             if m["type"] == "file_upload"} == {model_name(1, 1)}
-    with pytest.raises(ConfigError, match="online = false"):  # an online backend must not end it either
-        user2 = comet_ml.OfflineExperiment(project_name="mine", offline_directory=str(offline))
-        try:
+    user2 = comet_ml.OfflineExperiment(project_name="mine", offline_directory=str(offline))
+    try:
+        with pytest.raises(ConfigError, match="online = false"):  # an online backend must not end it either
             CometBackend({"workspace": "ws"}).open_run(RunSpec(project="p"))
-        finally:
-            user2.clean()
+        assert not user2.ended
+    finally:
+        user2.clean()
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -426,3 +427,19 @@ def test_live_round_trip_on_comet(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     fresh = torch.nn.Linear(4, 2)
     assert ct.restore(run.ref.select(step=1), model=fresh, settings=ct.load_settings(settings)).step == 1
     assert torch.equal(fresh.weight, model.weight)
+
+
+def test_a_partial_upload_is_an_error_and_never_listed(comet_env: FakeComet, tmp_path: Path) -> None:
+    be = CometBackend({"workspace": "ws"})
+    run = be.open_run(RunSpec(project="p", name="partial"))
+    first = be.put(run, make_checkpoint(tmp_path / "spool", 1), ["latest"])
+    comet_env.lose_uploads.add("state.json")  # the server says 200 but keeps no file
+    with pytest.raises(BackendUnavailable, match="only part of checkpoint"):
+        be.put(run, make_checkpoint(tmp_path / "spool", 2), ["latest"])
+    comet_env.lose_uploads.clear()
+    fresh = CometBackend({"workspace": "ws"})  # what another process sees
+    listed = fresh.list(fresh.find_run(run.ref))
+    assert [(s.version, s.aliases) for s in listed] == [(first.version, ("latest",))]
+    third = be.put(run, make_checkpoint(tmp_path / "spool", 3), ["latest"])
+    assert third.version == 3  # the half-uploaded v2 is never reused
+    be.close()

@@ -303,3 +303,23 @@ def test_several_backends_at_once_and_one_down(tmp_path: Path, monkeypatch: pyte
     assert [c.step for c in ct.list_checkpoints(run2._targets[0][1].ref, s)] == [5]
     with pytest.raises(ct.CheckpointWriteError, match="mlflow"):
         run2.finish()
+
+
+def test_comet_sdk_patches_do_not_copy_checkpoints_elsewhere(tmp_path: Path, mlflow_env) -> None:
+    """comet_ml (imported by transformers when installed) patches MlflowClient.log_model_artifacts;
+    our uploads must not go through the patched method."""
+    code = (
+        "import comet_ml, torch, ckpt_track as ct\n"
+        f"s = {{'backend': 'mlflow', 'mlflow': {{'tracking_uri': {mlflow_env.uri!r}}}}}\n"
+        "with ct.init(project='comet-patch', settings=s) as run:\n"
+        "    run.log_checkpoint(1, model=torch.nn.Linear(2, 2))\n"
+        "print(len(ct.list_checkpoints(run.ref, ct.load_settings(s))))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CKPT_TRACK_", "COMET_"))}
+    env.update(COMET_OFFLINE_DIRECTORY=str(tmp_path / "comet-offline"), CKPT_TRACK_LOCAL__ROOT=str(tmp_path / "s"))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "1"
+    leftovers = [p for p in tmp_path.rglob("*") if "comet" in p.name.lower() and p.is_dir()]
+    assert not (tmp_path / ".cometml-runs").exists() and not leftovers

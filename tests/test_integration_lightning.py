@@ -134,7 +134,11 @@ def _start(args: list[str], cwd: Path) -> subprocess.Popen[str]:
 
 
 def _finish(proc: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
-    out, _ = proc.communicate(timeout=600)
+    try:
+        out, _ = proc.communicate(timeout=600)  # a safety net only: both take seconds
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
     return subprocess.CompletedProcess(proc.args, proc.returncode, out)
 
 

@@ -478,7 +478,7 @@ class CometBackend:
         with self._lock, self._run_lock(key):
             exp = self._exp(run)
             state = self._state(key)
-            version = max([state.last_version, *state.deleted, *(s.version for s in self.list(run))]) + 1
+            version = max([state.last_version, *state.deleted, *self._versions(key)]) + 1
             name, src = model_name(version, m.step), ckpt.path
             if not self.online:  # the durable offline copy, restorable before any upload
                 src = copy_checkpoint(ckpt, self._mirror(key), f"v{version:06d}").path
@@ -486,6 +486,7 @@ class CometBackend:
                     "aliases": sorted(aliases), "created": m.created, "size": m.size, "lineage": dict(m.lineage),
                     "files": {**{f: e.size for f, e in m.files.items()}, MANIFEST: (src / MANIFEST).stat().st_size}}
             new_state = state.point(aliases, version)
+            native: dict[str, Any] = {"model": name, "experiment": key}
             try:
                 with self._calling(f"logging checkpoint v{version} (step {m.step}) to experiment {key}"):
                     exp.set_step(m.step)
@@ -497,14 +498,39 @@ class CometBackend:
                     if self.register_as:
                         exp.register_model(name, registry_name=self.register_as, version=self._next_registry(),
                                            tags=sorted(aliases), comment=str(run.ref.select(version=version)))
-                    self._save_state(run, new_state)  # flushes online: returns once Comet has every file
+                    if self.online:
+                        native = self._uploaded(run, exp, version, name)
+                    else:
+                        native["path"] = str(src)
+                    self._save_state(run, new_state)  # the aliases move only once every file is stored
             except BaseException:
                 self._states.pop(key, None)
                 if not self.online:
                     shutil.rmtree(src, ignore_errors=True)
                 raise
-        native = {"model": name, "experiment": key, **({} if self.online else {"path": str(src)})}
         return self._stored(run, version, meta, new_state.aliases_of(version), native)
+
+    def _versions(self, key: str) -> list[int]:
+        """Every version number in use, also of half-uploaded models, so none is ever reused."""
+        if not self.online:
+            return [int(d.name[1:]) for d in self._mirror(key).glob("v[0-9]*")]
+        with self._calling(f"listing the models of experiment {key}"):
+            names = self._api_exp(key).get_model_names() or []
+        return [int(m.group(1)) for n in names if (m := _MODEL.match(n))]
+
+    def _uploaded(self, run: RunInfo, exp: Any, version: int, name: str) -> dict[str, Any]:
+        """Wait for the upload, then check that Comet holds every file (flush() can succeed without)."""
+        key = run.native["key"]
+        if not exp.flush():
+            raise BackendUnavailable(f"{self._where()} did not receive checkpoint {name} of experiment {key} "
+                                     "in time; it is kept in the local spool")
+        assets = self._api_exp(key).get_model_asset_list(name) or []
+        stored = self._from_assets(run, version, assets, (), key, name)
+        if stored is None:
+            raise BackendUnavailable(f"{self._where()} holds only part of checkpoint {name} of experiment {key} "
+                                     "(see the COMET ERROR above); it is kept in the local spool")
+        self._models[(key, name)] = assets
+        return dict(stored.native)
 
     def _next_registry(self) -> str | None:
         """The next major version of ``register_as``; offline, Comet picks it at upload."""

@@ -273,6 +273,7 @@ class MlflowBackend:
 
     def put(self, run: RunInfo, ckpt: LocalCheckpoint, aliases: Sequence[str] = ()) -> Stored:
         from mlflow.entities import LoggedModelOutput, Metric
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
         m = ckpt.manifest
         with self._errors(f"logging checkpoint step {m.step} to MLflow run {run.run_id}"):
@@ -292,7 +293,10 @@ class MlflowBackend:
                 tags=tags, model_type="checkpoint",
             )
             try:
-                self._client.log_model_artifacts(model.model_id, str(ckpt.path))
+                # through the artifact repository, not MlflowClient.log_model_artifacts: other SDKs
+                # (comet_ml, imported by transformers) patch that method and copy the files elsewhere
+                repo = get_artifact_repository(model.artifact_location, tracking_uri=self.tracking_uri)
+                repo.log_artifacts(str(ckpt.path))
                 if m.metrics:
                     ts = _millis(m.created)
                     self._client.log_batch(run.run_id, metrics=[

@@ -568,7 +568,7 @@ class CkptTrackCallback(Callback):
         if self._resumed_from is not None and self._run is not None:
             # records the lineage (resumed_from, the tracker's own link); the state is already restored
             try:
-                self._run.resume(ref=self._resumed_from, rng=False)
+                self._run.mark_resumed(self._resumed_from)
             except ct.CkptTrackError as exc:
                 log.warning("ckpt_track: could not record that this run resumed from %s: %s", self._resumed_from, exc)
             self._resumed_from = None

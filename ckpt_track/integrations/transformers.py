@@ -194,7 +194,7 @@ class CkptTrackCallback(TrainerCallback):
         if run is not None and self._resumed_from is not None:
             # nothing is applied here (the Trainer loads the directory itself): this only
             # records resumed-from in the run's lineage and the tracker's input graph
-            run.resume(ref=self._resumed_from, rng=False)
+            run.mark_resumed(self._resumed_from)
             self._resumed_from = None
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, *,

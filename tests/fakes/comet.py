@@ -96,6 +96,7 @@ class FakeComet:
         self.registry: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self.requests: list[tuple[str, str]] = []
         self.unhandled: list[tuple[str, str]] = []
+        self.lose_uploads: set[str] = set()  # file names whose upload is answered 200 but dropped
         self._lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -158,6 +159,7 @@ class FakeComet:
             self.registry.clear()
             self.requests.clear()
             self.unhandled.clear()
+            self.lose_uploads.clear()
 
     @property
     def url(self) -> str:
@@ -252,6 +254,8 @@ class FakeComet:
 
     def _upload(self, q: dict[str, str], parts: Any) -> dict[str, Any]:
         exp = self._exp(q)
+        if q.get("fileName") in self.lose_uploads:  # acknowledged but never stored: no SDK retries, no error
+            return {"assetId": q.get("assetId"), "web": "", "api": ""}
         if "file" not in parts:
             raise _Reply(400, {"msg": "no file part"})
         step = q.get("step")
