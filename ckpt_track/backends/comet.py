@@ -495,13 +495,13 @@ class CometBackend:
                     exp.log_model(name, str(src), metadata=meta, overwrite=False, prepend_folder_name=False)
                     if m.metrics:
                         exp.log_metrics(dict(m.metrics), step=m.step, epoch=m.epoch)
-                    if self.register_as:
-                        exp.register_model(name, registry_name=self.register_as, version=self._next_registry(),
-                                           tags=sorted(aliases), comment=str(run.ref.select(version=version)))
                     if self.online:
                         native = self._uploaded(run, exp, version, name)
                     else:
                         native["path"] = str(src)
+                    if self.register_as:  # only a complete model; registered by the flush below
+                        exp.register_model(name, registry_name=self.register_as, version=self._next_registry(),
+                                           tags=sorted(aliases), comment=str(run.ref.select(version=version)))
                     self._save_state(run, new_state)  # the aliases move only once every file is stored
             except BaseException:
                 self._states.pop(key, None)

@@ -205,9 +205,12 @@ class LocalBackend:
         # copy (hard-link when possible) outside the lock; only numbering happens under it
         incoming = copy_checkpoint(ckpt, cdir / ".incoming", uuid.uuid4().hex)
         with self._lock(run_dir):
-            version = max(self._versions(cdir), default=0) + 1
+            # the high-water mark keeps a deleted newest version's number from being reused
+            last = self._read_run_json(run_dir).get("last_version", 0)
+            version = max([*self._versions(cdir), int(last)], default=0) + 1
             final = cdir / f"v{version:06d}"
             os.rename(incoming.path, final)
+            _atomic_json(run_dir / "run.json", {**self._read_run_json(run_dir), "last_version": version})
             table = self._aliases(run_dir)
             table.update({a: version for a in aliases})
             _atomic_json(run_dir / "aliases.json", table)

@@ -45,6 +45,7 @@ from .base import RunInfo, RunSpec, Stored
 __all__ = ["MlflowBackend"]
 
 TAG_VERSION = "ckpt_track.version"
+TAG_LAST_VERSION = "ckpt_track.last_version"
 TAG_ALIAS = "ckpt_track.alias."
 TAG_STEP = "step"
 _LINEAGE_TAGS = {"parent": "ckpt_track.parent", "resumed_from": "ckpt_track.resumed_from",
@@ -278,7 +279,10 @@ class MlflowBackend:
         m = ckpt.manifest
         with self._errors(f"logging checkpoint step {m.step} to MLflow run {run.run_id}"):
             models = self._models(run)
-            version = max((int(x.tags[TAG_VERSION]) for x in models), default=0) + 1
+            # the run tag is a high-water mark: a deleted newest version's number is never reused
+            last = self._client.get_run(run.run_id).data.tags.get(TAG_LAST_VERSION, "0")
+            version = max([*(int(x.tags[TAG_VERSION]) for x in models), int(last)], default=0) + 1
+            self._client.set_tag(run.run_id, TAG_LAST_VERSION, str(version))
             git = m.lineage.get("git") or {}
             tags = {
                 TAG_VERSION: str(version), TAG_STEP: str(m.step), "ckpt_track.epoch": str(m.epoch),

@@ -163,6 +163,9 @@ class BackendContract:
         assert all("keepme" not in s.aliases for s in listed)
         c = backend.put(run, make_checkpoint(spool, 3), [])
         assert c.version > b.version  # versions are never reused
+        backend.delete(c)  # not even the newest one's
+        d = backend.put(run, make_checkpoint(spool, 4), [])
+        assert d.version > c.version
 
     def test_link_input_and_finish_run(self, backend: Backend, run: RunInfo, spool: Path) -> None:
         source = backend.put(run, make_checkpoint(spool, 7), ["step-7"])
