@@ -7,8 +7,11 @@ writes its real session folder and zip, which the tests open and read back.
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,15 +21,16 @@ from typing import Any
 
 import pytest
 import torch
+import xxhash
+from fakes.clearml import FakeClearmlServer, OfflineSession, close_current_task, forget_master_process, sdk_env
 from safetensors.torch import load
 
 import ckpt_track as ct
 from ckpt_track.backends.base import RunSpec
 from ckpt_track.backends.clearml import ClearmlBackend
-from ckpt_track.errors import AuthError, BackendUnavailable, CheckpointNotFound, ConfigError, InvalidRef
+from ckpt_track.errors import AuthError, BackendError, BackendUnavailable, CheckpointNotFound, ConfigError, InvalidRef
 from ckpt_track.format import MANIFEST, Manifest, verify
 from ckpt_track.testing.contract import BackendContract, make_checkpoint
-from tests.fakes.clearml import FakeClearmlServer, OfflineSession, close_current_task, sdk_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,9 +41,12 @@ def clearml_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeCle
     """One fake server and one SDK environment for the session: the SDK keeps its config,
     login and host in process-wide state, so every test must see the same ones."""
     server = FakeClearmlServer().start()
+    # stopped at interpreter exit, after the SDK's own exit hooks (atexit runs last-registered first):
+    # they flush reporters of tasks from earlier tests, and would retry against a stopped server
+    atexit.register(server.stop)
     with sdk_env(server, tmp_path_factory.mktemp("clearml-home")):
         yield server
-    server.stop()
+    forget_master_process()
 
 
 @pytest.fixture
@@ -59,7 +66,7 @@ def clearml(clearml_server: FakeClearmlServer, tmp_path: Path, monkeypatch: pyte
     finally:
         close_current_task()
         Task.set_offline(False)
-        os.environ.pop("CLEARML_PROC_MASTER_ID", None)  # set by Task.init; children would inherit it
+        forget_master_process()
         faulthandler.cancel_dump_traceback_later()
 
 
@@ -104,20 +111,18 @@ def test_offline_log_path_writes_every_checkpoint_into_the_session(clearml: Fake
         assert (meta["format"], meta["version"], meta["step"], meta["epoch"]) == ("ckpt_track/1", str(version),
                                                                                  str(step), str(step // 10))
         files = session.artifact_files(key)
-        manifest = Manifest.from_json(__import__("json").loads(files[MANIFEST]))
+        manifest = Manifest.from_json(json.loads(files[MANIFEST]))
         assert manifest.step == step and manifest.metrics == {"val/loss": loss}
         assert manifest.lineage["run"] == str(run.ref)
         assert manifest.lineage["parent"] == (None if version == 1 else f"{run.ref}@step={step - 10}")
-        assert __import__("json").loads(meta["lineage"]) == manifest.lineage
+        assert json.loads(meta["lineage"]) == manifest.lineage
         assert set(files) == {*manifest.files, MANIFEST}
         for name, entry in manifest.files.items():  # every file, byte for byte, as the manifest hashed it
-            import xxhash
-
             assert len(files[name]) == entry.size and xxhash.xxh3_128(files[name]).hexdigest() == entry.hash
         tensors = load(files["tensors-00001-of-00001.safetensors"])
         assert all(torch.equal(tensors[f"model/{k}"], v) for k, v in expected[step].items())
     props = session.user_properties()
-    aliases = __import__("json").loads(props["ckpt_track_aliases"])
+    aliases = json.loads(props["ckpt_track_aliases"])
     assert aliases == {"latest": 3, "best": 2, "step-10": 1, "step-20": 2, "step-30": 3}
     assert props["ckpt_track_last_version"] == "3"
     assert sorted(session.scalars()) == [("val", "loss", 10, 0.9), ("val", "loss", 20, 0.4), ("val", "loss", 30, 0.6)]
@@ -132,8 +137,6 @@ def test_offline_log_path_writes_every_checkpoint_into_the_session(clearml: Fake
 
 
 def test_offline_session_zip_alone_is_restorable(clearml: FakeClearmlServer, tmp_path: Path) -> None:
-    import shutil
-
     be = ClearmlBackend({"offline": True})
     run = be.open_run(RunSpec(project="offline-proj", name="zip-only"))
     stored = be.put(run, make_checkpoint(tmp_path / "spool", 5, {"loss": 1.0}), ["latest", "step-5"])
@@ -153,6 +156,27 @@ def test_offline_session_zip_alone_is_restorable(clearml: FakeClearmlServer, tmp
     # the same through a reference that names the folder
     ref = f"clearml://{run.run_id}@step=5?offline_dir={moved}"
     assert ct.restore(ref, model=torch.nn.Linear(8, 4), settings=ct.load_settings({"backend": "clearml"})).step == 5
+
+
+def test_offline_aliases_move_and_deletes_never_reuse_a_version(clearml: FakeClearmlServer, tmp_path: Path) -> None:
+    be = ClearmlBackend({"offline": True})
+    run = be.open_run(RunSpec(project="offline-proj", name="aliases"))
+    a = be.put(run, make_checkpoint(tmp_path / "spool", 1), ["best", "step-1"])
+    b = be.put(run, make_checkpoint(tmp_path / "spool", 2), ["latest", "step-2"])
+    # the SDK internal the backend trims on delete (else the next upload re-adds the deleted artifact)
+    assert isinstance(be._open[run.run_id].task._artifacts_manager._task_artifact_list, list)
+    be.set_aliases(b, ["best"])
+    assert [s.aliases for s in be.list(run)] == [("step-1",), ("best", "latest", "step-2")]
+    be.delete(b)
+    c = be.put(run, make_checkpoint(tmp_path / "spool", 3), ["latest"])
+    assert [(s.version, s.step, s.aliases) for s in be.list(run)] == [(1, 1, ("step-1",)), (3, 3, ("latest",))]
+    be.finish_run(run)
+    session = OfflineSession(tmp_path / "clearml-cache" / "offline" / f"{run.run_id}.zip")
+    assert sorted(session.artifacts) == ["ckpt-v000001", "ckpt-v000003"]
+    assert not any("ckpt-v000002" in n for n in session.names)  # its file is gone too
+    with pytest.raises(BackendError, match="read-only"):
+        ClearmlBackend({}).delete(c)  # a closed offline session cannot change
+    assert a.version == 1
 
 
 def test_offline_run_cannot_be_continued_and_says_how(clearml: FakeClearmlServer, tmp_path: Path) -> None:
@@ -375,6 +399,7 @@ def logged(clearml_server: FakeClearmlServer, tmp_path_factory: pytest.TempPathF
         stored = be.put(run, ckpt, aliases)
         assert stored.version == version
     be.finish_run(run)
+    forget_master_process()
     listed = be.list(run)
     return {"tid": run.native["task_id"], "pid": clearml_server.tasks[run.native["task_id"]]["project"],
             "mid2": listed[1].native["key"], "url2": listed[1].native["url"], "run_url": run.native["url"],
@@ -545,3 +570,15 @@ def test_imported_offline_session_stays_restorable_online(clearml: FakeClearmlSe
     online.set_aliases(listed[1], ["best"])  # a finished task: edited like the UI edits user properties
     assert [s.aliases for s in online.list(online.find_run(ct.Ref("clearml", new_id)))] == [
         ("step-5",), ("best", "latest", "step-6")]
+
+
+def test_get_reuses_a_verified_copy_and_replaces_a_damaged_one(clearml: FakeClearmlServer, logged: dict[str, Any],
+                                                               tmp_path: Path) -> None:
+    be = ClearmlBackend({})
+    stored = be.list(be.find_run(ct.Ref("clearml", logged["tid"])))[0]
+    first = be.get(stored, tmp_path / "v1")
+    clearml.calls.clear()
+    assert be.get(stored, tmp_path / "v1").path == first.path and clearml.calls == []  # no download
+    shard = next(first.path.glob("*.safetensors"))
+    shard.write_bytes(b"garbage")
+    assert verify(be.get(stored, tmp_path / "v1").path).step == 10  # fetched again

@@ -7,6 +7,7 @@ Nothing here patches the SDK: the SDK runs its own code against
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import threading
@@ -18,7 +19,8 @@ from typing import Any
 
 from .clearml_server import FakeClearmlServer
 
-__all__ = ["CONFIG_FILE", "FakeClearmlServer", "OfflineSession", "close_current_task", "sdk_env"]
+__all__ = ["CONFIG_FILE", "FakeClearmlServer", "OfflineSession", "close_current_task", "forget_master_process",
+           "sdk_env"]
 
 CONFIG_FILE = Path(__file__).resolve().parents[2] / "backends" / "clearml.conf"
 WEB_HOST = "http://localhost:8080"  # a self-hosted web UI address; only used to build links
@@ -48,6 +50,14 @@ def sdk_env(server: FakeClearmlServer, home: Path) -> Iterator[dict[str, str]]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def forget_master_process() -> None:
+    """``Task.init`` marks this process as a task's master in the environment (both names); a child
+    process inheriting that takes itself for a worker of that task and gets a stub from its own
+    ``Task.init``. Tests that spawn processes must not leave it behind."""
+    for key in ("CLEARML_PROC_MASTER_ID", "TRAINS_PROC_MASTER_ID"):
+        os.environ.pop(key, None)
 
 
 def close_current_task(timeout: float = CLOSE_TIMEOUT_S) -> None:
@@ -94,8 +104,6 @@ class OfflineSession:
         member = os.path.relpath(uri, self.task["offline_folder"])
         with zipfile.ZipFile(self.archive) as outer, outer.open(member) as inner_raw:
             data = inner_raw.read()
-        import io
-
         with zipfile.ZipFile(io.BytesIO(data)) as inner:
             return {n: inner.read(n) for n in inner.namelist() if not n.endswith("/")}
 

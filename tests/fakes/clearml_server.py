@@ -125,7 +125,6 @@ class FakeClearmlServer:
             server_fake = fake
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self._last_port = self._httpd.server_address[1]
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="fake-clearml", daemon=True)
         self._thread.start()
