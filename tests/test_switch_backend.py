@@ -23,7 +23,9 @@ STEPS = [4, 8, 12]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, mlflow_server) -> tuple[Path, dict[str, list[dict]], str]:
     work = tmp_path_factory.mktemp("switch")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CKPT_TRACK_", "WANDB_", "COMET_", "CLEARML_", "TRAINS_"))}
+    # TRAINS_*: ClearML's Task.init sets TRAINS_PROC_MASTER_ID; a child inheriting it gets a stub task
+    foreign = ("CKPT_TRACK_", "WANDB_", "COMET_", "CLEARML_", "TRAINS_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(foreign)}
     env.update({
         # one configuration for all five; every run changes CKPT_TRACK_BACKEND only
         "CKPT_TRACK_LOCAL__ROOT": str(work / "store"),
