@@ -53,7 +53,7 @@ from .errors import (
     IntegrityError,
     InvalidRef,
 )
-from .format import MANIFEST, LocalCheckpoint, Manifest, copy_checkpoint, verify
+from .format import MANIFEST, LocalCheckpoint, Manifest, copy_checkpoint, fsync_dir, verify
 from .refs import parse_ref
 from .resolve import Resolved, open_backend, resolve
 
@@ -458,19 +458,6 @@ def verify_command(
 # --------------------------------------------------------------------------- restore
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not every platform opens directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _absolute(dest: Path) -> Path:
     """``dest`` made absolute; a symlink is followed so the rename replaces its target, not the link."""
     dest = Path(os.path.abspath(dest.expanduser()))
@@ -528,7 +515,7 @@ def restore_into(ckpt: LocalCheckpoint, dest: Path, *, force: bool = False,
     except BaseException:
         shutil.rmtree(staged.path, ignore_errors=True)
         raise
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     if replace_old:
         shutil.rmtree(old, ignore_errors=True)
     return LocalCheckpoint(dest, ckpt.manifest)

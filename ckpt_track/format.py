@@ -153,13 +153,16 @@ def hash_file(path: Path) -> str:
 
 
 # -- writing -------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (best effort where unsupported)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # some platforms cannot open directories
         return
     try:
         os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory
     finally:
         os.close(fd)
 
@@ -247,9 +250,9 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 def publish(tmp: Path, final: Path) -> None:
     """Rename a fully written, fsynced directory into place (atomic on POSIX)."""
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     os.rename(tmp, final)  # fails if final exists and is non-empty: no clobbering
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def copy_checkpoint(src: LocalCheckpoint, parent: Path, name: str, *, link: bool = True,

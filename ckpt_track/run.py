@@ -252,9 +252,9 @@ class Run:
             if is_improvement(new_value, current.metrics.get(monitor) if current else None, mode):  # type: ignore[arg-type]
                 aliases.append("best")
         stored = backend.put(info, ckpt, aliases)
-        plan = retention_plan(backend.list(info), self.settings.retention, monitor, mode)
-        for old in plan:
-            backend.delete(old)
+        if self.settings.retention.enabled():  # listing a remote run is not free: only when needed
+            for old in retention_plan(backend.list(info), self.settings.retention, monitor, mode):
+                backend.delete(old)
         return stored
 
     # -- resuming -----------------------------------------------------------------------

@@ -8,15 +8,17 @@ the core.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
+from ..errors import CkptTrackError
 from ..format import LocalCheckpoint
 from ..refs import Ref
 
-__all__ = ["Backend", "RunInfo", "RunSpec", "Stored", "ResumeMode"]
+__all__ = ["Backend", "RunInfo", "RunSpec", "Stored", "ResumeMode", "sdk_errors"]
 
 ResumeMode = Literal["auto", "never", "must"]
 
@@ -113,3 +115,15 @@ class Backend(Protocol):
     @classmethod
     def ref_forms(cls) -> tuple[str, ...]:
         """Human-readable reference forms this backend accepts, for error messages."""
+
+
+@contextmanager
+def sdk_errors(translate: Callable[[Exception, str], CkptTrackError], what: str) -> Iterator[None]:
+    """The boundary of a tracker SDK: ckpt_track errors pass, anything else becomes
+    ``translate(exc, what)``, chained to the original."""
+    try:
+        yield
+    except CkptTrackError:
+        raise
+    except Exception as exc:
+        raise translate(exc, what) from exc

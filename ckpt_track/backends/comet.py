@@ -51,7 +51,7 @@ from ..errors import (
 )
 from ..format import MANIFEST, LocalCheckpoint, copy_checkpoint, read_manifest, verify
 from ..refs import Ref
-from .base import RunInfo, RunSpec, Stored
+from .base import RunInfo, RunSpec, Stored, sdk_errors
 
 __all__ = ["CometBackend", "model_name"]
 
@@ -203,12 +203,8 @@ class CometBackend:
     @contextmanager
     def _calling(self, what: str) -> Iterator[None]:
         """Turn comet_ml and requests errors into ckpt_track's, chaining the original."""
-        try:
+        with sdk_errors(self._map, what):
             yield
-        except CkptTrackError:
-            raise
-        except Exception as exc:
-            raise self._map(exc, what) from exc
 
     def _map(self, exc: Exception, what: str) -> CkptTrackError:
         import requests

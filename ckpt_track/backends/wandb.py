@@ -59,7 +59,7 @@ from ..errors import (
 )
 from ..format import MANIFEST, LocalCheckpoint, copy_checkpoint, hash_file, publish, read_manifest, verify
 from ..refs import Ref
-from .base import RunInfo, RunSpec, Stored
+from .base import RunInfo, RunSpec, Stored, sdk_errors
 
 __all__ = ["ARTIFACT_PREFIX", "WandbBackend"]
 
@@ -169,12 +169,8 @@ class WandbBackend:
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:
         """Turn W&B SDK errors into the ckpt_track tree, once, at the boundary."""
-        try:
+        with sdk_errors(self._translate, what):
             yield
-        except CkptTrackError:
-            raise
-        except Exception as exc:
-            raise self._translate(exc, what) from exc
 
     def _translate(self, exc: Exception, what: str) -> CkptTrackError:
         from wandb.apis.public.runs import RunNotFoundError
