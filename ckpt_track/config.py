@@ -205,6 +205,7 @@ _TOP_FIELDS: dict[str, _Coercer] = {
     "shard_size": _as_size,
     "blocking": _as_bool,
     "max_in_flight": _as_pos_int,
+    "incremental": _as_bool,
 }
 _RETENTION_FIELDS: dict[str, _Coercer] = {
     "keep_last": _as_opt_pos_int,
@@ -283,6 +284,8 @@ class Settings:
     shard_size: int = 2 * 1024**3  # bytes; "512MB"/"2GiB" accepted
     blocking: bool = False  # save synchronously instead of in the background
     max_in_flight: int = 1
+    # content-addressed tensor files: unchanged tensors are neither written nor uploaded again
+    incremental: bool = True
     retention: Retention = field(default_factory=Retention)
     # mappings are unhashable, so they stay out of __hash__ (but count for ==)
     backends: Mapping[str, Mapping[str, Any]] = field(default_factory=_empty_proxy, hash=False)

@@ -9,12 +9,22 @@ from JSON.
 
 Checkpoints are published atomically: written into a hidden temporary sibling
 directory, fsynced, then renamed into place.
+
+Incremental (content-addressed) layout: with ``blobs=True`` tensors are grouped
+(a tensor of ``pack_size`` bytes or more alone, smaller ones packed together in
+name order) and each group is written to ``t-<digest>.safetensors``, where the
+digest is the xxh3-128 of the group's names, dtypes, shapes and bytes.  Equal
+names mean equal contents, so a group that did not change since an earlier
+checkpoint is hard-linked from it instead of being written again, and a backend
+can store each such file once per run (:func:`is_blob`).  The directory is still
+a plain v1 checkpoint: any v1 reader loads it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -37,7 +47,10 @@ __all__ = [
     "FileEntry",
     "LocalCheckpoint",
     "Manifest",
+    "blob_groups",
+    "content_digest",
     "hash_file",
+    "is_blob",
     "is_checkpoint",
     "load_checkpoint",
     "publish",
@@ -53,6 +66,8 @@ STATE = "state.json"
 HASH_ALGORITHM = "xxh3-128"
 _CHUNK = 8 * 1024 * 1024
 TMP_PREFIX = ".tmp-"
+PACK_SIZE = 1024 * 1024  # tensors below this are packed together into files up to this size
+_BLOB_RE = re.compile(r"^t-[0-9a-f]{32}\.safetensors$")
 
 
 @dataclass(frozen=True)
@@ -191,6 +206,65 @@ def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=True, allow_nan=True).encode()
 
 
+def is_blob(fname: str) -> bool:
+    """True for a content-addressed tensor file (``t-<digest>.safetensors``): the same
+    name always holds the same bytes, so a backend may store it once per run."""
+    return bool(_BLOB_RE.match(fname))
+
+
+def blob_groups(tensors: Mapping[str, torch.Tensor], pack_size: int = PACK_SIZE) -> list[list[str]]:
+    """Tensor names grouped into files: a tensor of ``pack_size`` bytes or more alone,
+    smaller ones packed in name order into groups of at most ``pack_size`` bytes."""
+    groups: list[list[str]] = []
+    small: list[str] = []
+    used = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        if nbytes >= pack_size:
+            groups.append([name])
+            continue
+        if small and used + nbytes > pack_size:
+            groups.append(small)
+            small, used = [], 0
+        small.append(name)
+        used += nbytes
+    if small:
+        groups.append(small)
+    return groups
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.dtype != torch.uint8 else memoryview(flat.numpy())
+
+
+def content_digest(tensors: Mapping[str, torch.Tensor], names: Iterable[str]) -> str:
+    """xxh3-128 of the named tensors' names, dtypes, shapes and bytes (what a group's file holds)."""
+    h = _hasher()
+    for name in names:
+        t = tensors[name]
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(_raw(t))
+    return h.hexdigest()
+
+
+def _reusable(fname: str, reuse: Iterable[LocalCheckpoint]) -> tuple[Path, FileEntry] | None:
+    for ckpt in reuse:
+        entry = ckpt.manifest.files.get(fname)
+        if entry is not None:
+            src = ckpt.path / fname
+            try:
+                if src.stat().st_size == entry.size:
+                    return src, entry
+            except OSError:
+                continue
+    return None
+
+
 def write_checkpoint(
     parent: Path,
     name: str,
@@ -202,12 +276,20 @@ def write_checkpoint(
     metrics: Mapping[str, float] | None = None,
     lineage: Mapping[str, Any] | None = None,
     shard_size: int = 2 * 1024**3,
+    blobs: bool = False,
+    pack_size: int = PACK_SIZE,
+    reuse: Iterable[LocalCheckpoint] = (),
 ) -> LocalCheckpoint:
     """Write a checkpoint to ``parent/name`` atomically and return it.
 
     ``tensors`` must be contiguous CPU tensors that share no memory.  Fails with
     ``FileExistsError`` if ``parent/name`` already exists (never clobbers).
+
+    With ``blobs=True`` tensors go to content-addressed files (see the module
+    docstring); a file whose name is already in one of the ``reuse`` checkpoints
+    is hard-linked (or copied) from there instead of serialized again.
     """
+    reuse = list(reuse)
     parent.mkdir(parents=True, exist_ok=True)
     final = parent / name
     if final.exists():
@@ -216,12 +298,26 @@ def write_checkpoint(
     tmp.mkdir()
     try:
         files: dict[str, FileEntry] = {}
-        shards = _shards(tensors, shard_size)
-        for i, shard in enumerate(shards, 1):
-            fname = f"tensors-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(dict(shard), str(tmp / fname), metadata={"format": "pt"})
-            _fsync_file(tmp / fname)
-            files[fname] = FileEntry((tmp / fname).stat().st_size, hash_file(tmp / fname))
+        if blobs:
+            for group in blob_groups(tensors, pack_size):
+                fname = f"t-{content_digest(tensors, group)}.safetensors"
+                if fname in files:
+                    continue  # cannot happen for distinct names; kept for safety
+                found = _reusable(fname, reuse)
+                if found is not None:
+                    _copy_one(found[0], tmp / fname, link=True)
+                    files[fname] = found[1]
+                    continue
+                save_file({k: tensors[k] for k in group}, str(tmp / fname), metadata={"format": "pt"})
+                _fsync_file(tmp / fname)
+                files[fname] = FileEntry((tmp / fname).stat().st_size, hash_file(tmp / fname))
+        else:
+            shards = _shards(tensors, shard_size)
+            for i, shard in enumerate(shards, 1):
+                fname = f"tensors-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(dict(shard), str(tmp / fname), metadata={"format": "pt"})
+                _fsync_file(tmp / fname)
+                files[fname] = FileEntry((tmp / fname).stat().st_size, hash_file(tmp / fname))
         data = _json_bytes(state)
         _write_bytes(tmp / STATE, data)
         files[STATE] = FileEntry(len(data), xxhash.xxh3_128(data).hexdigest())
@@ -256,9 +352,12 @@ def publish(tmp: Path, final: Path) -> None:
 
 
 def copy_checkpoint(src: LocalCheckpoint, parent: Path, name: str, *, link: bool = True,
-                    progress: Any = None) -> LocalCheckpoint:
+                    progress: Any = None, sources: Mapping[str, Path] | None = None) -> LocalCheckpoint:
     """Copy (or hard-link when ``link`` and on the same filesystem) a checkpoint,
-    manifest last, publishing atomically.  ``progress(nbytes)`` is called as bytes move."""
+    manifest last, publishing atomically.  ``progress(nbytes)`` is called as bytes move.
+    ``sources`` names another file with the same contents to take a file from (a
+    content-addressed tensor file already in the destination store)."""
+    sources = sources or {}
     parent.mkdir(parents=True, exist_ok=True)
     final = parent / name
     if final.exists():
@@ -267,7 +366,7 @@ def copy_checkpoint(src: LocalCheckpoint, parent: Path, name: str, *, link: bool
     tmp.mkdir()
     try:
         for fname, entry in src.manifest.files.items():
-            _copy_one(src.path / fname, tmp / fname, link=link)
+            _copy_one(sources.get(fname, src.path / fname), tmp / fname, link=link)
             if progress is not None:
                 progress(entry.size)
         _copy_one(src.path / MANIFEST, tmp / MANIFEST, link=False)

@@ -96,7 +96,7 @@ class Run:
         self._targets = list(targets)
         self._writer = Writer(settings.max_in_flight)
         spool_root = Path(settings.backend_options("local").get("root") or DEFAULT_ROOT).expanduser().absolute()
-        self._spool = Spool(spool_root / ".spool", f"{self.project}-{self.id}-")
+        self._spool = Spool(spool_root / ".spool", f"{self.project}-{self.id}-", [b.name for b, _ in self._targets])
         if self._spool.items:  # a previous process left uploads owed to this run: send them first
             self._writer.submit(self._drain)
         self._finished = False
@@ -219,7 +219,8 @@ class Run:
         name = f"{self._spool.prefix}step{step}-{uuid.uuid4().hex[:8]}"
         try:
             ckpt = write_checkpoint(self._spool.root, name, tensors, tree, step=step, epoch=epoch,
-                                    metrics=metrics, lineage=lineage, shard_size=self.settings.shard_size)
+                                    metrics=metrics, lineage=lineage, shard_size=self.settings.shard_size,
+                                    blobs=self.settings.incremental, reuse=self._spool.reusable())
         except OSError as exc:
             raise CheckpointWriteError(
                 f"could not write checkpoint at step {step} to {self._spool.root}: {exc}; "
@@ -332,6 +333,7 @@ class Run:
                     f"unreachable: {self._spool.describe()}. They are safe on disk; the next ct.init() of this "
                     "run uploads them"
                 )
+            self._spool.close()
         finally:
             for backend, info in self._targets:
                 try:

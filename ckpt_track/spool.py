@@ -7,6 +7,10 @@ uploads stay queued here, in order, and are retried before the next checkpoint,
 at ``finish()``, and by the next run that attaches to the same run id.  A
 sidecar ``<dir>.pending.json`` lists the backends still owed each checkpoint,
 so the queue survives a crash.
+
+The newest checkpoint stored everywhere is kept (``kept``) until a newer one
+replaces it: incremental saves hard-link its unchanged tensor files instead of
+writing them again.  ``close()`` removes it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ __all__ = ["Pending", "Spool", "DrainResult"]
 
 log = logging.getLogger("ckpt_track")
 _SIDECAR = ".pending.json"
+_KEPT = ".kept"
 
 
 @dataclass
@@ -56,15 +61,39 @@ class DrainResult:
 class Spool:
     """The queue of committed checkpoints not yet stored everywhere, for one run."""
 
-    def __init__(self, root: Path, prefix: str) -> None:
+    def __init__(self, root: Path, prefix: str, backends: Sequence[str] = ()) -> None:
         self.root = root
         self.prefix = prefix
+        self._backends = list(backends)
+        self.kept: LocalCheckpoint | None = None
         self.items: list[Pending] = self._recover()
 
     def _recover(self) -> list[Pending]:
         if not self.root.is_dir():
             return []
         found = []
+        # committed directories without a pending sidecar: kept ones (a ``.kept`` marker) of a
+        # process that ended without close(), the newest reused; and ones a process was killed
+        # with between commit and sidecar, owed to every backend
+        kept = []
+        for path in sorted(self.root.glob(f"{self.prefix}*")):
+            if not path.is_dir() or path.with_name(path.name + _SIDECAR).exists():
+                continue
+            try:
+                ckpt = LocalCheckpoint(path, read_manifest(path))
+            except (CheckpointNotFound, IntegrityError, OSError):
+                continue  # not a committed checkpoint: leave it alone
+            marker = path.with_name(path.name + _KEPT)
+            if marker.exists():
+                kept.append(ckpt)
+            elif self._backends:
+                item = Pending(ckpt, (), list(self._backends))
+                item.save()
+                found.append(item)
+        kept.sort(key=lambda c: c.manifest.created)
+        for old in kept[:-1]:
+            self._drop(old)
+        self.kept = kept[-1] if kept else None
         for sidecar in sorted(self.root.glob(f"{self.prefix}*{_SIDECAR}")):
             path = sidecar.with_name(sidecar.name[: -len(_SIDECAR)])
             try:
@@ -111,9 +140,32 @@ class Spool:
             if not item.backends:
                 self.items.remove(item)
                 if not item.failed:
-                    shutil.rmtree(item.ckpt.path, ignore_errors=True)
                     item.sidecar.unlink(missing_ok=True)
+                    self._keep(item.ckpt)
         return result
+
+    def _keep(self, ckpt: LocalCheckpoint) -> None:
+        """Keep ``ckpt`` as the source of unchanged files for the next save; drop the one before."""
+        ckpt.path.with_name(ckpt.path.name + _KEPT).touch()
+        old, self.kept = self.kept, ckpt
+        if old is not None and old.path != ckpt.path:
+            self._drop(old)
+
+    @staticmethod
+    def _drop(ckpt: LocalCheckpoint) -> None:
+        shutil.rmtree(ckpt.path, ignore_errors=True)
+        ckpt.path.with_name(ckpt.path.name + _KEPT).unlink(missing_ok=True)
+
+    def reusable(self) -> list[LocalCheckpoint]:
+        """Committed checkpoints on disk whose files a new checkpoint may hard-link, newest first."""
+        out = [p.ckpt for p in reversed(self.items)]
+        return out + ([self.kept] if self.kept is not None else [])
+
+    def close(self) -> None:
+        """Drop the kept checkpoint (the run is over; every backend has it)."""
+        if self.kept is not None:
+            self._drop(self.kept)
+            self.kept = None
 
     def describe(self) -> str:
         return ", ".join(f"step {p.ckpt.step} for {'/'.join(p.backends)} at {p.ckpt.path}" for p in self.items)

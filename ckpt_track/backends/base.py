@@ -62,6 +62,10 @@ class Stored:
     created: str = ""
     lineage: Mapping[str, Any] = field(default_factory=dict)
     native: Mapping[str, Any] = field(default_factory=dict)
+    # bytes this ``put`` sent to the tracker (None when unknown, or not from a put): files the
+    # run already holds (content-addressed tensor files, :func:`ckpt_track.format.is_blob`)
+    # are not sent again by backends with the "dedup" capability
+    uploaded: int | None = None
 
 
 @runtime_checkable
@@ -69,7 +73,11 @@ class Backend(Protocol):
     """A tracker backend.  Construct with the backend's config section as ``options``.
 
     ``capabilities`` advertises optional behaviour to the contract tests
-    (e.g. ``"delete"``, ``"concurrent_writers"``), so tests never branch on names.
+    (e.g. ``"delete"``, ``"concurrent_writers"``, ``"dedup"``), so tests never branch on names.
+
+    ``"dedup"``: ``put`` sends a content-addressed tensor file (``format.is_blob``) only when
+    the run does not hold it yet, ``get`` still returns the whole checkpoint, and ``delete``
+    never removes a file another stored checkpoint still needs.
     """
 
     name: ClassVar[str]

@@ -22,6 +22,7 @@ import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,7 +30,7 @@ from typing import Any, ClassVar
 from filelock import FileLock, Timeout
 
 from ..errors import BackendUnavailable, CheckpointNotFound, ConfigError, IntegrityError, InvalidRef
-from ..format import LocalCheckpoint, Manifest, copy_checkpoint, read_manifest
+from ..format import LocalCheckpoint, Manifest, copy_checkpoint, is_blob, read_manifest
 from ..refs import Ref
 from .base import RunInfo, RunSpec, Stored
 
@@ -64,7 +65,7 @@ class LocalBackend:
 
     name: ClassVar[str] = "local"
     options: ClassVar[frozenset[str]] = frozenset({"root"})
-    capabilities: ClassVar[frozenset[str]] = frozenset({"delete", "concurrent_writers", "choose_run_id"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"delete", "concurrent_writers", "choose_run_id", "dedup"})
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         options = dict(options or {})
@@ -202,8 +203,13 @@ class LocalBackend:
     def put(self, run: RunInfo, ckpt: LocalCheckpoint, aliases: Sequence[str] = ()) -> Stored:
         run_dir = self._run_dir(run)
         cdir = run_dir / "checkpoints"
+        # content-addressed tensor files the store already holds are hard-linked from there:
+        # the bytes are stored once, and deleting a version keeps every other version's links
+        held = self._held_blobs(cdir)
+        sources = {f: held[f] for f in ckpt.manifest.files if is_blob(f) and f in held}
+        uploaded = sum(e.size for f, e in ckpt.manifest.files.items() if f not in sources)
         # copy (hard-link when possible) outside the lock; only numbering happens under it
-        incoming = copy_checkpoint(ckpt, cdir / ".incoming", uuid.uuid4().hex)
+        incoming = copy_checkpoint(ckpt, cdir / ".incoming", uuid.uuid4().hex, sources=sources)
         with self._lock(run_dir):
             # the high-water mark keeps a deleted newest version's number from being reused
             last = self._read_run_json(run_dir).get("last_version", 0)
@@ -214,7 +220,22 @@ class LocalBackend:
             table = self._aliases(run_dir)
             table.update({a: version for a in aliases})
             _atomic_json(run_dir / "aliases.json", table)
-        return self._stored(run, version, ckpt.manifest, table)
+        return replace(self._stored(run, version, ckpt.manifest, table), uploaded=uploaded)
+
+    def _held_blobs(self, cdir: Path, newest: int = 2) -> dict[str, Path]:
+        """Content-addressed files of the newest stored versions (what a new version may link)."""
+        held: dict[str, Path] = {}
+        for version in sorted(self._versions(cdir))[-newest:]:
+            vdir = cdir / f"v{version:06d}"
+            try:
+                manifest = read_manifest(vdir)
+            except (CheckpointNotFound, IntegrityError):
+                continue
+            for fname, entry in manifest.files.items():
+                path = vdir / fname
+                if is_blob(fname) and path.is_file() and path.stat().st_size == entry.size:
+                    held[fname] = path
+        return held
 
     @staticmethod
     def _versions(cdir: Path) -> list[int]:

@@ -34,7 +34,7 @@ from ..refs import Ref, parse_ref
 from ..state import capture
 from ..writer import snapshot_tensors
 
-__all__ = ["BackendContract", "make_checkpoint"]
+__all__ = ["BackendContract", "blob_state", "make_blob_checkpoint", "make_checkpoint"]
 
 
 def make_checkpoint(parent: Path, step: int, metrics: dict[str, float] | None = None, seed: int = 0) -> LocalCheckpoint:
@@ -47,6 +47,34 @@ def make_checkpoint(parent: Path, step: int, metrics: dict[str, float] | None = 
     c = capture(step=step, model=model, optimizer=opt, extra={"seed": seed})
     return write_checkpoint(parent, f"ckpt-{step}-{uuid.uuid4().hex[:6]}", snapshot_tensors(c.tensors, copy=True),
                             c.tree, step=step, metrics=metrics or {}, lineage={"test": True})
+
+
+def make_blob_checkpoint(parent: Path, step: int, tensors: dict[str, torch.Tensor]) -> LocalCheckpoint:
+    """A checkpoint of ``tensors`` in the incremental layout (one content-addressed file per
+    tensor of 64 KiB or more)."""
+    return write_checkpoint(parent, f"blob-{step}-{uuid.uuid4().hex[:6]}", tensors, {"step": step},
+                            step=step, blobs=True, pack_size=64 * 1024)
+
+
+def blob_state(seed: int, changed: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Four 128 KiB tensors and a small one; the ``changed`` ones get other values."""
+    g = torch.Generator().manual_seed(seed)
+    out = {f"w{i}": torch.randn(32768, generator=g) for i in range(4)}
+    out["bias"] = torch.randn(16, generator=g)
+    for name in changed:
+        out[name] = out[name] + 1.0
+    return out
+
+
+def _tensor_file_size(ckpt: LocalCheckpoint, name: str) -> int:
+    from safetensors import safe_open
+
+    for fname, entry in ckpt.manifest.files.items():
+        if fname.endswith(".safetensors"):
+            with safe_open(str(ckpt.path / fname), framework="pt") as f:
+                if name in f.keys():
+                    return entry.size
+    raise KeyError(name)
 
 
 def _bytes(ckpt: LocalCheckpoint) -> dict[str, bytes]:
@@ -183,6 +211,46 @@ class BackendContract:
         stored = backend.put(run, make_checkpoint(spool, 4), [])
         assert parse_ref(str(stored.ref)) == stored.ref
         assert parse_ref(str(run.ref)) == run.ref
+
+    # -- incremental (content-addressed tensor files) ---------------------------------------
+    def test_dedup_sends_only_changed_files(self, backend: Backend, run: RunInfo, spool: Path,
+                                            tmp_path: Path) -> None:
+        if "dedup" not in backend.capabilities:
+            pytest.skip("backend stores every file of every version")
+        a = make_blob_checkpoint(spool, 1, blob_state(0))
+        first = backend.put(run, a, [])
+        assert first.uploaded is not None and first.uploaded >= 4 * 128 * 1024
+        b = make_blob_checkpoint(spool, 2, blob_state(0, changed=("w1",)))
+        second = backend.put(run, b, [])
+        small = b.manifest.files["state.json"].size + (b.path / MANIFEST).stat().st_size + 4096
+        changed = _tensor_file_size(b, "w1") + _tensor_file_size(b, "bias")
+        assert second.uploaded is not None and second.uploaded <= changed + small, second.uploaded
+        c = make_blob_checkpoint(spool, 3, blob_state(0, changed=("w1",)))  # nothing changed
+        third = backend.put(run, c, [])
+        assert third.uploaded is not None and third.uploaded <= min(small, 1_000_000), third.uploaded
+        for stored, src in ((second, b), (third, c)):
+            got = backend.get(stored, tmp_path / f"dl-{stored.version}")
+            verify(got.path)
+            assert _bytes(got) == _bytes(src)
+
+    def test_dedup_restorable_after_predecessors_deleted(self, backend: Backend, run: RunInfo, spool: Path,
+                                                         tmp_path: Path) -> None:
+        if not {"dedup", "delete"} <= backend.capabilities:
+            pytest.skip("backend cannot delete or does not deduplicate")
+        a = backend.put(run, make_blob_checkpoint(spool, 1, blob_state(3)), [])
+        b_src = make_blob_checkpoint(spool, 2, blob_state(3, changed=("w0",)))
+        b = backend.put(run, b_src, [])
+        c_src = make_blob_checkpoint(spool, 3, blob_state(3, changed=("w0", "w2")))
+        c = backend.put(run, c_src, [])
+        backend.delete(a)  # b and c still need a's w1, w2, w3 (b) and w1, w3 (c)
+        got = backend.get(b, tmp_path / "dl-b")
+        verify(got.path)
+        assert _bytes(got) == _bytes(b_src)
+        backend.delete(b)
+        got = backend.get(c, tmp_path / "dl-c")
+        verify(got.path)
+        assert _bytes(got) == _bytes(c_src)
+        assert [s.version for s in backend.list(run)] == [c.version]
 
     # -- through the public API ----------------------------------------------------------
     def test_log_and_restore_through_api(self, settings_overrides: dict[str, Any]) -> None:
