@@ -466,11 +466,125 @@ def load_checkpoint(path: Path, *, check: bool = True) -> tuple[Manifest, dict[s
             tensors.update(load_file(str(path / fname)))
         except (SafetensorError, OSError) as exc:
             raise IntegrityError(f"{path / fname}: cannot read safetensors file ({exc})") from exc
+    return manifest, tensors, read_state(path)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The checkpoint's ``state.json`` (everything that is not a tensor)."""
     try:
-        state = json.loads((path / STATE).read_bytes())
+        state = json.loads((Path(path) / STATE).read_bytes())
     except (OSError, ValueError) as exc:
-        raise IntegrityError(f"{path / STATE}: cannot read ({exc})") from exc
-    return manifest, tensors, state
+        raise IntegrityError(f"{Path(path) / STATE}: cannot read ({exc})") from exc
+    if not isinstance(state, dict):
+        raise IntegrityError(f"{Path(path) / STATE}: not a JSON object")
+    return state
+
+
+# -- reading into existing tensors ------------------------------------------------------
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies in a safetensors file (from its JSON header)."""
+
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+def read_header(path: Path, fname: str = "") -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header (JSON; nothing is executed): every tensor's
+    dtype, shape and byte range, which must lie inside the file, in order, without overlap."""
+    where = fname or str(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+        base = 8 + n
+        out: dict[str, TensorInfo] = {}
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _ST_DTYPES.get(meta["dtype"])
+            if dtype is None:
+                raise ValueError(f"tensor {name!r} has dtype {meta['dtype']!r}, which this reader does not map")
+            shape = tuple(int(d) for d in meta["shape"])
+            begin, end = (int(x) for x in meta["data_offsets"])
+            numel = 1
+            for d in shape:
+                numel *= d
+            if end - begin != numel * dtype.itemsize or begin < 0 or base + end > size:
+                raise ValueError(f"tensor {name!r}: byte range {begin}-{end} does not match its shape/dtype or the file")
+            out[name] = TensorInfo(fname, dtype, shape, base + begin, base + end)
+        ranges = sorted((i.start, i.end) for i in out.values())
+        if any(b < a_end for (_, a_end), (b, _) in zip(ranges, ranges[1:])):
+            raise ValueError("tensor byte ranges overlap")
+        return out
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(f"{where}: not a valid safetensors file ({exc})") from exc
+
+
+def read_into(path: Path, infos: Iterable[TensorInfo], targets: Mapping[str, torch.Tensor],
+              names: Mapping[TensorInfo, str]) -> dict[str, torch.Tensor]:
+    """Read the given tensors of one safetensors file straight into memory: into the
+    matching tensor of ``targets`` (CPU, contiguous, same dtype and shape) when there is one,
+    else into a new tensor.  One copy from the page cache, no intermediate buffer."""
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb", buffering=0) as f:
+        for info in sorted(infos, key=lambda i: i.start):
+            name = names[info]
+            t = targets.get(name)
+            if not (t is not None and t.device.type == "cpu" and t.is_contiguous() and t.dtype == info.dtype
+                    and tuple(t.shape) == info.shape):
+                t = torch.empty(info.shape, dtype=info.dtype)
+            view = _raw(t)
+            f.seek(info.start)
+            got = 0
+            while got < len(view):
+                n = f.readinto(view[got:got + _CHUNK * 8])
+                if not n:
+                    raise IntegrityError(f"{path}: file ended inside tensor {name!r} (truncated)")
+                got += n
+            out[name] = t
+    return out
+
+
+def tensor_index(path: Path, manifest: Manifest) -> dict[str, TensorInfo]:
+    """Every tensor of a checkpoint: name -> where it lies."""
+    index: dict[str, TensorInfo] = {}
+    for fname in tensor_files(manifest):
+        if Path(fname).is_absolute() or ".." in Path(fname).parts:
+            raise IntegrityError(f"{path}: manifest entry {fname!r} escapes the checkpoint directory")
+        for name, info in read_header(Path(path) / fname, fname).items():
+            if name in index:
+                raise IntegrityError(f"{path}: tensor {name!r} is stored twice ({index[name].file}, {fname})")
+            index[name] = info
+    return index
+
+
+def load_into(path: Path, manifest: Manifest, index: Mapping[str, TensorInfo],
+              targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Load every tensor of a (verified) checkpoint, filling ``targets`` in place where they fit."""
+    by_file: dict[str, list[TensorInfo]] = {}
+    names = {info: name for name, info in index.items()}
+    for info in index.values():
+        by_file.setdefault(info.file, []).append(info)
+    out: dict[str, torch.Tensor] = {}
+    for fname, infos in sorted(by_file.items()):
+        out.update(read_into(Path(path) / fname, infos, targets, names))
+    return out
 
 
 def iter_files(ckpt: LocalCheckpoint) -> Iterable[tuple[str, int]]:

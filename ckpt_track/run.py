@@ -22,11 +22,11 @@ from .backends.base import Backend, ResumeMode, RunInfo, RunSpec, Stored
 from .backends.local import DEFAULT_ROOT
 from .config import Settings, load_settings
 from .errors import CheckpointWriteError, CkptTrackError, ConfigError, SerializationError
-from .format import LocalCheckpoint, load_checkpoint, write_checkpoint
+from .format import LocalCheckpoint, load_into, read_state, tensor_index, verify, write_checkpoint
 from .policy import best_of, is_improvement, retention_plan, select
 from .refs import Ref
 from .resolve import Resolved, list_stored, open_backend, resolve
-from .state import Restored, apply, capture
+from .state import Restored, apply, capture, check, live_tensors
 from .spool import DrainResult, Spool
 from .writer import Writer, snapshot_tensors, wait_staged
 
@@ -443,7 +443,13 @@ def restore(
 def _restore_from(found: Resolved, **targets: Any) -> Restored:
     strict, rng = targets.pop("strict"), targets.pop("rng")
     ckpt = found.fetch()
-    manifest, tensors, tree = load_checkpoint(ckpt.path)
+    manifest = verify(ckpt.path)  # nothing is loaded unless every file matches its hash
+    tree = read_state(ckpt.path)
+    index = tensor_index(ckpt.path, manifest)
+    shapes = {name: torch.empty(i.shape, dtype=i.dtype, device="meta") for name, i in index.items()}
+    check(tree, shapes, strict=strict, **targets)  # a mismatch is raised before anything changes
+    # read straight into the model's and optimizer's own tensors where they fit: no second copy
+    tensors = load_into(ckpt.path, manifest, index, live_tensors(**targets))
     restored = apply(tree, tensors, rng=rng, strict=strict, **targets)
     return replace(restored, metrics=dict(manifest.metrics), ref=str(found.stored.ref))
 

@@ -19,19 +19,21 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backends.base import Stored
 from .errors import BackendUnavailable, CheckpointNotFound, IntegrityError
-from .format import LocalCheckpoint, read_manifest
+from .format import TMP_PREFIX, LocalCheckpoint, read_manifest
 
 __all__ = ["Pending", "Spool", "DrainResult"]
 
 log = logging.getLogger("ckpt_track")
 _SIDECAR = ".pending.json"
 _KEPT = ".kept"
+_STALE_TMP_S = 600
 
 
 @dataclass
@@ -71,6 +73,14 @@ class Spool:
     def _recover(self) -> list[Pending]:
         if not self.root.is_dir():
             return []
+        # half-written directories of a process killed mid-save were never visible (the rename
+        # publishes); remove the stale ones (a live writer of this run touches its own often)
+        for tmp in self.root.glob(f"{TMP_PREFIX}{self.prefix}*"):
+            try:
+                if time.time() - tmp.stat().st_mtime > _STALE_TMP_S:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            except OSError:
+                pass
         found = []
         # committed directories without a pending sidecar: kept ones (a ``.kept`` marker) of a
         # process that ended without close(), the newest reused; and ones a process was killed
@@ -86,10 +96,8 @@ class Spool:
             marker = path.with_name(path.name + _KEPT)
             if marker.exists():
                 kept.append(ckpt)
-            elif self._backends:
-                item = Pending(ckpt, (), list(self._backends))
-                item.save()
-                found.append(item)
+            elif self._backends:  # the sidecar makes the loop below queue it
+                Pending(ckpt, (), list(self._backends)).save()
         kept.sort(key=lambda c: c.manifest.created)
         for old in kept[:-1]:
             self._drop(old)

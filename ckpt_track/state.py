@@ -18,7 +18,7 @@ import torch
 
 from .errors import SerializationError, StateMismatch
 
-__all__ = ["Captured", "Restored", "apply", "capture", "decode_tree", "encode_tree"]
+__all__ = ["Captured", "Restored", "apply", "capture", "check", "decode_tree", "encode_tree", "live_tensors"]
 
 _TAG = "__ct__"
 _MAX_NAMES = 10
@@ -203,6 +203,19 @@ def _names(names: list[str]) -> str:
 
 def _load_model(model: torch.nn.Module, saved: Mapping[str, Any], strict: bool) -> None:
     current = model.state_dict()
+    _check_model(current, saved, strict)
+    # a tensor that was read straight into the model's own memory needs no copy
+    model.load_state_dict({k: v for k, v in saved.items() if k in current and not _same(v, current[k])},
+                          strict=False)
+
+
+def _same(a: Any, b: Any) -> bool:
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.device == b.device
+            and a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride())
+
+
+def _check_model(current: Mapping[str, Any], saved: Mapping[str, Any], strict: bool) -> None:
     missing = sorted(set(current) - set(saved))
     unexpected = sorted(set(saved) - set(current))
     shapes = sorted(
@@ -220,7 +233,6 @@ def _load_model(model: torch.nn.Module, saved: Mapping[str, Any], strict: bool) 
     if problems:
         hint = " (pass strict=False to ignore missing/unexpected keys)" if not shapes else ""
         raise StateMismatch("model state does not match the checkpoint; " + "; ".join(problems) + hint)
-    model.load_state_dict({k: v for k, v in saved.items() if k in current}, strict=False)
 
 
 def _check_optimizer(optimizer: torch.optim.Optimizer, saved: Any) -> None:
@@ -257,6 +269,37 @@ def _set_rng(state: Mapping[str, Any]) -> None:
             torch.cuda.set_rng_state(saved[i], i)
 
 
+def check(
+    tree: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    strict: bool = True,
+) -> None:
+    """Raise :class:`StateMismatch` if the checkpoint does not fit the objects; changes nothing.
+    ``tensors`` may be meta tensors (only names, shapes and dtypes are looked at)."""
+    for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if obj is not None and name not in tree:
+            raise StateMismatch(f"the checkpoint holds no {name} state (it was saved without {name}=...)")
+    if optimizer is not None:
+        _check_optimizer(optimizer, decode_tree(tree["optimizer"], tensors))
+    if model is not None:
+        _check_model(model.state_dict(), decode_tree(tree["model"], tensors), strict)
+
+
+def live_tensors(*, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+                 scheduler: Any = None, scaler: Any = None) -> dict[str, torch.Tensor]:
+    """The objects' own tensors under the names a checkpoint of them uses (memory to restore into)."""
+    try:
+        return capture(step=0, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                       rng=False).tensors
+    except SerializationError:
+        return {}
+
+
 def apply(
     tree: Mapping[str, Any],
     tensors: Mapping[str, torch.Tensor],
@@ -273,13 +316,8 @@ def apply(
     Raises :class:`StateMismatch` naming the offending keys when the checkpoint
     does not fit; in that case the model is left untouched.
     """
-    for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
-        if obj is not None and name not in tree:
-            raise StateMismatch(f"the checkpoint holds no {name} state (it was saved without {name}=...)")
-    # check everything that can be checked before changing anything
+    check(tree, tensors, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, strict=strict)
     opt_state = decode_tree(tree["optimizer"], tensors) if optimizer is not None else None
-    if optimizer is not None:
-        _check_optimizer(optimizer, opt_state)
     if model is not None:
         _load_model(model, decode_tree(tree["model"], tensors), strict)
     if optimizer is not None:
