@@ -9,6 +9,7 @@ also bounds memory).  A failed job is re-raised on the next call and at
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -81,11 +82,24 @@ def wait_staged(staged: Mapping[str, torch.Tensor]) -> None:
         event.synchronize()
 
 
+WRITER_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    """Run the writer thread at a lower CPU priority than training (Linux: per thread), so on
+    a machine with few cores hashing and serializing yield to the training loop's compute."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+    except (AttributeError, OSError):
+        pass  # not Linux, or not permitted: run at normal priority
+
+
 class Writer:
     """One background worker with a bounded number of jobs in flight."""
 
     def __init__(self, max_in_flight: int = 1) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt_track-writer")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt_track-writer",
+                                        initializer=_lower_priority)
         self._slots = threading.BoundedSemaphore(max(1, max_in_flight))
         # one reusable staging set per slot: a set is never overwritten while its job runs
         self._staging: list[dict[str, torch.Tensor]] = [{} for _ in range(max(1, max_in_flight))]
