@@ -26,12 +26,12 @@ import xxhash
 
 import ckpt_track as ct
 from ckpt_track.backends.base import RunSpec
-from ckpt_track.backends.comet import RESUMED_FROM_KEY, STATE_KEY, CometBackend, model_name
+from ckpt_track.backends.comet import BLOB_PREFIX, RESUMED_FROM_KEY, STATE_KEY, CometBackend, model_name
 from ckpt_track.errors import AuthError, BackendError, BackendNotInstalled, BackendUnavailable, ConfigError, InvalidRef
-from ckpt_track.format import MANIFEST
+from ckpt_track.format import MANIFEST, LocalCheckpoint, is_blob
 from ckpt_track.refs import Ref, parse_ref
 from ckpt_track.resolve import resolve
-from ckpt_track.testing.contract import BackendContract, make_checkpoint
+from ckpt_track.testing.contract import BackendContract, blob_state, make_blob_checkpoint, make_checkpoint
 from tests.fakes.comet import API_KEY, FakeComet
 
 KEY = "9f8e7d6c5b4a39281706f5e4d3c2b1a0"  # a realistic experiment key (32 hex)
@@ -124,6 +124,18 @@ def _messages(archive: Path) -> tuple[list[dict[str, Any]], zipfile.ZipFile]:
     return [json.loads(line) for line in z.read("messages.json").splitlines() if line.strip()], z
 
 
+def _blob_uploads(messages: list[dict[str, Any]], z: zipfile.ZipFile) -> dict[str, bytes]:
+    """The content-addressed tensor files an archive uploads as experiment assets, by file name."""
+    out: dict[str, bytes] = {}
+    for m in messages:
+        p = m["payload"] if m["type"] == "file_upload" else {}
+        name = p.get("additional_params", {}).get("fileName", "")
+        if p.get("upload_type") == "asset" and name.startswith(BLOB_PREFIX):
+            assert name[len(BLOB_PREFIX):] not in out, "a blob was logged twice"
+            out[name[len(BLOB_PREFIX):]] = z.read(p["file_path"])
+    return out
+
+
 def test_offline_log_path_records_every_checkpoint_in_the_archive(comet_env: FakeComet, tmp_path: Path) -> None:
     """The real SDK offline: the zip holds every checkpoint's files, step, metrics, aliases, lineage."""
     offline = tmp_path / "off"
@@ -146,10 +158,13 @@ def test_offline_log_path_records_every_checkpoint_in_the_archive(comet_env: Fak
         assert (experiment["workspace"], experiment["project_name"]) == ("ws", "zipcheck")
         uploads = [m["payload"] for m in messages
                    if m["type"] == "file_upload" and m["payload"]["upload_type"] == "model-element"]
+        blobs = _blob_uploads(messages, z)
         for s in stored:
             name = model_name(s.version, s.step)
             mine = [p for p in uploads if p["additional_params"]["groupingName"] == name]
             files = {p["additional_params"]["fileName"]: z.read(p["file_path"]) for p in mine}
+            assert files and not any(is_blob(f) for f in files)  # tensors are shared experiment assets
+            files |= {f: blobs[f] for f in mine[0]["metadata"]["blobs"]}
             ckpt = Path(s.native["path"])
             manifest = json.loads((ckpt / MANIFEST).read_bytes())
             assert files == {f: (ckpt / f).read_bytes() for f in [*manifest["files"], MANIFEST]}
@@ -204,6 +219,115 @@ def test_comet_upload_makes_offline_checkpoints_restorable_online(comet_env: Fak
     fresh = torch.nn.Linear(4, 2)
     restored = ct.restore(str(run.ref) + "@latest", model=fresh, settings=online)
     assert restored.step == 2 and torch.equal(fresh.weight, model.weight)
+
+
+# -- incremental checkpoints --------------------------------------------------------------------
+def _blob_of(ckpt: LocalCheckpoint, tensor: str) -> str:
+    """The content-addressed file of a checkpoint that holds ``tensor``."""
+    from safetensors import safe_open
+
+    for fname in ckpt.manifest.files:
+        if is_blob(fname):
+            with safe_open(str(ckpt.path / fname), framework="pt") as f:
+                if tensor in f.keys():  # noqa: SIM118 (safe_open is no mapping)
+                    return fname
+    raise KeyError(tensor)
+
+
+def _json_sizes(ckpt: LocalCheckpoint) -> int:
+    return ckpt.manifest.files["state.json"].size + (ckpt.path / MANIFEST).stat().st_size
+
+
+def test_offline_archive_holds_each_tensor_file_once(comet_env: FakeComet, tmp_path: Path) -> None:
+    """What the real SDK wrote: a checkpoint adds only its changed tensor file, an unchanged one none."""
+    be = CometBackend({"workspace": "ws", "online": False, "offline_directory": str(tmp_path / "off")})
+    run = be.open_run(RunSpec(project="inc", name="inc"))
+    a = make_blob_checkpoint(tmp_path / "spool", 1, blob_state(0))
+    b = make_blob_checkpoint(tmp_path / "spool", 2, blob_state(0, changed=("w1",)))
+    c = make_blob_checkpoint(tmp_path / "spool", 3, blob_state(0, changed=("w1",)))  # b again
+    stored = [be.put(run, ckpt) for ckpt in (a, b, c)]
+    be.finish_run(run)
+    messages, z = _messages(tmp_path / "off" / f"{run.native['key']}.zip")
+    with z:
+        blobs = _blob_uploads(messages, z)  # each tensor file once in the whole archive
+        sent: dict[int, set[str]] = {}
+        for m in messages:
+            if m["type"] == "file_upload":
+                params = m["payload"]["additional_params"]
+                sent.setdefault(params["step"], set()).add(params["fileName"])
+    changed = _blob_of(b, "w1")
+    assert changed not in a.manifest.files and len(a.manifest.files) == 6  # 4 tensors, 1 pack, state.json
+    assert sent[1] == {"state.json", MANIFEST, *(BLOB_PREFIX + f for f in a.manifest.files if is_blob(f))}
+    assert sent[2] == {"state.json", MANIFEST, BLOB_PREFIX + changed}
+    assert sent[3] == {"state.json", MANIFEST}
+    assert blobs[changed] == (b.path / changed).read_bytes()
+    assert [s.uploaded for s in stored] == [
+        a.manifest.size + (a.path / MANIFEST).stat().st_size,
+        b.manifest.files[changed].size + _json_sizes(b), _json_sizes(c)]
+    assert comet_env.requests == []
+
+
+def test_online_blobs_are_found_again_on_resume_and_deleted_when_unreferenced(comet_env: FakeComet,
+                                                                               tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    be = CometBackend({"workspace": "ws", "register_as": "inc-ckpt"})
+    run = be.open_run(RunSpec(project="inc", run_id="inc-run"))
+    a = make_blob_checkpoint(spool, 1, blob_state(0))
+    b = make_blob_checkpoint(spool, 2, blob_state(0, changed=("w1",)))
+    be.put(run, a)
+    be.put(run, b)
+    be.close()
+    exp = comet_env.experiment(run.native["key"])
+
+    def held() -> list[str]:
+        return sorted(x.file_name[len(BLOB_PREFIX):] for x in exp.assets.values() if x.type == "asset")
+
+    assert held() == sorted({f for ckpt in (a, b) for f in ckpt.manifest.files if is_blob(f)})
+    # another process attaches: the blobs the experiment holds are read from Comet, not sent again
+    other = CometBackend({"workspace": "ws", "register_as": "inc-ckpt"})
+    run2 = other.open_run(RunSpec(project="inc", run_id="inc-run"))
+    assert run2.resumed and run2.native["key"] == run.native["key"]
+    c_src = make_blob_checkpoint(spool, 3, blob_state(0, changed=("w1",)))
+    assert other.put(run2, c_src).uploaded == _json_sizes(c_src)
+    sa, sb, sc = other.list(run2)
+    other.delete(sa)  # a's w1 file goes, nobody else names it
+    assert held() == sorted(f for f in c_src.manifest.files if is_blob(f))
+    other.delete(sb)  # c names every blob b named
+    assert held() == sorted(f for f in c_src.manifest.files if is_blob(f))
+    want = {f: (c_src.path / f).read_bytes() for f in c_src.manifest.files}
+    got = other.get(sc, tmp_path / "dl")
+    assert {f: (got.path / f).read_bytes() for f in want} == want
+    # a registry version holds the model's elements; the tensor files come from its experiment
+    (registered,) = other.list(other.find_run(Ref("comet", "registry/ws/inc-ckpt")))
+    got = other.get(registered, tmp_path / "dl-registry")
+    assert registered.step == 3 and {f: (got.path / f).read_bytes() for f in want} == want
+    other.close()
+
+
+def test_checkpoints_stored_whole_by_earlier_versions_still_work(comet_env: FakeComet, tmp_path: Path) -> None:
+    """Before incremental uploads, every file (tensors too) was an element of the checkpoint's model."""
+    import comet_ml
+
+    be = CometBackend({"workspace": "ws"})
+    run = be.open_run(RunSpec(project="old", name="old"))
+    old = make_blob_checkpoint(tmp_path / "spool", 1, blob_state(0))
+    m = old.manifest
+    meta = {"ckpt_track": 1, "version": 1, "step": 1, "epoch": None, "metrics": {}, "aliases": [],
+            "created": m.created, "size": m.size, "lineage": dict(m.lineage),
+            "files": {**{f: e.size for f, e in m.files.items()}, MANIFEST: (old.path / MANIFEST).stat().st_size}}
+    exp = comet_ml.get_running_experiment()
+    exp.log_model(model_name(1, 1), str(old.path), metadata=meta, overwrite=False, prepend_folder_name=False)
+    assert exp.flush()
+    new_src = make_blob_checkpoint(tmp_path / "spool", 2, blob_state(0, changed=("w1",)))
+    assert be.put(run, new_src).version == 2
+    first, second = be.list(run)
+    got = be.get(first, tmp_path / "dl-old")
+    assert all((got.path / f).read_bytes() == (old.path / f).read_bytes() for f in [*m.files, MANIFEST])
+    be.delete(first)  # its model elements go; the blobs v2 logged stay
+    assert model_name(1, 1) not in comet_env.experiment(run.native["key"]).models()
+    got = be.get(second, tmp_path / "dl-new")
+    assert all((got.path / f).read_bytes() == (new_src.path / f).read_bytes() for f in new_src.manifest.files)
+    be.close()
 
 
 # -- references ---------------------------------------------------------------------------
@@ -292,7 +416,10 @@ def test_resume_lineage_and_retention_online(comet_env: FakeComet) -> None:
         for step in (4, 5):
             first.log_checkpoint(step, model=model)
     key = first.info.native["key"]
-    assert {a.model for a in comet_env.experiment(key).assets.values()} == {model_name(2, 5)}  # v1 deleted
+    assets = comet_env.experiment(key).assets.values()
+    assert {a.model for a in assets if a.type == "model-element"} == {model_name(2, 5)}  # v1 deleted
+    kept = json.loads(next(a.metadata for a in assets if a.model) or "{}")["blobs"]
+    assert sorted(a.file_name for a in assets if a.type == "asset") == sorted(BLOB_PREFIX + f for f in kept)
     assert json.loads(comet_env.experiment(key).others[STATE_KEY])["deleted"] == [1]
     fresh = torch.nn.Linear(4, 2)
     with ct.init(project="lin", name="second", settings=settings) as second:
@@ -301,7 +428,7 @@ def test_resume_lineage_and_retention_online(comet_env: FakeComet) -> None:
     exp = comet_env.experiment(second.info.native["key"])
     source = str(first.ref.select(version=2))
     assert exp.others[RESUMED_FROM_KEY] == source  # the tracker-side lineage
-    meta = json.loads(next(iter(exp.assets.values())).metadata or "{}")
+    meta = json.loads(next(a.metadata for a in exp.assets.values() if a.model) or "{}")
     assert meta["lineage"]["resumed_from"] == source and meta["lineage"]["parent"] == source
     assert torch.equal(fresh.weight, model.weight)
 
@@ -319,8 +446,8 @@ def test_checkpoints_go_into_the_experiment_the_user_started(comet_env: FakeCome
     user.end()
     messages, z = _messages(offline / f"{user.get_key()}.zip")
     z.close()
-    assert {m["payload"]["additional_params"]["groupingName"] for m in messages
-            if m["type"] == "file_upload"} == {model_name(1, 1)}
+    assert {m["payload"]["additional_params"].get("groupingName") for m in messages
+            if m["type"] == "file_upload" and m["payload"]["upload_type"] == "model-element"} == {model_name(1, 1)}
     user2 = comet_ml.OfflineExperiment(project_name="mine", offline_directory=str(offline))
     try:
         with pytest.raises(ConfigError, match="online = false"):  # an online backend must not end it either
@@ -392,7 +519,8 @@ def test_sdk_calls_we_rely_on_keep_their_signatures() -> None:
     import comet_ml
 
     wanted = {
-        comet_ml.Experiment.log_model: {"name", "file_or_folder", "overwrite", "metadata", "prepend_folder_name"},
+        comet_ml.Experiment.log_model: {"name", "file_or_folder", "file_name", "overwrite", "metadata"},
+        comet_ml.Experiment.log_asset: {"file_data", "file_name"},
         comet_ml.Experiment.log_metrics: {"dic", "step", "epoch"},
         comet_ml.Experiment.register_model: {"model_name", "version", "registry_name", "tags", "comment"},
         comet_ml.Experiment.flush: set(),
@@ -404,6 +532,7 @@ def test_sdk_calls_we_rely_on_keep_their_signatures() -> None:
         comet_ml.API.get_registry_model_details: {"workspace", "registry_name"},
         comet_ml.APIExperiment.get_model_asset_list: {"model_name"},
         comet_ml.APIExperiment.get_asset: {"asset_id", "return_type", "stream"},
+        comet_ml.APIExperiment.get_asset_list: {"asset_type"},
         comet_ml.APIExperiment.get_others_summary: {"other"},
         comet_ml.APIExperiment.log_other: {"key", "value"},
         comet_ml.APIExperiment.delete_asset: {"asset_id"},
@@ -442,4 +571,22 @@ def test_a_partial_upload_is_an_error_and_never_listed(comet_env: FakeComet, tmp
     assert [(s.version, s.aliases) for s in listed] == [(first.version, ("latest",))]
     third = be.put(run, make_checkpoint(tmp_path / "spool", 3), ["latest"])
     assert third.version == 3  # the half-uploaded v2 is never reused
+    be.close()
+
+
+def test_a_lost_tensor_file_fails_put_and_is_sent_again(comet_env: FakeComet, tmp_path: Path) -> None:
+    be = CometBackend({"workspace": "ws"})
+    run = be.open_run(RunSpec(project="p", name="lost-blob"))
+    src = make_blob_checkpoint(tmp_path / "spool", 1, blob_state(0))
+    lost = _blob_of(src, "w2")
+    comet_env.lose_uploads.add(BLOB_PREFIX + lost)  # the server says 200 but keeps no file
+    with pytest.raises(BackendUnavailable, match="only part of checkpoint"):
+        be.put(run, src)
+    comet_env.lose_uploads.clear()
+    assert be.list(run) == []  # its model is complete, but a tensor file it names is missing
+    retry = make_blob_checkpoint(tmp_path / "spool", 2, blob_state(0))
+    again = be.put(run, retry)
+    assert again.uploaded == src.manifest.files[lost].size + _json_sizes(retry)  # only the lost file again
+    got = be.get(be.list(run)[0], tmp_path / "dl")
+    assert (got.path / lost).read_bytes() == (src.path / lost).read_bytes()
     be.close()

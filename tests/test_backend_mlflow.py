@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -12,10 +14,12 @@ import torch
 from mlflow import MlflowClient
 
 import ckpt_track as ct
-from ckpt_track.backends.mlflow import MlflowBackend
+from ckpt_track.backends.base import RunSpec
+from ckpt_track.backends.mlflow import BLOBS, MlflowBackend
 from ckpt_track.errors import BackendUnavailable, CheckpointNotFound, InvalidRef
+from ckpt_track.format import MANIFEST, LocalCheckpoint, is_blob, verify
 from ckpt_track.refs import Ref, parse_ref
-from ckpt_track.testing.contract import BackendContract
+from ckpt_track.testing.contract import BackendContract, blob_state, make_blob_checkpoint
 
 RUN = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 MODEL = "m-5b2b35d077d54185a356ad3e508d698d"
@@ -219,9 +223,88 @@ def test_retention_deletes_models_and_artifacts(mlflow_env) -> None:
     client = MlflowClient(mlflow_env.uri)
     exp = client.get_run(run.id).info.experiment_id
     assert len(client.search_logged_models([exp], filter_string=f"source_run_id='{run.id}'")) == 2
-    art = mlflow_env.root / "artifacts" / exp / "models"
-    non_empty = [d for d in art.iterdir() if any((d / "artifacts").rglob("*.safetensors"))]
+    art = mlflow_env.root / "artifacts" / exp
+    non_empty = [d for d in (art / "models").iterdir() if (d / "artifacts" / MANIFEST).is_file()]
     assert len(non_empty) == 2
+    # the run keeps exactly the tensor files the two remaining checkpoints name
+    needed = {f for s in kept for f in verify(_download(s, mlflow_env)).files if is_blob(f)}
+    assert needed and {p.name for p in (art / run.id / "artifacts" / BLOBS).iterdir()} == needed
+
+
+def _download(stored, server) -> Path:
+    dest = server.root / "downloads" / uuid.uuid4().hex
+    return MlflowBackend({"tracking_uri": server.uri}).get(stored, dest).path
+
+
+# -- incremental checkpoints -------------------------------------------------------------------
+def _files(ckpt: LocalCheckpoint) -> dict[str, bytes]:
+    return {f: (ckpt.path / f).read_bytes() for f in [*ckpt.manifest.files, MANIFEST]}
+
+
+def test_each_tensor_file_is_stored_once_per_run_on_the_server(tmp_path: Path, mlflow_env) -> None:
+    """Read back from the server's artifacts destination: a checkpoint with one changed tensor adds
+    only that tensor's file, an unchanged one adds none; deleting keeps what others still name."""
+    backend = MlflowBackend({"tracking_uri": mlflow_env.uri})
+    run = backend.open_run(RunSpec(project=f"dedup-{uuid.uuid4().hex[:6]}", name="d"))
+    art = mlflow_env.root / "artifacts" / run.native["experiment_id"]
+    blobs = art / run.run_id / "artifacts" / BLOBS
+
+    def on_disk() -> dict[str, tuple[int, int]]:  # blob file -> (size, mtime): rewritten files show
+        return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in blobs.iterdir()}
+
+    def model_files(stored) -> set[str]:
+        return {p.name for p in (art / "models" / stored.native["model_id"] / "artifacts").iterdir()}
+
+    srcs = [make_blob_checkpoint(tmp_path, 1, blob_state(0)),
+            make_blob_checkpoint(tmp_path, 2, blob_state(0, changed=("w1",))),
+            make_blob_checkpoint(tmp_path, 3, blob_state(0, changed=("w1",)))]
+    names = [{f for f in c.manifest.files if is_blob(f)} for c in srcs]
+    a = backend.put(run, srcs[0])
+    first = on_disk()
+    assert set(first) == names[0] and len(first) == 5  # four 128 KiB tensors, the small one packed alone
+    assert model_files(a) == {MANIFEST, "state.json"}  # the model holds no tensor bytes
+    b = backend.put(run, srcs[1])
+    second = on_disk()
+    added = set(second) - set(first)
+    assert len(added) == 1 and added == names[1] - names[0]  # w1's new file only
+    assert {f: second[f] for f in first} == first  # nothing else rewritten
+    assert b.uploaded == srcs[1].manifest.files[added.pop()].size + srcs[1].manifest.files["state.json"].size + (
+        srcs[1].path / MANIFEST).stat().st_size
+    c = backend.put(run, srcs[2])
+    assert on_disk() == second and names[2] == names[1]  # an unchanged checkpoint sends no tensor bytes
+    assert c.uploaded == srcs[2].manifest.files["state.json"].size + (srcs[2].path / MANIFEST).stat().st_size
+    assert model_files(b) == model_files(c) == {MANIFEST, "state.json"}
+    on_server = sum(p.stat().st_size for p in art.rglob("*") if p.is_file())
+    assert on_server < 1.3 * srcs[0].manifest.size  # three checkpoints in the bytes of about one
+
+    backend.delete(a)  # a's old w1 goes; the files b and c share stay
+    assert set(on_disk()) == names[1]
+    got = backend.get(c, tmp_path / "dl-c")
+    assert _files(got) == _files(srcs[2])
+    backend.delete(b)
+    assert set(on_disk()) == names[2]
+    backend.delete(c)
+    assert not blobs.exists() or not any(blobs.iterdir())
+
+
+def test_checkpoints_logged_with_every_file_in_the_model_still_restore(tmp_path: Path) -> None:
+    """Earlier versions put the tensor files into the LoggedModel itself: such checkpoints still
+    list, download byte for byte, and keep their files when others are deleted."""
+    backend = MlflowBackend({"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                             "artifact_location": str(tmp_path / "mlruns")})
+    run = backend.open_run(RunSpec(project="old-layout"))
+    blobs = Path(run.native["artifact_uri"]) / BLOBS
+    old_src = make_blob_checkpoint(tmp_path / "spool", 1, blob_state(5))
+    old = backend.put(run, old_src)
+    for p in blobs.iterdir():  # what an earlier version stored: every file in the model's artifacts
+        shutil.move(p, Path(old.native["artifact_location"]) / p.name)
+    new_src = make_blob_checkpoint(tmp_path / "spool", 2, blob_state(5, changed=("w2",)))
+    new = backend.put(run, new_src)
+    assert new.uploaded is not None and new.uploaded > 4 * 128 * 1024  # the run held none of them yet
+    assert [s.version for s in backend.list(run)] == [old.version, new.version]
+    assert _files(backend.get(old, tmp_path / "dl-old")) == _files(old_src)
+    backend.delete(new)
+    assert _files(backend.get(backend.list(run)[0], tmp_path / "dl-old-again")) == _files(old_src)
 
 
 def test_not_found_errors(mlflow_env) -> None:

@@ -25,9 +25,9 @@ import ckpt_track as ct
 from ckpt_track.backends.base import RunSpec
 from ckpt_track.backends.wandb import WandbBackend
 from ckpt_track.errors import AuthError, BackendUnavailable, ConfigError, InvalidRef
-from ckpt_track.format import MANIFEST, hash_file, load_checkpoint, verify
+from ckpt_track.format import MANIFEST, STATE, LocalCheckpoint, hash_file, is_blob, load_checkpoint, verify
 from ckpt_track.refs import Ref
-from ckpt_track.testing.contract import BackendContract, make_checkpoint
+from ckpt_track.testing.contract import BackendContract, blob_state, make_blob_checkpoint, make_checkpoint
 
 # read before the fixtures strip WANDB_*: only the live test uses them
 _LIVE_ENV = {k: v for k, v in os.environ.items() if k in ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_BASE_URL")}
@@ -209,6 +209,76 @@ def test_offline_run_synced_then_restored_online(tmp_path: Path, fake: FakeWandb
     latest = ct.restore(f"https://forge.coreweave.com/wandb/acme/resnet/runs/{run.id}/overview", model=fresh,
                         settings=online)
     assert latest.step == 3 and torch.equal(fresh.weight, model.weight)
+
+
+# -- incremental checkpoints: W&B's digest dedup -----------------------------------------------------
+def _blob_versions(spool: Path) -> list[LocalCheckpoint]:
+    """Three checkpoints in the incremental layout: w1 changes from the first to the second,
+    nothing from the second to the third."""
+    return [make_blob_checkpoint(spool, 1, blob_state(0)), make_blob_checkpoint(spool, 2, blob_state(0, ("w1",))),
+            make_blob_checkpoint(spool, 3, blob_state(0, ("w1",)))]
+
+
+def _small(ckpt: LocalCheckpoint) -> int:
+    return ckpt.manifest.files[STATE].size + (ckpt.path / MANIFEST).stat().st_size
+
+
+def _holds(ckpt: LocalCheckpoint, fname: str) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt.path / fname), framework="pt") as f:
+        return sorted(f.keys())
+
+
+def test_offline_record_log_keeps_unchanged_tensor_files_identical_across_versions(tmp_path: Path) -> None:
+    be = WandbBackend({"mode": "offline", "dir": str(tmp_path / "wb")})
+    run = be.open_run(RunSpec(project="resnet", run_id=RUN))
+    src = _blob_versions(tmp_path / "spool")
+    stored = [be.put(run, ckpt, ["latest"]) for ckpt in src]
+    be.finish_run(run)
+    log = next((tmp_path / "wb").glob(f"wandb/offline-run-*-{RUN}/run-{RUN}.wandb"))
+    arts = [r.artifact for r in finished_records(log) if r.WhichOneof("record_type") == "artifact"]
+    assert [a.name for a in arts] == [f"ckpt-{RUN}"] * 3
+    tensors = [{e.path: e.digest for e in a.manifest.contents if is_blob(e.path)} for a in arts]
+    assert all(set(t) == {f for f in c.manifest.files if is_blob(f)} for t, c in zip(tensors, src))  # self-contained
+    kept = set(tensors[0]) & set(tensors[1])
+    assert len(kept) == 4 and all(tensors[0][f] == tensors[1][f] for f in kept)  # same path, same MD5
+    (old,), (new,) = set(tensors[0]) - kept, set(tensors[1]) - kept
+    assert tensors[0][old] != tensors[1][new] and _holds(src[0], old) == _holds(src[1], new) == ["w1"]
+    assert tensors[2] == tensors[1]  # nothing changed: every tensor file as before
+    # uploaded is what W&B's dedup sends: the files whose MD5 the previous version lacks
+    digests = [{e.digest: e.size for e in a.manifest.contents} for a in arts]
+    assert stored[0].uploaded == sum(digests[0].values())
+    for prev, cur, s in zip(digests, digests[1:], stored[1:]):
+        assert s.uploaded == sum(size for d, size in cur.items() if d not in prev)
+    assert stored[1].uploaded == src[1].manifest.files[new].size + _small(src[1])
+    assert stored[2].uploaded == _small(src[2])  # no tensor bytes
+    # on disk, the store keeps each unchanged file once (hard links), and each version whole
+    v1, v2 = (Path(s.native["path"]) for s in stored[:2])
+    assert all((v1 / f).samefile(v2 / f) for f in kept)
+    be.delete(stored[0])
+    assert verify(v2).step == 2
+
+
+def test_online_uploaded_counts_what_the_server_receives_also_after_a_resume(tmp_path: Path,
+                                                                             fake: FakeWandb) -> None:
+    first, second, third = _blob_versions(tmp_path / "spool")
+    be = WandbBackend({"mode": "online", "dir": str(tmp_path / "wb")})
+    run = be.open_run(RunSpec(project="resnet", run_id=RUN))
+    stored = [be.put(run, first, ["latest"]), be.put(run, second, ["latest"])]
+    be.finish_run(run)
+    again = WandbBackend({"mode": "online", "dir": str(tmp_path / "wb")})  # a new process: only the API knows
+    resumed = again.open_run(RunSpec(project="resnet", run_id=RUN))
+    stored.append(again.put(resumed, third, ["latest"]))
+    again.finish_run(resumed)
+    server = fake.servers["https://api.forge.coreweave.com"]
+    assert [s.uploaded for s in stored] == server.received
+    (changed,) = set(second.manifest.files) - set(first.manifest.files)  # w1's new tensor file
+    assert stored[1].uploaded == second.manifest.files[changed].size + _small(second)
+    assert stored[2].uploaded == _small(third)
+    got = again.get(stored[2], tmp_path / "dl")  # every file, from that version alone
+    assert {f: (got.path / f).read_bytes() for f in third.manifest.files} == \
+        {f: (third.path / f).read_bytes() for f in third.manifest.files}
 
 
 # -- online specifics, through the fake -----------------------------------------------------------------

@@ -6,10 +6,12 @@ A run is an experiment; checkpoint version N is the experiment model
 checkpoint (one name per run would mix every step's files).  Each file is a
 model element carrying the same metadata: version, step, epoch, metrics, the
 aliases it got, lineage and every file's size (a half-uploaded model is never
-listed).  Metrics also go to ``log_metrics(step=)``.  Comet models have no
-aliases, so the alias table, the highest version used and deleted versions live
-in the experiment "other" ``ckpt_track.state``; resume lineage in
-``ckpt_track.resumed_from``.
+listed).  Content-addressed tensor files (``format.is_blob``) are not model
+elements but experiment assets ``ckpt_track/blobs/<file>``, logged once per
+experiment and shared by every checkpoint that names them (metadata ``blobs``).
+Metrics also go to ``log_metrics(step=)``.  Comet models have no aliases, so
+the alias table, the highest version used and deleted versions live in the
+experiment "other" ``ckpt_track.state``; resume lineage in ``ckpt_track.resumed_from``.
 
 Online: ``Experiment`` writes, ``API`` reads.  Offline (``online = false``):
 ``OfflineExperiment`` writes ``<key>.zip`` for ``comet upload``, and every
@@ -49,15 +51,16 @@ from ..errors import (
     IntegrityError,
     InvalidRef,
 )
-from ..format import MANIFEST, LocalCheckpoint, copy_checkpoint, read_manifest, verify
+from ..format import MANIFEST, LocalCheckpoint, copy_checkpoint, is_blob, read_manifest, verify
 from ..refs import Ref
 from .base import RunInfo, RunSpec, Stored, sdk_errors
 
-__all__ = ["CometBackend", "model_name"]
+__all__ = ["BLOB_PREFIX", "CometBackend", "model_name"]
 
 STATE_KEY = "ckpt_track.state"
 RUN_ID_KEY = "ckpt_track.run_id"
 RESUMED_FROM_KEY = "ckpt_track.resumed_from"
+BLOB_PREFIX = "ckpt_track/blobs/"  # experiment asset name of a content-addressed tensor file
 _KEY = re.compile(r"^[A-Za-z0-9]{32,50}$")  # what comet_ml accepts as an experiment key
 _MODEL = re.compile(r"^ckpt-v(\d+)-step(\d+)$")
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -159,7 +162,7 @@ class CometBackend:
     name: ClassVar[str] = "comet"
     options: ClassVar[frozenset[str]] = frozenset(
         {"workspace", "project", "online", "offline_directory", "url", "register_as"})
-    capabilities: ClassVar[frozenset[str]] = frozenset({"delete"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"delete", "dedup"})
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         options = dict(options or {})
@@ -183,6 +186,8 @@ class CometBackend:
         self._open: dict[str, tuple[Any, bool]] = {}  # key -> (experiment, started by us)
         self._states: dict[str, _State] = {}  # online; we are the experiment's only writer
         self._models: dict[tuple[str, str], list[dict[str, Any]]] = {}  # complete models never change
+        # blob -> size the experiment holds (online: on the server; offline: in this session's zip)
+        self._held: dict[str, dict[str, int]] = {}
         self._api_exps: dict[str, Any] = {}
         self._api_obj: Any = None
         self._lock = threading.RLock()
@@ -378,6 +383,9 @@ class CometBackend:
                 if self.online:
                     exp.flush()  # the name must be searchable before the first checkpoint
         self._open[f.key] = (exp, True)
+        self._held.pop(f.key, None)  # offline a new session writes a new zip: its blobs are logged again
+        if create:
+            self._held[f.key] = {}
         if create and not self.online:
             self._write_run_json(f, config)
         return replace(f, workspace=self._ws_for_reads()) if self.online and f.workspace is None else f
@@ -396,6 +404,7 @@ class CometBackend:
         f = _Found(key, exp.workspace or self.workspace, exp.project_name or project, exp.name or spec.name,
                    spec.run_id)
         self._open[key] = (exp, False)
+        self._held.pop(key, None)
         if offline and self._mirror_meta(key) is None:
             self._write_run_json(f, spec.config)
         if self.online and f.workspace is None:
@@ -478,33 +487,61 @@ class CometBackend:
             name, src = model_name(version, m.step), ckpt.path
             if not self.online:  # the durable offline copy, restorable before any upload
                 src = copy_checkpoint(ckpt, self._mirror(key), f"v{version:06d}").path
+            files = {f: e.size for f, e in m.files.items() if not is_blob(f)}  # the model's elements
+            files[MANIFEST] = (src / MANIFEST).stat().st_size
+            blobs = {f: e.size for f, e in m.files.items() if is_blob(f)}
+            held = self._blobs_held(key)
+            new_blobs = sorted(f for f, size in blobs.items() if held.get(f) != size)
             meta = {"ckpt_track": 1, "version": version, "step": m.step, "epoch": m.epoch, "metrics": dict(m.metrics),
                     "aliases": sorted(aliases), "created": m.created, "size": m.size, "lineage": dict(m.lineage),
-                    "files": {**{f: e.size for f, e in m.files.items()}, MANIFEST: (src / MANIFEST).stat().st_size}}
+                    "files": files, **({"blobs": blobs} if blobs else {})}
             new_state = state.point(aliases, version)
-            native: dict[str, Any] = {"model": name, "experiment": key}
+            native: dict[str, Any] = {"model": name, "experiment": key, "shared": sorted(blobs)}
             try:
                 with self._calling(f"logging checkpoint v{version} (step {m.step}) to experiment {key}"):
                     exp.set_step(m.step)
                     if m.epoch is not None:
                         exp.set_epoch(m.epoch)
-                    exp.log_model(name, str(src), metadata=meta, overwrite=False, prepend_folder_name=False)
+                    for fname in new_blobs:  # files the experiment holds already are only named in metadata
+                        exp.log_asset(str(src / fname), file_name=BLOB_PREFIX + fname)
+                    for fname in sorted(files, key=lambda f: f == MANIFEST):
+                        exp.log_model(name, str(src / fname), file_name=fname, metadata=meta, overwrite=False)
                     if m.metrics:
                         exp.log_metrics(dict(m.metrics), step=m.step, epoch=m.epoch)
                     if self.online:
                         native = self._uploaded(run, exp, version, name)
                     else:
                         native["path"] = str(src)
+                        held.update({f: blobs[f] for f in new_blobs})
                     if self.register_as:  # only a complete model; registered by the flush below
                         exp.register_model(name, registry_name=self.register_as, version=self._next_registry(),
                                            tags=sorted(aliases), comment=str(run.ref.select(version=version)))
                     self._save_state(run, new_state)  # the aliases move only once every file is stored
             except BaseException:
                 self._states.pop(key, None)
+                self._held.pop(key, None)  # unsure what arrived: ask again (offline: log them again)
                 if not self.online:
                     shutil.rmtree(src, ignore_errors=True)
                 raise
-        return self._stored(run, version, meta, new_state.aliases_of(version), native)
+        uploaded = sum(files.values()) + sum(blobs[f] for f in new_blobs)
+        return replace(self._stored(run, version, meta, new_state.aliases_of(version), native), uploaded=uploaded)
+
+    def _blobs_held(self, key: str) -> dict[str, int]:
+        """Blob -> size of the content-addressed files the experiment already holds."""
+        if key not in self._held:
+            self._held[key] = {f: size for f, size, _ in self._blob_assets(key)} if self.online else {}
+        return self._held[key]
+
+    def _blob_assets(self, key: str) -> list[tuple[str, int, str]]:
+        """(blob, size, asset id) of every blob asset of an experiment, duplicates included."""
+        with self._calling(f"listing the assets of experiment {key}"):
+            assets = self._api_exp(key).get_asset_list() or []
+        out = []
+        for a in assets:
+            fname = str(a.get("fileName") or "")
+            if fname.startswith(BLOB_PREFIX) and is_blob(fname[len(BLOB_PREFIX):]):
+                out.append((fname[len(BLOB_PREFIX):], int(a.get("fileSize") or -1), str(a["assetId"])))
+        return out
 
     def _versions(self, key: str) -> list[int]:
         """Every version number in use, also of half-uploaded models, so none is ever reused."""
@@ -521,7 +558,9 @@ class CometBackend:
             raise BackendUnavailable(f"{self._where()} did not receive checkpoint {name} of experiment {key} "
                                      "in time; it is kept in the local spool")
         assets = self._api_exp(key).get_model_asset_list(name) or []
-        stored = self._from_assets(run, version, assets, (), key, name)
+        blobs = {key: self._blob_assets(key)}
+        self._held[key] = {f: size for f, size, _ in blobs[key]}
+        stored = self._from_assets(run, version, assets, (), key, name, blobs)
         if stored is None:
             raise BackendUnavailable(f"{self._where()} holds only part of checkpoint {name} of experiment {key} "
                                      "(see the COMET ERROR above); it is kept in the local spool")
@@ -556,6 +595,7 @@ class CometBackend:
                 out.append(self._stored(run, v, meta, state.aliases_of(v),
                                         {"model": model_name(v, m.step), "experiment": key, "path": str(d)}))
             return out
+        blobs: dict[str, list[tuple[str, int, str]]] = {}
         with self._calling(f"listing the checkpoints of experiment {key}"):
             exp = self._api_exp(key)
             for name in exp.get_model_names() or []:
@@ -564,21 +604,32 @@ class CometBackend:
                     continue
                 assets = self._models.get((key, name)) or exp.get_model_asset_list(name) or []
                 v = int(match.group(1))
-                if (stored := self._from_assets(run, v, assets, state.aliases_of(v), key, name)) is not None:
+                if (stored := self._from_assets(run, v, assets, state.aliases_of(v), key, name, blobs)) is not None:
                     self._models[(key, name)] = assets
                     out.append(stored)
         return sorted(out, key=lambda s: s.version)
 
     def _from_assets(self, run: RunInfo, version: int, assets: Sequence[Mapping[str, Any]], aliases: Sequence[str],
-                     key: str, name: str) -> Stored | None:
-        """A Stored from a model's elements; None unless every file of the checkpoint is there."""
+                     key: str, name: str, blobs: dict[str, list[tuple[str, int, str]]] | None = None) -> Stored | None:
+        """A Stored from a model's elements (and its experiment's blob assets, read once per
+        ``blobs`` cache); None unless every file of the checkpoint is there."""
         meta = _meta(assets)
         have = {str(a["fileName"]): a for a in assets}
         if meta is None or not meta.get("files") or any(
                 f not in have or int(have[f].get("fileSize") or -1) != int(size) for f, size in meta["files"].items()):
             return None  # not ours, or an upload that did not finish
         ids = {f: str(have[f]["assetId"]) for f in meta["files"]}
-        return self._stored(run, version, meta, aliases, {"model": name, "experiment": key, "assets": ids})
+        shared = {str(f): int(size) for f, size in (meta.get("blobs") or {}).items()}
+        if shared:
+            blobs = {} if blobs is None else blobs
+            if key not in blobs:
+                blobs[key] = self._blob_assets(key)
+            found = {(f, size): asset_id for f, size, asset_id in blobs[key]}
+            if any((f, size) not in found for f, size in shared.items()):
+                return None  # a blob never arrived
+            ids.update({f: found[(f, size)] for f, size in shared.items()})
+        native = {"model": name, "experiment": key, "assets": ids, "shared": sorted(shared)}
+        return self._stored(run, version, meta, aliases, native)
 
     def get(self, stored: Stored, dest: Path) -> LocalCheckpoint:
         if "path" in stored.native:  # offline: already on local disk
@@ -593,7 +644,7 @@ class CometBackend:
         tmp.mkdir(parents=True)
         try:
             with self._calling(f"downloading {stored.ref}"):
-                exp, ids = self._assets_of(stored)
+                exp, ids, _ = self._assets_of(stored)
                 for fname, asset_id in sorted(ids.items(), key=lambda kv: kv[0] == MANIFEST):
                     if Path(fname).is_absolute() or ".." in Path(fname).parts:
                         raise IntegrityError(f"{stored.ref}: file name {fname!r} escapes the checkpoint")
@@ -612,16 +663,17 @@ class CometBackend:
             raise
         return LocalCheckpoint(dest, read_manifest(dest))
 
-    def _assets_of(self, stored: Stored) -> tuple[Any, dict[str, str]]:
-        """The APIExperiment holding a version, and its asset id per file name."""
+    def _assets_of(self, stored: Stored) -> tuple[Any, dict[str, str], set[str]]:
+        """The APIExperiment holding a version, its asset id per file name, and which files are
+        shared blob assets rather than elements of the version's model."""
         key, model = stored.native["experiment"], stored.native["model"]
         exp = self._api_exp(key)
-        if "assets" in stored.native:
-            return exp, dict(stored.native["assets"])
+        if "assets" in stored.native and "shared" in stored.native:
+            return exp, dict(stored.native["assets"]), set(stored.native["shared"])
         found = self._from_assets(stored.run, stored.version, exp.get_model_asset_list(model) or [], (), key, model)
         if found is None:  # a Stored straight from put() carries no asset ids
             raise CheckpointNotFound(f"{stored.ref}: model {model} of experiment {key} is incomplete")
-        return exp, dict(found.native["assets"])
+        return exp, dict(found.native["assets"]), set(found.native["shared"])
 
     def _writable(self, stored: Stored) -> str:
         if stored.native.get("registry"):
@@ -651,10 +703,17 @@ class CometBackend:
                     shutil.rmtree(trash, ignore_errors=True)
                 return
             with self._calling(f"deleting {stored.ref}"):
-                exp, ids = self._assets_of(stored)
-                for asset_id in ids.values():
-                    exp.delete_asset(asset_id)
-            self._models.pop((key, stored.native["model"]), None)
+                exp, ids, shared = self._assets_of(stored)
+                for fname, asset_id in ids.items():
+                    if fname not in shared:
+                        exp.delete_asset(asset_id)
+                self._models.pop((key, stored.native["model"]), None)
+                if shared:  # then the blobs no remaining checkpoint names (a crash between leaves extra blobs)
+                    needed = {f for s in self.list(stored.run) for f in s.native.get("shared", ())}
+                    for fname, _, asset_id in self._blob_assets(key):
+                        if fname in shared and fname not in needed:
+                            exp.delete_asset(asset_id)
+                            self._held.get(key, {}).pop(fname, None)
 
     def link_input(self, run: RunInfo, source: Stored) -> None:
         if not self.online:
@@ -695,13 +754,15 @@ class CometBackend:
         with self._calling(f"reading registry model {run.run_id}"):
             details = self._api().get_registry_model_details(run.native["workspace"], run.native["model"])
         items = sorted(details.get("versions") or [], key=lambda v: _semver(str(v.get("version"))))
+        blobs: dict[str, list[tuple[str, int, str]]] = {}
         out = []
         for i, item in enumerate(items, 1):  # :vN is the N-th version in version order
             source = item.get("experimentModel") or {}
             tags = {t for t in [item.get("version"), *(item.get("stages") or []), *(item.get("tags") or [])]
                     if isinstance(t, str) and _SEGMENT.match(t)}
             found = self._from_assets(run, i, item.get("assets") or [], sorted(tags),
-                                      str(source.get("experimentKey")), str(source.get("experimentModelName")))
+                                      str(source.get("experimentKey")), str(source.get("experimentModelName")),
+                                      blobs)
             if found is not None:  # only checkpoints ckpt_track logged can be restored
                 out.append(replace(found, native={**found.native, "registry": True}))
         return out

@@ -3,7 +3,11 @@
 What the MLflow UI shows for a checkpoint logged here:
 
 - a LoggedModel (``model_type="checkpoint"``) linked to the run as an output at its
-  ``step``, holding the checkpoint files as its artifacts;
+  ``step``, holding ``manifest.json``, ``state.json`` and any tensor file that is not
+  content-addressed as its artifacts;
+- the content-addressed tensor files (``t-<digest>.safetensors``) once per run, in the run's
+  artifacts under ``ckpt_track/blobs/``: a checkpoint uploads only the ones the run does not
+  hold yet, and deleting a checkpoint removes only the ones no other checkpoint names;
 - the checkpoint's metrics, logged on the run with ``step`` and ``model_id``;
 - tags: ``step``, ``ckpt_track.version``, ``ckpt_track.alias.<alias>`` and lineage
   (``ckpt_track.parent``, ``ckpt_track.resumed_from``, git commit, config hash);
@@ -19,11 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import re
-import sys
 import shutil
+import sys
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import unquote
@@ -38,7 +46,7 @@ from ..errors import (
     IntegrityError,
     InvalidRef,
 )
-from ..format import MANIFEST, LocalCheckpoint, read_manifest, verify
+from ..format import MANIFEST, LocalCheckpoint, is_blob, read_manifest, verify
 from ..refs import Ref
 from .base import RunInfo, RunSpec, Stored
 
@@ -50,6 +58,7 @@ TAG_ALIAS = "ckpt_track.alias."
 TAG_STEP = "step"
 _LINEAGE_TAGS = {"parent": "ckpt_track.parent", "resumed_from": "ckpt_track.resumed_from",
                  "config_hash": "ckpt_track.config_hash", "run": "ckpt_track.run"}
+BLOBS = "ckpt_track/blobs"  # run artifact directory of the content-addressed tensor files
 _PARAM_MAX = 6000
 _RUN_ID = r"[0-9a-f]{32}"
 _MODEL_ID = r"m-[0-9a-f]{32}"
@@ -75,7 +84,7 @@ class MlflowBackend:
     options: ClassVar[frozenset[str]] = frozenset(
         {"tracking_uri", "registry_uri", "experiment", "register_as", "artifact_location", "ui"}
     )
-    capabilities: ClassVar[frozenset[str]] = frozenset({"delete", "registry"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"delete", "registry", "dedup"})
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         options = dict(options or {})
@@ -90,6 +99,7 @@ class MlflowBackend:
         self.register_as: str | None = options.get("register_as") or None
         self.artifact_location: str | None = options.get("artifact_location") or None
         self._client_obj: Any = None
+        self._blobs_of: dict[str, frozenset[str]] = {}  # model id -> blob files its manifest names
 
     # -- SDK boundary --------------------------------------------------------------------
     @property
@@ -103,6 +113,20 @@ class MlflowBackend:
                 raise BackendNotInstalled("mlflow", "mlflow", "mlflow") from exc
             self._client_obj = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
         return self._client_obj
+
+    def _repo(self, artifact_uri: str) -> Any:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        return get_artifact_repository(artifact_uri, tracking_uri=self.tracking_uri)
+
+    def _run_repo(self, run: RunInfo) -> Any:
+        uri = run.native.get("artifact_uri") or self._client.get_run(run.run_id).info.artifact_uri
+        return self._repo(uri)
+
+    @staticmethod
+    def _held_blobs(run_repo: Any) -> dict[str, int | None]:
+        """Blob file name -> size, of the blobs the run holds (one listing call)."""
+        return {posixpath.basename(f.path): f.file_size for f in run_repo.list_artifacts(BLOBS) if not f.is_dir}
 
     @property
     def _where(self) -> str:
@@ -158,7 +182,8 @@ class MlflowBackend:
         return RunInfo(
             backend=self.name, project=exp.name, run_id=run.info.run_id,
             name=run.info.run_name or run.info.run_id, ref=Ref(self.name, run.info.run_id),
-            resumed=resumed, native={"experiment_id": str(run.info.experiment_id)},
+            resumed=resumed,
+            native={"experiment_id": str(run.info.experiment_id), "artifact_uri": run.info.artifact_uri},
         )
 
     def open_run(self, spec: RunSpec) -> RunInfo:
@@ -240,7 +265,9 @@ class MlflowBackend:
         return Ref(self.name, model.source_run_id, version=int(version), params=ref.params)
 
     # -- checkpoints -------------------------------------------------------------------------
-    def _models(self, run: RunInfo) -> list[Any]:
+    def _models(self, run: RunInfo, pending: bool = False) -> list[Any]:
+        """The run's ckpt_track models: READY ones, and with ``pending`` those still uploading."""
+        states = ("READY", "PENDING") if pending else ("READY",)
         models: list[Any] = []
         token = None
         while True:
@@ -248,7 +275,7 @@ class MlflowBackend:
                 [run.native["experiment_id"]],
                 filter_string=f"source_run_id='{run.run_id}'", max_results=100, page_token=token,
             )
-            models.extend(m for m in page if TAG_VERSION in m.tags and str(m.status).endswith("READY"))
+            models.extend(m for m in page if TAG_VERSION in m.tags and str(m.status).endswith(states))
             token = page.token
             if not token:
                 return models
@@ -274,7 +301,6 @@ class MlflowBackend:
 
     def put(self, run: RunInfo, ckpt: LocalCheckpoint, aliases: Sequence[str] = ()) -> Stored:
         from mlflow.entities import LoggedModelOutput, Metric
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
         m = ckpt.manifest
         with self._errors(f"logging checkpoint step {m.step} to MLflow run {run.run_id}"):
@@ -297,10 +323,17 @@ class MlflowBackend:
                 tags=tags, model_type="checkpoint",
             )
             try:
-                # through the artifact repository, not MlflowClient.log_model_artifacts: other SDKs
+                # through the artifact repositories, not MlflowClient.log_model_artifacts: other SDKs
                 # (comet_ml, imported by transformers) patch that method and copy the files elsewhere
-                repo = get_artifact_repository(model.artifact_location, tracking_uri=self.tracking_uri)
-                repo.log_artifacts(str(ckpt.path))
+                run_repo = self._run_repo(run)
+                held = self._held_blobs(run_repo)
+                sent = [f for f, e in m.files.items() if not is_blob(f) or held.get(f) != e.size]
+                for fname in filter(is_blob, sent):  # blobs first: a manifest never names a file not there
+                    run_repo.log_artifact(str(ckpt.path / fname), BLOBS)
+                repo = self._repo(model.artifact_location)
+                for fname in [*(f for f in sent if not is_blob(f)), MANIFEST]:
+                    repo.log_artifact(str(ckpt.path / fname), posixpath.dirname(fname) or None)
+                uploaded = sum(m.files[f].size for f in sent) + (ckpt.path / MANIFEST).stat().st_size
                 if m.metrics:
                     ts = _millis(m.created)
                     self._client.log_batch(run.run_id, metrics=[
@@ -324,7 +357,8 @@ class MlflowBackend:
                 model = self._client.get_logged_model(model.model_id)
             stored = self._stored(run, model)
         self.set_aliases(stored, aliases, models=models)
-        return self._stored(run, self._client.get_logged_model(model.model_id))
+        self._blobs_of[model.model_id] = frozenset(f for f in m.files if is_blob(f))
+        return replace(self._stored(run, self._client.get_logged_model(model.model_id)), uploaded=uploaded)
 
     def _ensure_registered(self) -> None:
         try:
@@ -337,8 +371,6 @@ class MlflowBackend:
             )
 
     def get(self, stored: Stored, dest: Path) -> LocalCheckpoint:
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
         dest = Path(dest)
         if (dest / MANIFEST).is_file():
             try:
@@ -349,11 +381,33 @@ class MlflowBackend:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         with self._errors(f"downloading checkpoint {stored.ref}"):
-            repo = get_artifact_repository(stored.native["artifact_location"], tracking_uri=self.tracking_uri)
-            repo.download_artifacts("", dst_path=str(tmp))
+            self._repo(stored.native["artifact_location"]).download_artifacts("", dst_path=str(tmp))
+            # blobs the model does not hold itself are in the run (earlier versions put every file in the model)
+            wanted = [f for f in read_manifest(tmp).files if is_blob(f) and not (tmp / f).is_file()]
+            if wanted:
+                self._download_blobs(stored, wanted, tmp)
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
         return LocalCheckpoint(dest, read_manifest(dest))
+
+    def _download_blobs(self, stored: Stored, names: Sequence[str], dest: Path) -> None:
+        run_repo = self._run_repo(stored.run)
+        gone = sorted(set(names) - set(self._held_blobs(run_repo)))
+        if gone:
+            raise IntegrityError(
+                f"checkpoint {stored.ref}: tensor file(s) {', '.join(gone)} are missing from "
+                f"{BLOBS}/ in the artifacts of MLflow run {stored.run.run_id}"
+            )
+        stage = dest / ".ckpt_track-blobs"
+        stage.mkdir()
+
+        def fetch(fname: str) -> None:
+            run_repo.download_artifacts(f"{BLOBS}/{fname}", dst_path=str(stage))
+            os.replace(stage / BLOBS / fname, dest / fname)
+
+        with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
+            list(pool.map(fetch, names))
+        shutil.rmtree(stage)
 
     def set_aliases(self, stored: Stored, aliases: Sequence[str], models: list[Any] | None = None) -> None:
         if not aliases:
@@ -373,15 +427,41 @@ class MlflowBackend:
                 self._client.set_registered_model_alias(self.register_as, "best", str(registered))
 
     def delete(self, stored: Stored) -> None:
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
         with self._errors(f"deleting checkpoint {stored.ref}"):
             registered = stored.native.get("registered_version")
             if self.register_as and registered:
                 self._client.delete_model_version(self.register_as, str(registered))
-            repo = get_artifact_repository(stored.native["artifact_location"], tracking_uri=self.tracking_uri)
-            repo.delete_artifacts()
+            self._repo(stored.native["artifact_location"]).delete_artifacts()
             self._client.delete_logged_model(stored.native["model_id"])
+            self._blobs_of.pop(stored.native["model_id"], None)
+            self._sweep_blobs(stored.run, deleted=stored.native["model_id"])
+
+    def _sweep_blobs(self, run: RunInfo, deleted: str) -> None:
+        """Delete the run's blobs that no remaining checkpoint (nor one still uploading) names."""
+        run_repo = self._run_repo(run)
+        held = self._held_blobs(run_repo)
+        if not held:
+            return
+        needed: set[str] = set()
+        for model in self._models(run, pending=True):
+            if model.model_id != deleted:
+                needed |= self._blobs_named(model)
+        for fname in sorted(held.keys() - needed):
+            run_repo.delete_artifacts(f"{BLOBS}/{fname}")
+
+    def _blobs_named(self, model: Any) -> frozenset[str]:
+        """The blob files a model's manifest names (cached: a model's manifest never changes)."""
+        if model.model_id not in self._blobs_of:
+            with tempfile.TemporaryDirectory(prefix="ckpt_track-manifest-") as tmp:
+                try:
+                    self._repo(model.artifact_location).download_artifacts(MANIFEST, dst_path=tmp)
+                except Exception:
+                    if str(model.status).endswith("READY"):
+                        raise
+                    return frozenset()  # still uploading, its manifest not there yet: it names nothing
+                files = read_manifest(Path(tmp)).files
+            self._blobs_of[model.model_id] = frozenset(f for f in files if is_blob(f))
+        return self._blobs_of[model.model_id]
 
     def link_input(self, run: RunInfo, source: Stored) -> None:
         from mlflow.entities import LoggedModelInput

@@ -2,8 +2,10 @@
 
 What W&B shows for a checkpoint logged here:
 
-- an artifact version of type ``model`` holding every checkpoint file, added one by one
-  so a shard whose bytes did not change keeps its MD5 and is not uploaded again;
+- an artifact version of type ``model`` holding every checkpoint file, added one by one:
+  each version is self-contained, and a content-addressed tensor file
+  (``t-<hash>.safetensors``) that did not change keeps its name and MD5, so W&B's
+  digest dedup does not upload it again (``Stored.uploaded`` counts what is sent);
 - its metadata: ``step``, ``epoch``, ``metrics``, ``created``, ``size``, ``lineage`` and
   ``manifest_xxh3`` (the hash of the ckpt_track manifest);
 - the aliases the core decides (``latest``, ``best``, ``step-N``, your own); W&B keeps
@@ -40,6 +42,7 @@ import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,7 +60,16 @@ from ..errors import (
     IntegrityError,
     InvalidRef,
 )
-from ..format import MANIFEST, LocalCheckpoint, copy_checkpoint, hash_file, publish, read_manifest, verify
+from ..format import (
+    MANIFEST,
+    LocalCheckpoint,
+    copy_checkpoint,
+    hash_file,
+    is_blob,
+    publish,
+    read_manifest,
+    verify,
+)
 from ..refs import Ref
 from .base import RunInfo, RunSpec, Stored, sdk_errors
 
@@ -140,7 +152,7 @@ class WandbBackend:
 
     name: ClassVar[str] = "wandb"
     options: ClassVar[frozenset[str]] = frozenset({"entity", "project", "mode", "dir", "base_url", "registry"})
-    capabilities: ClassVar[frozenset[str]] = frozenset({"delete", "choose_run_id"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"delete", "choose_run_id", "dedup"})
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         options = dict(options or {})
@@ -252,9 +264,9 @@ class WandbBackend:
                        ref=Ref(self.name, path, params=params), resumed=resumed,
                        native={"entity": entity or "", "mode": self.mode})
 
-    def _artifact_path(self, run: RunInfo, version: int) -> str:
-        """W&B's name for one of our versions (0-based there)."""
-        name = f"{ARTIFACT_PREFIX}{run.run_id}:v{version - 1}"
+    def _artifact_path(self, run: RunInfo, selector: int | str) -> str:
+        """W&B's name for one of our versions (0-based there), or for an alias."""
+        name = f"{ARTIFACT_PREFIX}{run.run_id}:{f'v{selector - 1}' if isinstance(selector, int) else selector}"
         return "/".join(p for p in (run.native.get("entity"), run.project, name) if p)
 
     # -- runs ---------------------------------------------------------------------------
@@ -390,8 +402,9 @@ class WandbBackend:
         return live
 
     def _log(self, live: Any, run: RunInfo, src: Path, ckpt: LocalCheckpoint, aliases: list[str],
-             meta: dict[str, Any]) -> Any:
-        """Log the artifact and the history row; returns the logged artifact."""
+             meta: dict[str, Any]) -> tuple[Any, dict[str, int]]:
+        """Log the artifact and the history row; returns the logged artifact and the size of
+        each of its files by MD5 digest (as the SDK computed it)."""
         import wandb
 
         with self._errors(f"logging the checkpoint at step {ckpt.step} to W&B"):
@@ -399,6 +412,7 @@ class WandbBackend:
             for fname in [*sorted(ckpt.manifest.files), MANIFEST]:
                 # immutable: W&B hashes and uploads the file in place instead of copying it to staging
                 art.add_file(str(src / fname), name=fname, policy="immutable", skip_cache=True)
+            files = {str(e.digest): int(e.size or 0) for e in art.manifest.entries.values()}
             logged = live.log_artifact(art, aliases=aliases)
             if self.mode == "online":
                 logged = logged.wait()  # the server numbers the version once every file is uploaded
@@ -408,7 +422,7 @@ class WandbBackend:
             live.log(row)
             if self.registry and "best" in aliases:
                 self._link(live, logged)
-        return logged
+        return logged, files
 
     def _link(self, live: Any, artifact: Any) -> None:
         if self.mode != "online":
@@ -419,11 +433,20 @@ class WandbBackend:
         names = sorted(set(aliases))
         meta = self._metadata(ckpt)
         if self.mode == "online":
-            logged = self._log(self._live_run(run), run, ckpt.path, ckpt, names, meta)
-            return self._stored(run, int(str(logged.version).lstrip("v")) + 1, meta, names)
+            live = self._live_run(run)
+            held = self._held_digests(run)  # before logging: afterwards `latest` is this version
+            logged, files = self._log(live, run, ckpt.path, ckpt, names, meta)
+            stored = self._stored(run, int(str(logged.version).lstrip("v")) + 1, meta, names)
+            return replace(stored, uploaded=sum(size for digest, size in files.items() if digest not in held))
         live = self._live_run(run) if self.mode == "offline" else None
         rdir = self._store / run.project / run.run_id
-        incoming = copy_checkpoint(ckpt, rdir / ".incoming", uuid.uuid4().hex)  # hard links where possible
+        sources, uploaded = self._against_newest(rdir, ckpt)
+        try:
+            incoming = copy_checkpoint(ckpt, rdir / ".incoming", uuid.uuid4().hex, sources=sources)
+        except FileNotFoundError:
+            if not sources:
+                raise
+            incoming = copy_checkpoint(ckpt, rdir / ".incoming", uuid.uuid4().hex)  # previous one deleted meanwhile
         with self._locked(rdir):
             table = self._read_json(rdir / "run.json")
             version = int(table.get("next_version", 1))
@@ -439,7 +462,17 @@ class WandbBackend:
             table["versions"] = [*table.get("versions", []), version]
             table["aliases"] = {**table.get("aliases", {}), **dict.fromkeys(names, version)}
             self._write_json(rdir / "run.json", table)
-        return self._stored(run, version, meta, names, path=str(final))
+        return replace(self._stored(run, version, meta, names, path=str(final)), uploaded=uploaded)
+
+    def _held_digests(self, run: RunInfo) -> set[str]:
+        """MD5 digests of the files of the run's newest artifact version (``latest``): the
+        files W&B will not upload again."""
+        name = self._artifact_path(run, "latest")
+        try:
+            with self._errors(f"reading the manifest of {name}"):
+                return {str(e.digest) for e in self._api().artifact(name).manifest.entries.values()}
+        except CheckpointNotFound:
+            return set()  # the run's first checkpoint
 
     def list(self, run: RunInfo) -> list[Stored]:
         if self.mode != "online":
@@ -573,6 +606,25 @@ class WandbBackend:
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
         os.replace(tmp, path)
+
+    def _against_newest(self, rdir: Path, ckpt: LocalCheckpoint) -> tuple[dict[str, Path], int]:
+        """``ckpt`` against the run's newest stored version (what W&B holds before it, once
+        synced): that version's copies of the unchanged tensor files, to hard-link (stored once
+        on disk; each version stays whole, so deleting one never touches another), and the
+        bytes of the files whose contents it lacks (what W&B uploads: it dedups by digest)."""
+        new = ckpt.manifest
+        uploaded = (ckpt.path / MANIFEST).stat().st_size + sum(e.size for e in new.files.values())
+        versions = self._read_json(rdir / "run.json").get("versions", [])
+        if not versions:
+            return {}, uploaded
+        path = rdir / f"v{versions[-1]:06d}"
+        try:
+            old = read_manifest(path)
+        except (CheckpointNotFound, IntegrityError):
+            return {}, uploaded  # being deleted, or damaged
+        held = {(e.hash, e.size) for e in old.files.values()} if old.hash_algorithm == new.hash_algorithm else set()
+        uploaded -= sum(e.size for e in new.files.values() if (e.hash, e.size) in held)
+        return {f: path / f for f in new.files if is_blob(f) and f in old.files}, uploaded
 
     def _store_runs(self, project: str) -> list[tuple[Path, dict[str, Any]]]:
         pdir = self._store / project

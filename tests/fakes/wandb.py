@@ -1,7 +1,8 @@
 """A fake W&B server, faked at the SDK's client objects (the real server is Docker-only).
 
 What is faked and why: ``wandb.Api`` (read path: ``run``, ``runs``, ``artifact``,
-``default_entity``; public ``Run.logged_artifacts``; ``Artifact.download/save/delete``)
+``default_entity``; public ``Run.logged_artifacts``; ``Artifact.download/save/delete``,
+``Artifact.manifest`` (the SDK's own manifest class, parsed from the JSON the server keeps))
 and the online-only part of a live run (``log_artifact(...).wait()``, ``use_artifact``,
 ``link_artifact``).  Everything else is the real SDK: ``wandb.init`` runs for real in
 offline mode underneath, so ``wandb.Artifact``, ``add_file`` (MD5 digests), ``log``,
@@ -15,6 +16,8 @@ kept: versions ``v0, v1, ...`` per collection, never reused; identical content (
 digest) is the same version; an alias is on one version of a collection at a time and
 ``latest`` follows the newest version; ``delete`` refuses aliased versions unless
 ``delete_aliases=True``; missing key → ``UsageError``, unknown server → connection failure.
+Each version keeps all its files; like W&B's dedup, :attr:`FakeServer.received` counts per new
+version only the bytes of files whose MD5 the collection's ``latest`` version did not hold.
 
 ``tests/test_backend_wandb.py`` checks that every faked name exists in the installed
 SDK with a compatible signature (:data:`FAKED`).
@@ -39,6 +42,7 @@ import wandb
 from wandb.apis.public.runs import RunNotFoundError
 from wandb.errors import AuthenticationError, CommError, UsageError
 from wandb.proto import wandb_api_pb2, wandb_internal_pb2
+from wandb.sdk.artifacts.artifact_manifest import ArtifactManifest
 from wandb.sdk.lib.service.service_connection import WandbApiFailedError
 from wandb.sdk.lib.urls import DEFAULT_BASE_URL
 
@@ -105,6 +109,7 @@ class _Version:
     digest: str
     metadata: dict[str, Any]
     files: Path
+    entries: dict[str, tuple[str, int]]  # artifact path -> (MD5 b64, size), the version's manifest
     size: int
     created_at: str
     aliases: set[str] = field(default_factory=set)
@@ -134,6 +139,7 @@ class FakeServer:
         self.collections: dict[tuple[str, str, str], list[_Version]] = {}
         self.links: list[tuple[str, str, list[str]]] = []  # (target, source artifact, aliases)
         self.downloads = 0
+        self.received: list[int] = []  # bytes uploaded for each new version, after digest dedup
         self._synced: set[Path] = set()
 
     def run(self, entity: str, project: str, run_id: str, name: str | None = None) -> _Run:
@@ -151,6 +157,9 @@ class FakeServer:
         versions = self.collections.setdefault(key, [])
         same = next((v for v in versions if not v.deleted and v.digest == digest), None)
         if same is None:
+            latest = next((v for v in versions if "latest" in v.aliases), None)
+            held = {d for d, _ in latest.entries.values()} if latest else set()
+            self.received.append(sum(size for _, md5, size in files.values() if md5 not in held))
             index = len(versions)  # deleted versions keep their number
             where = self.root / "/".join(key) / f"v{index}"
             for path, (local, md5, size) in files.items():
@@ -158,8 +167,9 @@ class FakeServer:
                     raise CommError(f"upload of {path} failed: {local} does not match its manifest entry")
                 (where / path).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(local, where / path)
-            same = _Version(key, index, type, digest, dict(metadata), where, sum(f[2] for f in files.values()),
-                            f"2026-11-23T12:00:{next(_clock) % 60:02d}Z")
+            same = _Version(key, index, type, digest, dict(metadata), where,
+                            {path: (md5, size) for path, (_, md5, size) in files.items()},
+                            sum(f[2] for f in files.values()), f"2026-11-23T12:00:{next(_clock) % 60:02d}Z")
             versions.append(same)
             run.logged.append(same)
             aliases = ["latest", *aliases]
@@ -251,6 +261,13 @@ class FakeArtifact:
     @property
     def created_at(self) -> str:
         return self._v.created_at
+
+    @property
+    def manifest(self) -> ArtifactManifest:
+        contents = {path: {"digest": md5, "size": size} for path, (md5, size) in self._v.entries.items()}
+        return ArtifactManifest.from_manifest_json({"version": 1, "storagePolicy": "wandb-storage-policy-v1",
+                                                    "storagePolicyConfig": {"storageLayout": "V2"},
+                                                    "contents": contents})
 
     @property
     def aliases(self) -> list[str]:
