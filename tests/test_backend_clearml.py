@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import atexit
 import faulthandler
+import io
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,8 @@ import ckpt_track as ct
 from ckpt_track.backends.base import RunSpec
 from ckpt_track.backends.clearml import ClearmlBackend
 from ckpt_track.errors import AuthError, BackendError, BackendUnavailable, CheckpointNotFound, ConfigError, InvalidRef
-from ckpt_track.format import MANIFEST, Manifest, verify
-from ckpt_track.testing.contract import BackendContract, make_checkpoint
+from ckpt_track.format import MANIFEST, LocalCheckpoint, Manifest, is_blob, read_manifest, verify
+from ckpt_track.testing.contract import BackendContract, blob_state, make_blob_checkpoint, make_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,7 +106,8 @@ def test_offline_log_path_writes_every_checkpoint_into_the_session(clearml: Fake
 
     session = OfflineSession(tmp_path / "clearml-cache" / "offline" / f"{run.id}.zip")
     assert session.task["project_name"] == "offline-proj" and session.task["name"] == "offline-run"
-    assert sorted(session.artifacts) == ["ckpt-v000001", "ckpt-v000002", "ckpt-v000003"]
+    records = sorted(k for k in session.artifacts if not k.startswith("ckpt_track-blob-"))
+    assert records == ["ckpt-v000001", "ckpt-v000002", "ckpt-v000003"]
     for version, (step, loss) in enumerate(losses.items(), 1):
         key = f"ckpt-v{version:06d}"
         meta = session.artifact_metadata(key)
@@ -116,10 +119,13 @@ def test_offline_log_path_writes_every_checkpoint_into_the_session(clearml: Fake
         assert manifest.lineage["run"] == str(run.ref)
         assert manifest.lineage["parent"] == (None if version == 1 else f"{run.ref}@step={step - 10}")
         assert json.loads(meta["lineage"]) == manifest.lineage
-        assert set(files) == {*manifest.files, MANIFEST}
+        # the checkpoint's artifact holds the small files; its tensor files are task artifacts of their own
+        blobs = json.loads(meta["blobs"])
+        assert blobs and set(files) == {*manifest.files, MANIFEST} - set(blobs) and all(map(is_blob, blobs))
+        files.update({f: session.artifact_file(f"ckpt_track-blob-{f}") for f in blobs})
         for name, entry in manifest.files.items():  # every file, byte for byte, as the manifest hashed it
             assert len(files[name]) == entry.size and xxhash.xxh3_128(files[name]).hexdigest() == entry.hash
-        tensors = load(files["tensors-00001-of-00001.safetensors"])
+        tensors = {k: v for f in blobs for k, v in load(files[f]).items()}
         assert all(torch.equal(tensors[f"model/{k}"], v) for k, v in expected[step].items())
     props = session.user_properties()
     aliases = json.loads(props["ckpt_track_aliases"])
@@ -191,6 +197,82 @@ def test_offline_run_cannot_be_continued_and_says_how(clearml: FakeClearmlServer
     assert ClearmlBackend({"offline": True}).find_run(ct.Ref("clearml", "offline-proj/crashy")).run_id == "crashy"
 
 
+# -- incremental checkpoints: what the SDK actually wrote and sent -------------------------------------
+DEDUP_STEPS = ((1, ()), (2, ("w1",)), (3, ("w1",)))  # then one tensor changed, then nothing changed
+Y2K = 946_684_800 * 10**9
+
+
+def _own_bytes(ckpt: LocalCheckpoint) -> int:
+    """Bytes of the files a checkpoint's own model or artifact holds (manifest, state)."""
+    return sum((ckpt.path / f).stat().st_size for f in [*ckpt.manifest.files, MANIFEST] if not is_blob(f))
+
+
+def test_offline_session_gets_each_tensor_file_once(clearml: FakeClearmlServer, tmp_path: Path) -> None:
+    be = ClearmlBackend({"offline": True})
+    run = be.open_run(RunSpec(project="offline-proj", name="dedup"))
+    data = tmp_path / "clearml-cache" / "offline" / run.run_id / "data"
+    ckpts, written = [], []
+    for step, changed in DEDUP_STEPS:
+        old = [p for p in data.rglob("*") if p.is_file()] if data.exists() else []
+        for path in old:  # any file the SDK writes again gets a new modification time
+            os.utime(path, ns=(Y2K, Y2K))  # not 0: zip, which packs the session at the end, starts at 1980
+        ckpt = make_blob_checkpoint(tmp_path / "spool", step, blob_state(0, changed))
+        stored = be.put(run, ckpt)
+        written.append(sorted(p.name for p in data.rglob("*") if p.is_file() and p.stat().st_mtime_ns != Y2K))
+        assert stored.uploaded == _own_bytes(ckpt) + sum(ckpt.manifest.files[f].size for f in written[-1]
+                                                         if is_blob(f))
+        ckpts.append(ckpt)
+    first, second, third = (sorted(f for f in c.manifest.files if is_blob(f)) for c in ckpts)
+    assert written[0] == sorted([*first, "ckpt-v000001.zip"])
+    changed_file = sorted(set(second) - set(first))
+    assert len(changed_file) == 1 and written[1] == sorted([*changed_file, "ckpt-v000002.zip"])
+    assert third == second and written[2] == ["ckpt-v000003.zip"]  # no tensor bytes at all
+    (gone,) = set(first) - set(second)  # the old w1
+    be.delete(be.list(run)[0])  # v1: its w1 file goes, the four files v2 and v3 also list stay
+    assert sorted(p.name for p in data.rglob("t-*.safetensors")) == third and gone not in third
+    be.finish_run(run)
+
+    session = OfflineSession(data.parent.with_suffix(".zip"))
+    assert sorted(k.removeprefix("ckpt_track-blob-") for k in session.artifacts if k.startswith("ckpt_track-blob-")) \
+        == third
+    for key in ("ckpt-v000002", "ckpt-v000003"):  # packages hold no tensors
+        assert sorted(session.artifact_files(key)) == [MANIFEST, "state.json"]
+        assert json.loads(session.artifact_metadata(key)["blobs"]) == third
+    reader = ClearmlBackend({})
+    got = reader.get(reader.list(reader.find_run(run.ref))[-1], tmp_path / "dl")
+    assert verify(got.path).step == 3
+    assert all((got.path / f).read_bytes() == (ckpts[2].path / f).read_bytes() for f in ckpts[2].manifest.files)
+
+
+def test_online_sends_only_changed_tensor_files(clearml: FakeClearmlServer, tmp_path: Path) -> None:
+    be = ClearmlBackend({})
+    run = be.open_run(RunSpec(project="dedup", name="dedup-online"))
+    sent, ckpts = [], []
+    for step, changed in DEDUP_STEPS:
+        ckpt = make_blob_checkpoint(tmp_path / "spool", step, blob_state(0, changed))
+        start = len(clearml.uploads)
+        stored = be.put(run, ckpt)
+        sent.append(clearml.uploads[start:])  # what reached the file server during this put
+        blobs = [n for k, n in sent[-1] if "/artifacts/ckpt_track-blob-" in k]
+        assert stored.uploaded == _own_bytes(ckpt) + sum(blobs)
+        ckpts.append(ckpt)
+    be.finish_run(run)
+    first, second, third = ({f for f in c.manifest.files if is_blob(f)} for c in ckpts)
+    for ups, expect in zip(sent, (first, second - first, set())):
+        packages = [k for k, _ in ups if k.endswith(".zip")]
+        assert sorted(k.rsplit("/", 1)[1] for k, _ in ups if k not in packages) == sorted(expect)
+        assert len(packages) == 1  # the model package: the small files only
+        with zipfile.ZipFile(io.BytesIO(clearml.files[packages[0]])) as zf:
+            assert sorted(zf.namelist()) == [MANIFEST, "state.json"]
+    assert len(second - first) == 1 and third == second
+    tensor_bytes = [sum(n for k, n in ups if not k.endswith(".zip")) for ups in sent]
+    assert tensor_bytes[1] == ckpts[1].manifest.files[(second - first).pop()].size and tensor_bytes[2] == 0
+    # every checkpoint comes back whole from what the server holds
+    for stored, ckpt in zip(be.list(run), ckpts):
+        got = be.get(stored, tmp_path / f"dl-{stored.version}")
+        assert read_manifest(got.path) == ckpt.manifest and verify(got.path).step == ckpt.step
+
+
 # -- online: what the ClearML UI and a plain SDK client see --------------------------------------------
 def _small_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
@@ -198,7 +280,7 @@ def _small_model(seed: int = 0) -> torch.nn.Module:
 
 
 def test_online_checkpoints_are_native_clearml_models(clearml: FakeClearmlServer, tmp_path: Path) -> None:
-    from clearml import Model
+    from clearml import Model, Task
 
     model = _small_model()
     with ct.init(project="native", name="native-run", backend="clearml", config={"lr": 0.1, "arch": {"depth": 2}},
@@ -223,10 +305,15 @@ def test_online_checkpoints_are_native_clearml_models(clearml: FakeClearmlServer
     scalars = sorted((e["metric"], e["variant"], e["iter"], e["value"]) for e in clearml.scalars(run.id))
     assert scalars == sorted([("val", "loss", 10, 0.7), ("val", "loss", 20, 0.3), ("val", "loss", 30, 0.5),
                               ("acc", "acc", 10, 1 - 0.7), ("acc", "acc", 20, 1 - 0.3), ("acc", "acc", 30, 1 - 0.5)])
-    # a plain ClearML user finds the best checkpoint by tag and gets the directory back
+    # a plain ClearML user finds the best checkpoint by tag, gets its package (manifest, state) and
+    # the tensor files it lists from the task's artifacts
     found = Model.query_models(project_name="native", tags=["best"])
     assert [m.id for m in found] == [models["20"]["id"]]
-    folder = Path(found[0].get_local_copy(raise_on_error=True))
+    folder = tmp_path / "by-hand"
+    shutil.copytree(found[0].get_local_copy(raise_on_error=True), folder)
+    artifacts = Task.get_task(task_id=found[0].task).artifacts
+    for fname in json.loads(found[0].get_metadata("blobs") or "[]"):
+        shutil.copyfile(artifacts[f"ckpt_track-blob-{fname}"].get_local_copy(raise_on_error=True), folder / fname)
     assert verify(folder).step == 20
     # the links ckpt_track hands out open the same run and checkpoint again
     stored = ct.list_checkpoints(run.ref, ct.load_settings({"backend": "clearml"}))
@@ -270,9 +357,13 @@ def test_retention_deletes_models_and_their_files(clearml: FakeClearmlServer) ->
     assert [(s.version, s.step) for s in kept] == [(2, 1), (4, 3)]
     left = [m for m in clearml.models.values() if m.get("task") == run.id]
     assert sorted(m["metadata"]["version"]["value"] for m in left) == ["2", "4"]
+    # the files left: the two models' packages and exactly the tensor files they list
+    blobs = {a["key"]: a["uri"] for a in clearml.tasks[run.id]["execution"]["artifacts"]}
+    assert sorted(blobs) == sorted({f"ckpt_track-blob-{f}" for m in left
+                                    for f in json.loads(m["metadata"]["blobs"]["value"])})
     prefix = clearml.files_host + "/"
     assert sorted(k for k in clearml.files if k.startswith("retention/")) == sorted(
-        m["uri"][len(prefix):] for m in left)
+        u[len(prefix):] for u in [*(m["uri"] for m in left), *blobs.values()])
 
 
 def test_bit_identical_resume_in_a_new_process(clearml: FakeClearmlServer, tmp_path: Path,
@@ -560,16 +651,21 @@ def test_imported_offline_session_stays_restorable_online(clearml: FakeClearmlSe
     run = be.open_run(RunSpec(project="imported", name="was-offline"))
     be.put(run, make_checkpoint(tmp_path / "spool", 5, {"val/loss": 1.0}), ["latest", "step-5", "best"])
     be.put(run, make_checkpoint(tmp_path / "spool", 6, {"val/loss": 2.0}), ["latest", "step-6"])
+    incremental = make_blob_checkpoint(tmp_path / "spool", 7, blob_state(0))  # tensors as task artifacts
+    be.put(run, incremental)
     be.finish_run(run)
     new_id = Task.import_offline_session(str(tmp_path / "clearml-cache" / "offline" / f"{run.run_id}.zip"))
     settings = ct.load_settings({"backend": "clearml"})
     listed = ct.list_checkpoints(f"clearml://{new_id}", settings)
-    assert [(s.version, s.step, s.aliases) for s in listed] == [(1, 5, ("best", "step-5")), (2, 6, ("latest", "step-6"))]
+    assert [(s.version, s.step, s.aliases) for s in listed] == [
+        (1, 5, ("best", "step-5")), (2, 6, ("latest", "step-6")), (3, 7, ())]
+    assert verify(ClearmlBackend({}).get(listed[2], tmp_path / "dl-7").path) == incremental.manifest
+    listed = listed[:2]
     assert ct.restore(f"clearml://{new_id}@best", model=torch.nn.Linear(8, 4), settings=settings).step == 5
     online = ClearmlBackend({})
     online.set_aliases(listed[1], ["best"])  # a finished task: edited like the UI edits user properties
     assert [s.aliases for s in online.list(online.find_run(ct.Ref("clearml", new_id)))] == [
-        ("step-5",), ("best", "latest", "step-6")]
+        ("step-5",), ("best", "latest", "step-6"), ()]
 
 
 def test_get_reuses_a_verified_copy_and_replaces_a_damaged_one(clearml: FakeClearmlServer, logged: dict[str, Any],

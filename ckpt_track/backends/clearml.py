@@ -16,6 +16,12 @@ restorable online; before that, ``list``/``get`` read the session folder (or its
 zip) the SDK wrote.  Versions are counted per task in the user property
 ``ckpt_track_last_version``, so a deleted version number is never reused.
 
+Incremental: a content-addressed tensor file (``format.is_blob``) is stored once per
+task, as its own artifact ``ckpt_track-blob-t-<hex>.safetensors``; the checkpoint's
+model or artifact holds the rest (manifest, state, any other file) and lists the
+blobs it takes in its metadata (``blobs``), so ``get`` reassembles the directory and
+``delete`` removes a blob only when no other checkpoint of the task lists it.
+
 ``ct.init`` uses the ``Task.init`` you already made, or makes one (a second run in
 the same process gets ``Task.create``), stopping ClearML from reseeding the
 training's random generators on the way.  See ``backends/clearml.md``.
@@ -37,7 +43,7 @@ import warnings
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -53,7 +59,7 @@ from ..errors import (
     IntegrityError,
     InvalidRef,
 )
-from ..format import MANIFEST, LocalCheckpoint, Manifest, read_manifest, verify
+from ..format import MANIFEST, LocalCheckpoint, Manifest, is_blob, read_manifest, verify
 from ..refs import Ref
 from .base import RunInfo, RunSpec, Stored
 
@@ -65,6 +71,7 @@ _UI = re.compile(rf"^https?://[^/\s?#]+(?:/[^\s?#]*?)?/(?:projects/[^/\s?#]+/)?(
 _BARE = re.compile(rf"^(?P<id>{_HEX}|offline-{_HEX})(?P<sel>@[^?:/@\s]+|:v\d+)?$")
 _FORMAT = "ckpt_track/1"  # metadata marker: an item without it is not one of our checkpoints
 _P_VERSION, _P_ALIASES, _P_RESUMED = "ckpt_track_last_version", "ckpt_track_aliases", "ckpt_track_resumed_from"
+_BLOB = "ckpt_track-blob-"  # + file name: the task artifact holding one content-addressed tensor file
 _RUN_TAG = "ckpt_track_run_id="  # task system tag holding a user-chosen run id (ClearML picks task ids itself)
 _CREDS = "set CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY (and CLEARML_API_HOST), or run clearml-init"
 
@@ -108,6 +115,8 @@ def _record(m: Manifest, version: int) -> dict[str, str]:
            "lineage": json.dumps(dict(m.lineage), sort_keys=True, default=str)}
     if m.epoch is not None:
         rec["epoch"] = str(m.epoch)
+    if blobs := sorted(f for f in m.files if is_blob(f)):
+        rec["blobs"] = json.dumps(blobs)  # stored as task artifacts, not in the checkpoint's own package
     return rec
 
 
@@ -119,10 +128,17 @@ def _parse_record(meta: Mapping[str, str]) -> dict[str, Any] | None:
                 "epoch": int(meta["epoch"]) if meta.get("epoch") not in (None, "", "None") else None,
                 "created": meta.get("created", ""), "size": int(meta.get("size") or 0),
                 "metrics": {k: float(v) for k, v in json.loads(meta.get("metrics") or "{}").items()},
-                "lineage": json.loads(meta.get("lineage") or "{}")}
+                "lineage": json.loads(meta.get("lineage") or "{}"),
+                "blobs": _blob_names(json.loads(meta.get("blobs") or "[]"))}
     except (KeyError, TypeError, ValueError) as exc:
         warnings.warn(f"clearml: skipping a checkpoint with damaged metadata ({exc})", stacklevel=3)
         return None
+
+
+def _blob_names(names: Any) -> tuple[str, ...]:
+    if not isinstance(names, list) or not all(isinstance(n, str) and is_blob(n) for n in names):
+        raise ValueError(f"'blobs' is not a list of tensor file names: {str(names)[:80]}")
+    return tuple(names)
 
 
 def _props(task: Mapping[str, Any]) -> dict[str, str]:
@@ -139,21 +155,47 @@ def _artifacts(task: Mapping[str, Any]) -> list[_Item]:
     return items
 
 
+def _blobs(task: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The task's stored tensor files: file name -> artifact entry."""
+    arts = ((task.get("execution") or {}).get("artifacts") or [])
+    return {a["key"][len(_BLOB):]: a for a in arts if a["key"].startswith(_BLOB) and is_blob(a["key"][len(_BLOB):])}
+
+
 def _tid(run: RunInfo) -> str:
     return str(run.native.get("task_id") or run.run_id)
 
 
-def _zip_dir(ckpt: LocalCheckpoint, target: Path) -> None:
+def _own_files(m: Manifest) -> list[str]:
+    """The files a checkpoint's own model or artifact holds: all but the content-addressed ones."""
+    return [*sorted(f for f in m.files if not is_blob(f)), MANIFEST]
+
+
+def _zip_files(ckpt: LocalCheckpoint, names: Sequence[str], target: Path) -> None:
     # stored, not deflated: safetensors barely compress, and extraction stays I/O-bound
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name in [*sorted(ckpt.manifest.files), MANIFEST]:
+        for name in names:
             zf.write(ckpt.path / name, arcname=name)
 
 
-def _extract(archive: Any, dest: Path) -> None:
-    """Unpack a checkpoint zip into ``dest`` atomically (a hidden sibling, then rename)."""
+@contextmanager
+def _staged(dest: Path) -> Iterator[Path]:
+    """A hidden sibling of ``dest`` to assemble a checkpoint in, renamed to ``dest`` when done."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not (dest / MANIFEST).is_file():  # a concurrent fetch may have won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unzip(archive: Any, into: Path) -> None:
+    """Unpack a checkpoint zip into the folder ``into``."""
     try:
         with zipfile.ZipFile(archive) as zf:
             for name in zf.namelist():
@@ -161,18 +203,11 @@ def _extract(archive: Any, dest: Path) -> None:
                     continue
                 if name.startswith("/") or ".." in Path(name).parts:
                     raise IntegrityError(f"checkpoint archive member {name!r} escapes its directory")
-                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(name) as src, open(tmp / name, "wb") as out:
+                (into / name).parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(name) as src, open(into / name, "wb") as out:
                     shutil.copyfileobj(src, out, 8 * 1024 * 1024)
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not (dest / MANIFEST).is_file():  # a concurrent fetch may have won the race
-                raise
     except zipfile.BadZipFile as exc:
         raise IntegrityError(f"downloaded checkpoint archive is not a valid zip ({exc})") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _probe(host: str) -> None:
@@ -202,7 +237,7 @@ class ClearmlBackend:
     # where model packages go (default: the files server); web_host: base of UI links (default: the
     # SDK's); offline_dir: where offline sessions are looked up (default: <clearml cache>/offline)
     options: ClassVar[frozenset[str]] = frozenset({"project", "offline", "output_uri", "web_host", "offline_dir"})
-    capabilities: ClassVar[frozenset[str]] = frozenset({"delete", "choose_run_id"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"delete", "choose_run_id", "dedup"})
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         opts = dict(options or {})
@@ -488,12 +523,12 @@ class ClearmlBackend:
         return Ref(self.name, rows[0]["task"], version=item.version, params=ref.params)
 
     # -- reading a run's checkpoints ------------------------------------------------------------
-    def _state(self, run: RunInfo) -> tuple[list[_Item], dict[str, str], dict[str, Any]]:
-        """(checkpoints, user properties, where they live) of a run."""
+    def _state(self, run: RunInfo) -> tuple[list[_Item], dict[str, str], dict[str, Any], dict[str, Mapping[str, Any]]]:
+        """(checkpoints, user properties, where they live, stored tensor files) of a run."""
         tid = _tid(run)
         if tid.startswith("offline-"):
             doc, where = self._session_doc(tid)
-            return _artifacts(doc), _props(doc), where
+            return _artifacts(doc), _props(doc), where, _blobs(doc)
         rows = self._call("tasks.get_all", {"id": [tid], "only_fields": ["id", "hyperparams", "execution.artifacts"]})
         if not rows["tasks"]:
             raise CheckpointNotFound(f"{run.ref}: the ClearML task {tid} no longer exists")
@@ -505,7 +540,7 @@ class ClearmlBackend:
             if len(batch) < 500:
                 break
             page += 1
-        return items, _props(rows["tasks"][0]), {"task_id": tid}
+        return items, _props(rows["tasks"][0]), {"task_id": tid}, _blobs(rows["tasks"][0])
 
     @staticmethod
     def _model_item(row: Mapping[str, Any]) -> _Item | None:
@@ -517,7 +552,7 @@ class ClearmlBackend:
 
     def list(self, run: RunInfo) -> list[Stored]:
         with self._boundary(f"listing the checkpoints of {run.ref}"):
-            items, props, where = self._state(run)
+            items, props, where, _ = self._state(run)
         table = self._table(props)
         out: dict[int, Stored] = {}
         for item in sorted(items, key=lambda i: i.version):
@@ -526,7 +561,7 @@ class ClearmlBackend:
 
     def _stored(self, run: RunInfo, item: _Item, table: Mapping[str, int], where: Mapping[str, Any]) -> Stored:
         aliases = set(item.tags) | {a for a, v in table.items() if v == item.version}
-        native = {"kind": item.kind, "key": item.key, "uri": item.uri, **where}
+        native = {"kind": item.kind, "key": item.key, "uri": item.uri, "blobs": item.record["blobs"], **where}
         if item.kind == "model":
             native["url"] = f"{self._web()}/projects/*/models/{item.key}/general"
         rec = item.record
@@ -552,21 +587,50 @@ class ClearmlBackend:
         if dest.exists():  # the core's cache entry for this version, damaged or half-written: fetch again
             shutil.rmtree(dest)
         native = stored.native
-        with self._boundary(f"downloading {stored.ref}"):
-            if native.get("session"):
-                self._extract_offline(native, dest)
-            elif native["kind"] == "model":
-                from clearml import Model
-
-                self._connect()
-                _extract(Model(model_id=native["key"]).get_weights(raise_on_error=True, extract_archive=False), dest)
-            else:
-                from clearml import Task
-
-                self._connect()
-                artifact = Task.get_task(task_id=native["task_id"]).artifacts[native["key"]]
-                _extract(artifact.get_local_copy(extract_archive=False, raise_on_error=True), dest)
+        with self._boundary(f"downloading {stored.ref}"), _staged(dest) as tmp:
+            self._fetch_own(native, tmp)
+            # the tensor files stored once per task (absent from checkpoints of earlier versions)
+            wanted = [f for f in read_manifest(tmp).files if is_blob(f) and not (tmp / f).exists()]
+            if wanted:
+                self._fetch_blobs(stored, wanted, tmp)
         return LocalCheckpoint(dest, read_manifest(dest))
+
+    def _fetch_own(self, native: Mapping[str, Any], into: Path) -> None:
+        """Unpack a checkpoint's own model package or artifact zip into ``into``."""
+        if native.get("session"):
+            self._session_file(native, native["uri"], into / ".package.zip")
+            _unzip(into / ".package.zip", into)
+            (into / ".package.zip").unlink()
+        elif native["kind"] == "model":
+            from clearml import Model
+
+            self._connect()
+            _unzip(Model(model_id=native["key"]).get_weights(raise_on_error=True, extract_archive=False), into)
+        else:
+            from clearml import Task
+
+            self._connect()
+            artifact = Task.get_task(task_id=native["task_id"]).artifacts[native["key"]]
+            _unzip(artifact.get_local_copy(extract_archive=False, raise_on_error=True), into)
+
+    def _fetch_blobs(self, stored: Stored, names: Sequence[str], into: Path) -> None:
+        tid = stored.native["task_id"]
+        if stored.native.get("session"):
+            held = _blobs(self._session_doc(tid)[0])
+        else:
+            from clearml import Task
+
+            self._connect()
+            artifacts = Task.get_task(task_id=tid).artifacts
+            held = {f: artifacts[_BLOB + f] for f in names if _BLOB + f in artifacts}
+        for fname in names:
+            if fname not in held:
+                raise IntegrityError(f"{stored.ref} needs {fname}, but task {tid} has no artifact {_BLOB}{fname} "
+                                     "(deleted outside ckpt_track?); this checkpoint cannot be restored")
+            if stored.native.get("session"):
+                self._session_file(stored.native, held[fname]["uri"], into / fname)
+            else:  # copied out of the SDK's download cache, which evicts files as it pleases
+                shutil.copyfile(held[fname].get_local_copy(extract_archive=False, raise_on_error=True), into / fname)
 
     # -- offline sessions --------------------------------------------------------------------------
     def _session_dirs(self) -> list[Path]:
@@ -610,15 +674,16 @@ class ClearmlBackend:
             found.append(doc)
         return found
 
-    def _extract_offline(self, native: Mapping[str, Any], dest: Path) -> None:
+    def _session_file(self, native: Mapping[str, Any], uri: str, target: Path) -> None:
+        """Copy one stored file (artifact ``uri``) out of an offline session's folder or zip."""
         session = Path(native["session"])
         doc = self._session_doc(native["task_id"])[0]
-        rel = os.path.relpath(native["uri"], doc.get("offline_folder") or session)
+        rel = os.path.relpath(uri, doc.get("offline_folder") or session)
         if session.is_dir():
-            return _extract(session / rel, dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(session) as zf, tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-            _extract(zf.extract(Path(rel).as_posix(), tmp), dest)
+            shutil.copyfile(session / rel, target)
+            return
+        with zipfile.ZipFile(session) as zf, zf.open(Path(rel).as_posix()) as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out, 8 * 1024 * 1024)
 
     # -- writing -----------------------------------------------------------------------------------
     def _writable(self, run: RunInfo) -> _Open:
@@ -660,13 +725,23 @@ class ClearmlBackend:
             if not run.native.get("offline"):
                 self._connect()
             op = self._writable(run)
-            items, props, _ = self._state(run)
+            items, props, _, held = self._state(run)
             last = max([int(props.get(_P_VERSION) or 0), *(i.version for i in items)])
             version, record = last + 1, _record(ckpt.manifest, last + 1)
             table = {a: v for a, v in self._table(props).items() if a not in aliases}
             name, tid = f"ckpt-v{version:06d}", _tid(run)
+            files = ckpt.manifest.files
+            # blobs first, the checkpoint last: a checkpoint never lists a file the task lacks, and a
+            # put that fails half-way leaves blobs its retry finds already stored
+            sent = [f for f in sorted(files) if is_blob(f) and held.get(f, {}).get("content_size") != files[f].size]
+            for fname in sent:
+                if not op.task.upload_artifact(_BLOB + fname, artifact_object=str(ckpt.path / fname),
+                                               wait_on_upload=True):
+                    raise BackendError(f"ClearML did not store {fname} of step {ckpt.step} in {run.ref}")
+            own = _own_files(ckpt.manifest)
+            uploaded = sum(files[f].size for f in sent) + sum((ckpt.path / f).stat().st_size for f in own)
             if run.native.get("offline"):
-                if not op.task.upload_artifact(name, artifact_object=str(ckpt.path), metadata=record,
+                if not op.task.upload_artifact(name, artifact_object=[ckpt.path / f for f in own], metadata=record,
                                                wait_on_upload=True):
                     raise BackendError(f"ClearML did not store the artifact for step {ckpt.step} in {run.ref}")
                 table.update({a: version for a in aliases})
@@ -684,7 +759,7 @@ class ClearmlBackend:
                 if math.isfinite(value):  # the server rejects NaN/inf scalars
                     title, _, series = metric.rpartition("/")
                     logger.report_scalar(title or series, series, value, iteration=ckpt.step)
-            return self._stored(run, item, table, where)
+            return replace(self._stored(run, item, table, where), uploaded=uploaded)
 
     def _upload_model(self, op: _Open, ckpt: LocalCheckpoint, version: int, aliases: list[str],
                       record: Mapping[str, str]) -> tuple[str, str]:
@@ -698,7 +773,7 @@ class ClearmlBackend:
             tmp = Path(tempfile.mkdtemp(prefix="ckpt_track-"))
         try:
             archive = tmp / f"ckpt-v{version:06d}.zip"
-            _zip_dir(ckpt, archive)
+            _zip_files(ckpt, _own_files(ckpt.manifest), archive)
             # our own package zip + is_package: the SDK's update_weights_package leaves its temp zip
             # behind when uploading synchronously, and we are already off the training thread
             model.update_weights(weights_filename=str(archive), target_filename=archive.name, iteration=ckpt.step,
@@ -717,7 +792,7 @@ class ClearmlBackend:
     def set_aliases(self, stored: Stored, aliases: Sequence[str]) -> None:
         wanted = set(aliases)
         with self._boundary(f"moving aliases {sorted(wanted)} to {stored.ref}"):
-            items, props, _ = self._state(stored.run)
+            items, props, _, _ = self._state(stored.run)
             models = [i for i in items if i.kind == "model"]
             if models:
                 self._untag(models, wanted, keep=stored.native["key"])
@@ -746,18 +821,30 @@ class ClearmlBackend:
                     warnings.warn(f"clearml: {stored.ref} was deleted but its file {native['uri']} could not be "
                                   "removed from storage", stacklevel=2)
             else:
-                op = self._writable(stored.run)
-                op.task.delete_artifacts([native["key"]], raise_on_errors=True, delete_from_storage=True)
-                # the SDK re-sends every artifact uploaded by this process with the next upload, which
-                # would bring this one back (clearml 2.1); tests check this attribute still exists
-                uploaded = getattr(getattr(op.task, "_artifacts_manager", None), "_task_artifact_list", [])
-                uploaded[:] = [a for a in uploaded if getattr(a, "key", None) != native["key"]]
-                if native.get("session") and Path(native["uri"]).exists():
-                    shutil.rmtree(Path(native["uri"]).parent, ignore_errors=True)  # offline, the SDK leaves it
-            table = self._table(self._state(stored.run)[1])
+                self._delete_artifacts(stored, {native["key"]: native["uri"]})
+            items, props, _, held = self._state(stored.run)
+            # its tensor files that no other checkpoint lists; not every unlisted blob: a put running
+            # elsewhere may have stored new ones it has not listed yet
+            needed = {f for i in items for f in i.record["blobs"]}
+            if unused := {_BLOB + f: str(held[f].get("uri") or "") for f in native.get("blobs", ())
+                          if f in held and f not in needed}:
+                self._delete_artifacts(stored, unused)
+            table = self._table(props)
             if any(v == stored.version for v in table.values()):
                 self._set_props(stored.run, **{_P_ALIASES: json.dumps(
                     {a: v for a, v in table.items() if v != stored.version}, sort_keys=True)})
+
+    def _delete_artifacts(self, stored: Stored, uris: Mapping[str, str]) -> None:
+        op = self._writable(stored.run)
+        op.task.delete_artifacts(sorted(uris), raise_on_errors=True, delete_from_storage=True)
+        # the SDK re-sends every artifact uploaded by this process with the next upload, which
+        # would bring these back (clearml 2.1); tests check this attribute still exists
+        uploaded = getattr(getattr(op.task, "_artifacts_manager", None), "_task_artifact_list", [])
+        uploaded[:] = [a for a in uploaded if getattr(a, "key", None) not in uris]
+        if stored.native.get("session"):  # offline, the SDK leaves the files in the session folder
+            for uri in uris.values():
+                if uri and Path(uri).exists():
+                    shutil.rmtree(Path(uri).parent, ignore_errors=True)
 
     def link_input(self, run: RunInfo, source: Stored) -> None:
         with self._boundary(f"recording that {run.ref} resumes from {source.ref}"):

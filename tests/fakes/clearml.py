@@ -107,6 +107,12 @@ class OfflineSession:
         with zipfile.ZipFile(io.BytesIO(data)) as inner:
             return {n: inner.read(n) for n in inner.namelist() if not n.endswith("/")}
 
+    def artifact_file(self, key: str) -> bytes:
+        """The bytes of a single-file artifact (stored by the SDK as is)."""
+        member = os.path.relpath(self.artifacts[key]["uri"], self.task["offline_folder"])
+        with zipfile.ZipFile(self.archive) as outer:
+            return outer.read(member)
+
     def user_properties(self) -> dict[str, str]:
         props = (self.task.get("hyperparams") or {}).get("properties") or {}
         return {k: v["value"] for k, v in props.items()}

@@ -167,6 +167,7 @@ class FakeClearmlServer:
             self.models: dict[str, dict[str, Any]] = {}
             self.events: list[dict[str, Any]] = []
             self.files: dict[str, bytes] = {}
+            self.uploads: list[tuple[str, int]] = []  # (file key, bytes) of every upload, in order
             self.calls: list[str] = []
             self.unknown: list[str] = []
 
@@ -642,5 +643,6 @@ class _Handler(BaseHTTPRequestHandler):
             key = "/".join(x.strip("/") for x in (folder, str(name)) if x.strip("/"))
             with self.server_fake._lock:
                 self.server_fake.files[key] = payload
+                self.server_fake.uploads.append((key, len(payload)))
             stored.append(key)
         self._send(200, json.dumps({"uploaded": stored}).encode())
