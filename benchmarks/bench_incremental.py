@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, write_section  # noqa: E402
+from common import machine, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = 64

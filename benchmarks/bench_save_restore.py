@@ -67,11 +67,16 @@ def fsync_path(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+_touches = iter(range(1, 10**9))
+
+
 def touch(model: torch.nn.Module) -> None:
-    """Change one element of every tensor, so every file of the next checkpoint is new."""
+    """Give one element of every tensor a value it never had before, so every file of the
+    next checkpoint is new (restores in between set the weights back to earlier states)."""
+    n = float(next(_touches)) * 1000.0
     with torch.no_grad():
         for v in model.state_dict().values():
-            v.view(-1)[0] += 1
+            v.view(-1)[0] = n
 
 
 def timed(fn) -> float:

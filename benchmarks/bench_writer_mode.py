@@ -34,9 +34,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, write_section  # noqa: E402
+from common import machine, write_section
+from safetensors.torch import save_file
 
-from ckpt_track.format import write_checkpoint  # noqa: E402
+from ckpt_track.format import content_digest, hash_file
 
 
 def _nice() -> None:
@@ -47,13 +48,21 @@ def _nice() -> None:
 
 
 def _write_loop(tensors: dict[str, torch.Tensor], work: Path, stop, written) -> None:  # type: ignore[no-untyped-def]
+    """The writer's work per tensor file (digest, serialize, fsync, hash), counted per file."""
     _nice()
     while not stop.is_set():
-        name = uuid.uuid4().hex
-        ckpt = write_checkpoint(work, name, tensors, {"step": 0}, step=0, blobs=True)
-        with written.get_lock():
-            written.value += ckpt.size
-        shutil.rmtree(ckpt.path, ignore_errors=True)
+        for name in sorted(tensors):
+            if stop.is_set():
+                return
+            digest = content_digest(tensors, [name])
+            path = work / f"t-{digest}-{uuid.uuid4().hex[:6]}.safetensors"
+            save_file({name: tensors[name]}, str(path))
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+            hash_file(path)
+            with written.get_lock():
+                written.value += path.stat().st_size
+            path.unlink()
 
 
 def _process_main(tensors, work, stop, written) -> None:  # type: ignore[no-untyped-def]

@@ -23,6 +23,7 @@ a plain v1 checkpoint: any v1 reader loads it.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
@@ -157,9 +158,26 @@ def _hasher() -> Any:
 
 
 def hash_file(path: Path) -> str:
-    """xxh3-128 of a file, streamed in 8 MiB chunks."""
+    """xxh3-128 of a file: large files through a read-only memory map (no copy out of the
+    page cache; about twice as fast when the file is cached), small ones in 8 MiB chunks."""
     h = _hasher()
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size >= _CHUNK:
+            try:
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                    if hasattr(m, "madvise"):
+                        m.madvise(mmap.MADV_SEQUENTIAL)
+                    view = memoryview(m)
+                    try:
+                        for off in range(0, size, _CHUNK * 8):
+                            h.update(view[off:off + _CHUNK * 8])
+                    finally:
+                        view.release()
+                return h.hexdigest()
+            except (OSError, ValueError):  # cannot map this file: read it instead
+                h = _hasher()
+                f.seek(0)
         buf = bytearray(_CHUNK)
         view = memoryview(buf)
         while n := f.readinto(buf):
