@@ -270,6 +270,31 @@ def content_digest(tensors: Mapping[str, torch.Tensor], names: Iterable[str]) ->
     return h.hexdigest()
 
 
+def link_cached(dest: Path, manifest: Manifest, names: Iterable[str], siblings: Iterable[Path]) -> list[str]:
+    """Hard-link (or copy) into ``dest`` each named content-addressed file that a committed
+    sibling checkpoint directory (an earlier download of the same run) holds with the size and
+    hash ``manifest`` records; returns the names still to download."""
+    held: dict[str, Path] = {}
+    for sib in siblings:
+        try:
+            other = read_manifest(sib)
+        except (CheckpointNotFound, IntegrityError, OSError):
+            continue
+        for fname, entry in other.files.items():
+            if is_blob(fname) and fname not in held and manifest.files.get(fname) == entry:
+                held[fname] = sib / fname
+    missing = []
+    for fname in names:
+        src = held.get(fname)
+        try:
+            if src is None or src.stat().st_size != manifest.files[fname].size:
+                raise FileNotFoundError(fname)
+            _copy_one(src, Path(dest) / fname, link=True)
+        except OSError:
+            missing.append(fname)
+    return missing
+
+
 def _reusable(fname: str, reuse: Iterable[LocalCheckpoint]) -> tuple[Path, FileEntry] | None:
     for ckpt in reuse:
         entry = ckpt.manifest.files.get(fname)

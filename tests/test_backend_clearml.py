@@ -678,3 +678,27 @@ def test_get_reuses_a_verified_copy_and_replaces_a_damaged_one(clearml: FakeClea
     shard = next(first.path.glob("*.safetensors"))
     shard.write_bytes(b"garbage")
     assert verify(be.get(stored, tmp_path / "v1").path).step == 10  # fetched again
+
+
+def test_get_links_tensor_files_an_earlier_download_holds(clearml: FakeClearmlServer, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    be = ClearmlBackend({})
+    run = be.open_run(RunSpec(project="dedup", name="dedup-cache"))
+    ckpts = [make_blob_checkpoint(tmp_path / "spool", step, blob_state(0, changed)) for step, changed in DEDUP_STEPS[:2]]
+    stored = [be.put(run, c) for c in ckpts]
+    be.finish_run(run)
+    fetched: list[str] = []
+    real = ClearmlBackend._fetch_blobs
+
+    def counting(self, st, names, into):  # type: ignore[no-untyped-def]
+        fetched.extend(names)
+        return real(self, st, names, into)
+
+    monkeypatch.setattr(ClearmlBackend, "_fetch_blobs", counting)
+    cache = tmp_path / "cache"  # the core's layout: one folder per version of the run
+    be.get(stored[0], cache / "v1")
+    assert len(fetched) == 5
+    fetched.clear()
+    got = be.get(stored[1], cache / "v2")
+    assert len(fetched) == 1  # only the changed tensor file; the rest is linked from v1
+    assert read_manifest(got.path) == ckpts[1].manifest and verify(got.path).step == ckpts[1].step

@@ -590,3 +590,29 @@ def test_a_lost_tensor_file_fails_put_and_is_sent_again(comet_env: FakeComet, tm
     got = be.get(be.list(run)[0], tmp_path / "dl")
     assert (got.path / lost).read_bytes() == (src.path / lost).read_bytes()
     be.close()
+
+
+def test_get_links_tensor_files_an_earlier_download_holds(comet_env: FakeComet, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    be = CometBackend({"workspace": "ws"})
+    run = be.open_run(RunSpec(project="inc", run_id="cache-run"))
+    a = make_blob_checkpoint(tmp_path / "spool", 1, blob_state(0))
+    b = make_blob_checkpoint(tmp_path / "spool", 2, blob_state(0, changed=("w1",)))
+    sa, sb = be.put(run, a), be.put(run, b)
+    downloaded: list[str] = []
+    real = CometBackend._download_asset
+
+    def counting(exp, asset_id, target):  # type: ignore[no-untyped-def]
+        downloaded.append(target.name)
+        return real(exp, asset_id, target)
+
+    monkeypatch.setattr(CometBackend, "_download_asset", staticmethod(counting))
+    cache = tmp_path / "cache"  # the core's layout: one folder per version of the run
+    be.get(sa, cache / "v1")
+    assert len([f for f in downloaded if is_blob(f)]) == 5
+    downloaded.clear()
+    got = be.get(sb, cache / "v2")
+    assert [f for f in downloaded if is_blob(f)] == sorted(set(b.manifest.files) - set(a.manifest.files))
+    assert {f: (got.path / f).read_bytes() for f in b.manifest.files} == {
+        f: (b.path / f).read_bytes() for f in b.manifest.files}
+    be.close()

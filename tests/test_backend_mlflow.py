@@ -406,3 +406,33 @@ def test_comet_sdk_patches_do_not_copy_checkpoints_elsewhere(tmp_path: Path, mlf
     assert done.stdout.strip().splitlines()[-1] == "1"
     leftovers = [p for p in tmp_path.rglob("*") if "comet" in p.name.lower() and p.is_dir()]
     assert not (tmp_path / ".cometml-runs").exists() and not leftovers
+
+
+def test_restore_links_tensor_files_an_earlier_download_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restoring v2 after v1 downloads only the tensor file that changed; the others come
+    from the local cache of v1 (same name, size and hash in both manifests)."""
+    settings = {"backend": "mlflow", "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                                                "artifact_location": str(tmp_path / "mlruns")}}
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)])  # four 1 MiB weights
+    with ct.init(project="cache-reuse", name="r", monitor=None, settings=settings) as run:
+        run.log_checkpoint(1, model=model)
+        with torch.no_grad():
+            model[3].weight.add_(1.0)
+        run.log_checkpoint(2, model=model)
+    downloaded: list[str] = []
+    real = MlflowBackend._download_blobs
+
+    def counting(self, stored, names, dest):  # type: ignore[no-untyped-def]
+        downloaded.extend(names)
+        return real(self, stored, names, dest)
+
+    monkeypatch.setattr(MlflowBackend, "_download_blobs", counting)
+    resolved = ct.load_settings(settings)
+    fresh = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)])
+    ct.restore(run.ref.select(step=1), model=fresh, settings=resolved)
+    assert len(downloaded) == 5  # four weights and the packed biases
+    downloaded.clear()
+    ct.restore(run.ref.select(step=2), model=fresh, settings=resolved)
+    assert len(downloaded) == 1  # only the changed weight
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))

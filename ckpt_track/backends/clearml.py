@@ -59,7 +59,7 @@ from ..errors import (
     IntegrityError,
     InvalidRef,
 )
-from ..format import MANIFEST, LocalCheckpoint, Manifest, is_blob, read_manifest, verify
+from ..format import MANIFEST, LocalCheckpoint, Manifest, is_blob, link_cached, read_manifest, verify
 from ..refs import Ref
 from .base import RunInfo, RunSpec, Stored
 
@@ -590,7 +590,11 @@ class ClearmlBackend:
         with self._boundary(f"downloading {stored.ref}"), _staged(dest) as tmp:
             self._fetch_own(native, tmp)
             # the tensor files stored once per task (absent from checkpoints of earlier versions)
-            wanted = [f for f in read_manifest(tmp).files if is_blob(f) and not (tmp / f).exists()]
+            manifest = read_manifest(tmp)
+            wanted = [f for f in manifest.files if is_blob(f) and not (tmp / f).exists()]
+            # files an earlier download of this run already holds are linked, not fetched again
+            siblings = [d for d in dest.parent.glob("v*") if d.is_dir()] if dest.parent.is_dir() else []
+            wanted = link_cached(tmp, manifest, wanted, siblings)
             if wanted:
                 self._fetch_blobs(stored, wanted, tmp)
         return LocalCheckpoint(dest, read_manifest(dest))

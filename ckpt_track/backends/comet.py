@@ -51,7 +51,7 @@ from ..errors import (
     IntegrityError,
     InvalidRef,
 )
-from ..format import MANIFEST, LocalCheckpoint, copy_checkpoint, is_blob, read_manifest, verify
+from ..format import MANIFEST, LocalCheckpoint, copy_checkpoint, is_blob, link_cached, read_manifest, verify
 from ..refs import Ref
 from .base import RunInfo, RunSpec, Stored, sdk_errors
 
@@ -645,16 +645,19 @@ class CometBackend:
         try:
             with self._calling(f"downloading {stored.ref}"):
                 exp, ids, _ = self._assets_of(stored)
-                for fname, asset_id in sorted(ids.items(), key=lambda kv: kv[0] == MANIFEST):
+                for fname in ids:
                     if Path(fname).is_absolute() or ".." in Path(fname).parts:
                         raise IntegrityError(f"{stored.ref}: file name {fname!r} escapes the checkpoint")
-                    (tmp / fname).parent.mkdir(parents=True, exist_ok=True)
-                    response = exp.get_asset(asset_id, return_type="response", stream=True)
-                    try:  # streamed: download_model() would hold the whole checkpoint in memory
-                        with open(tmp / fname, "wb") as out:
-                            out.writelines(response.iter_content(1 << 20))
-                    finally:
-                        response.close()
+                # the small files first; then the tensor files an earlier download of this run
+                # already holds are linked, and only the others downloaded
+                for fname in sorted(f for f in ids if not is_blob(f)):
+                    self._download_asset(exp, ids[fname], tmp / fname)
+                wanted = sorted(f for f in ids if is_blob(f))
+                if wanted and (tmp / MANIFEST).is_file():
+                    siblings = [d for d in dest.parent.glob("v*") if d.is_dir()] if dest.parent.is_dir() else []
+                    wanted = link_cached(tmp, read_manifest(tmp), wanted, siblings)
+                for fname in wanted:
+                    self._download_asset(exp, ids[fname], tmp / fname)
             if dest.exists():
                 shutil.rmtree(dest)
             os.rename(tmp, dest)
@@ -662,6 +665,16 @@ class CometBackend:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return LocalCheckpoint(dest, read_manifest(dest))
+
+    @staticmethod
+    def _download_asset(exp: Any, asset_id: str, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        response = exp.get_asset(asset_id, return_type="response", stream=True)
+        try:  # streamed: download_model() would hold the whole checkpoint in memory
+            with open(target, "wb") as out:
+                out.writelines(response.iter_content(1 << 20))
+        finally:
+            response.close()
 
     def _assets_of(self, stored: Stored) -> tuple[Any, dict[str, str], set[str]]:
         """The APIExperiment holding a version, its asset id per file name, and which files are

@@ -46,7 +46,7 @@ from ..errors import (
     IntegrityError,
     InvalidRef,
 )
-from ..format import MANIFEST, LocalCheckpoint, is_blob, read_manifest, verify
+from ..format import MANIFEST, LocalCheckpoint, is_blob, link_cached, read_manifest, verify
 from ..refs import Ref
 from .base import RunInfo, RunSpec, Stored
 
@@ -383,7 +383,11 @@ class MlflowBackend:
         with self._errors(f"downloading checkpoint {stored.ref}"):
             self._repo(stored.native["artifact_location"]).download_artifacts("", dst_path=str(tmp))
             # blobs the model does not hold itself are in the run (earlier versions put every file in the model)
-            wanted = [f for f in read_manifest(tmp).files if is_blob(f) and not (tmp / f).is_file()]
+            manifest = read_manifest(tmp)
+            wanted = [f for f in manifest.files if is_blob(f) and not (tmp / f).is_file()]
+            # files an earlier download of this run already holds are linked, not downloaded again
+            siblings = [d for d in dest.parent.glob("v*") if d.is_dir()] if dest.parent.is_dir() else []
+            wanted = link_cached(tmp, manifest, wanted, siblings)
             if wanted:
                 self._download_blobs(stored, wanted, tmp)
         shutil.rmtree(dest, ignore_errors=True)
