@@ -23,16 +23,18 @@ a plain v1 checkpoint: any v1 reader loads it.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import re
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import xxhash
@@ -286,8 +288,9 @@ def link_cached(dest: Path, manifest: Manifest, names: Iterable[str], siblings: 
     missing = []
     for fname in names:
         src = held.get(fname)
-        try:
-            if src is None or src.stat().st_size != manifest.files[fname].size:
+        try:  # hashing a cached file is far cheaper than downloading it, and a damaged one is skipped
+            if src is None or src.stat().st_size != manifest.files[fname].size or \
+                    hash_file(src) != manifest.files[fname].hash:
                 raise FileNotFoundError(fname)
             _copy_one(src, Path(dest) / fname, link=True)
         except OSError:
@@ -525,11 +528,14 @@ def read_state(path: Path) -> dict[str, Any]:
 
 # -- reading into existing tensors ------------------------------------------------------
 _ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "C64": torch.complex64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    name: dtype for name, dtype in {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+        "BOOL": torch.bool, "C64": torch.complex64,
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
+        "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None), "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
+        "U16": getattr(torch, "uint16", None), "U32": getattr(torch, "uint32", None), "U64": getattr(torch, "uint64", None),
+    }.items() if dtype is not None
 }
 
 
@@ -537,96 +543,111 @@ _ST_DTYPES: dict[str, torch.dtype] = {
 class TensorInfo:
     """Where one tensor lies in a safetensors file (from its JSON header)."""
 
+    name: str
     file: str
-    dtype: torch.dtype
+    dtype: torch.dtype | None  # None: a dtype this reader does not map (loaded through safetensors)
     shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
     end: int
 
 
-def read_header(path: Path, fname: str = "") -> dict[str, TensorInfo]:
+def read_header(f: BinaryIO, fname: str) -> list[TensorInfo]:
     """Parse and check a safetensors header (JSON; nothing is executed): every tensor's
     dtype, shape and byte range, which must lie inside the file, in order, without overlap."""
-    where = fname or str(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or 8 + n > size:
-                raise ValueError(f"header length {n} does not fit a {size}-byte file")
-            header = json.loads(f.read(n))
+        size = os.fstat(f.fileno()).st_size
+        f.seek(0)
+        n = int.from_bytes(f.read(8), "little")
+        if n <= 0 or 8 + n > size:
+            raise ValueError(f"header length {n} does not fit a {size}-byte file")
+        header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
         base = 8 + n
-        out: dict[str, TensorInfo] = {}
+        out: list[TensorInfo] = []
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
             dtype = _ST_DTYPES.get(meta["dtype"])
-            if dtype is None:
-                raise ValueError(f"tensor {name!r} has dtype {meta['dtype']!r}, which this reader does not map")
             shape = tuple(int(d) for d in meta["shape"])
             begin, end = (int(x) for x in meta["data_offsets"])
-            numel = 1
-            for d in shape:
-                numel *= d
-            if end - begin != numel * dtype.itemsize or begin < 0 or base + end > size:
-                raise ValueError(f"tensor {name!r}: byte range {begin}-{end} does not match its shape/dtype or the file")
-            out[name] = TensorInfo(fname, dtype, shape, base + begin, base + end)
-        ranges = sorted((i.start, i.end) for i in out.values())
+            if any(d < 0 for d in shape) or not 0 <= begin <= end or base + end > size:
+                raise ValueError(f"tensor {name!r}: shape {shape} or byte range {begin}-{end} is invalid")
+            if dtype is not None and end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"tensor {name!r}: {end - begin} bytes do not hold {shape} of {meta['dtype']}")
+            out.append(TensorInfo(str(name), fname, dtype, shape, base + begin, base + end))
+        ranges = sorted((i.start, i.end) for i in out)
         if any(b < a_end for (_, a_end), (b, _) in zip(ranges, ranges[1:])):
             raise ValueError("tensor byte ranges overlap")
         return out
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise IntegrityError(f"{where}: not a valid safetensors file ({exc})") from exc
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise IntegrityError(f"{fname}: not a valid safetensors file ({exc})") from exc
 
 
-def read_into(path: Path, infos: Iterable[TensorInfo], targets: Mapping[str, torch.Tensor],
-              names: Mapping[TensorInfo, str]) -> dict[str, torch.Tensor]:
-    """Read the given tensors of one safetensors file straight into memory: into the
-    matching tensor of ``targets`` (CPU, contiguous, same dtype and shape) when there is one,
-    else into a new tensor.  One copy from the page cache, no intermediate buffer."""
-    out: dict[str, torch.Tensor] = {}
-    with open(path, "rb", buffering=0) as f:
-        for info in sorted(infos, key=lambda i: i.start):
-            name = names[info]
-            t = targets.get(name)
-            if not (t is not None and t.device.type == "cpu" and t.is_contiguous() and t.dtype == info.dtype
-                    and tuple(t.shape) == info.shape):
-                t = torch.empty(info.shape, dtype=info.dtype)
-            view = _raw(t)
-            f.seek(info.start)
-            got = 0
-            while got < len(view):
-                n = f.readinto(view[got:got + _CHUNK * 8])
-                if not n:
-                    raise IntegrityError(f"{path}: file ended inside tensor {name!r} (truncated)")
-                got += n
-            out[name] = t
-    return out
-
-
-def tensor_index(path: Path, manifest: Manifest) -> dict[str, TensorInfo]:
-    """Every tensor of a checkpoint: name -> where it lies."""
-    index: dict[str, TensorInfo] = {}
+def open_tensor_files(path: Path, manifest: Manifest, stack: ExitStack) -> dict[str, BinaryIO]:
+    """Open every tensor file of a checkpoint (before verifying it: what is then read is what
+    was verified, even if the version is deleted or renamed in between)."""
+    files: dict[str, BinaryIO] = {}
     for fname in tensor_files(manifest):
         if Path(fname).is_absolute() or ".." in Path(fname).parts:
             raise IntegrityError(f"{path}: manifest entry {fname!r} escapes the checkpoint directory")
-        for name, info in read_header(Path(path) / fname, fname).items():
-            if name in index:
-                raise IntegrityError(f"{path}: tensor {name!r} is stored twice ({index[name].file}, {fname})")
-            index[name] = info
+        files[fname] = stack.enter_context(open(Path(path) / fname, "rb", buffering=0))
+    return files
+
+
+def tensor_index(files: Mapping[str, BinaryIO], where: Path) -> dict[str, TensorInfo]:
+    """Every tensor of a checkpoint: name -> where it lies."""
+    index: dict[str, TensorInfo] = {}
+    for fname, f in sorted(files.items()):
+        for info in read_header(f, fname):
+            if info.name in index:
+                raise IntegrityError(f"{where}: tensor {info.name!r} is stored twice ({index[info.name].file}, {fname})")
+            index[info.name] = info
     return index
 
 
-def load_into(path: Path, manifest: Manifest, index: Mapping[str, TensorInfo],
+def _fits(t: torch.Tensor | None, info: TensorInfo) -> bool:
+    return (t is not None and t.device.type == "cpu" and t.is_contiguous() and t.dtype == info.dtype
+            and tuple(t.shape) == info.shape)
+
+
+def load_into(path: Path, files: Mapping[str, BinaryIO], index: Mapping[str, TensorInfo],
               targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Load every tensor of a (verified) checkpoint, filling ``targets`` in place where they fit."""
+    """Load every tensor of a verified checkpoint: straight into the matching tensor of
+    ``targets`` (CPU, contiguous, same dtype and shape) when there is one, else into a new
+    tensor; one copy out of the page cache, no intermediate buffer.  A file holding a dtype
+    this reader does not map is loaded through safetensors instead.
+
+    A read that fails part way raises :class:`IntegrityError`; targets filled before it keep
+    their new values (restore again)."""
     by_file: dict[str, list[TensorInfo]] = {}
-    names = {info: name for name, info in index.items()}
     for info in index.values():
         by_file.setdefault(info.file, []).append(info)
     out: dict[str, torch.Tensor] = {}
-    for fname, infos in sorted(by_file.items()):
-        out.update(read_into(Path(path) / fname, infos, targets, names))
+    try:
+        for fname, infos in sorted(by_file.items()):
+            if any(i.dtype is None for i in infos):
+                out.update(load_file(str(Path(path) / fname)))
+                continue
+            f = files[fname]
+            for info in sorted(infos, key=lambda i: i.start):
+                t = targets.get(info.name)
+                if not _fits(t, info):
+                    t = torch.empty(info.shape, dtype=info.dtype)
+                view = _raw(t)
+                f.seek(info.start)
+                got = 0
+                while got < len(view):
+                    n = f.readinto(view[got:got + _CHUNK * 8])
+                    if not n:
+                        raise OSError(f"{fname} ended inside tensor {info.name!r} (truncated)")
+                    got += n
+                out[info.name] = t
+    except (OSError, SafetensorError) as exc:
+        raise IntegrityError(
+            f"{path}: reading the checkpoint failed part way ({exc}); tensors read before the failure "
+            "were already loaded: restore again before training on"
+        ) from exc
     return out
 
 

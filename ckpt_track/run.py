@@ -6,10 +6,10 @@ import atexit
 import logging
 import os
 import threading
-import uuid
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -21,13 +21,22 @@ from . import lineage as _lineage
 from .backends.base import Backend, ResumeMode, RunInfo, RunSpec, Stored
 from .backends.local import DEFAULT_ROOT
 from .config import Settings, load_settings
-from .errors import CheckpointWriteError, CkptTrackError, ConfigError, SerializationError
-from .format import LocalCheckpoint, load_into, read_state, tensor_index, verify, write_checkpoint
+from .errors import CheckpointWriteError, CkptTrackError, ConfigError, IntegrityError, SerializationError
+from .format import (
+    LocalCheckpoint,
+    load_into,
+    open_tensor_files,
+    read_manifest,
+    read_state,
+    tensor_index,
+    verify,
+    write_checkpoint,
+)
 from .policy import best_of, is_improvement, retention_plan, select
 from .refs import Ref
 from .resolve import Resolved, list_stored, open_backend, resolve
-from .state import Restored, apply, capture, check, live_tensors
 from .spool import DrainResult, Spool
+from .state import Restored, apply, capture, check, live_tensors
 from .writer import Writer, snapshot_tensors, wait_staged
 
 __all__ = ["CheckpointHandle", "Run", "init", "list_checkpoints", "log_checkpoint", "restore"]
@@ -216,7 +225,7 @@ class Run:
 
     def _commit(self, step: int, epoch: int | None, metrics: dict[str, float], tree: dict[str, Any],
                 tensors: dict[str, torch.Tensor], lineage: dict[str, Any], aliases: tuple[str, ...]) -> Stored | None:
-        name = f"{self._spool.prefix}step{step}-{uuid.uuid4().hex[:8]}"
+        name = self._spool.new_name(step)
         try:
             ckpt = write_checkpoint(self._spool.root, name, tensors, tree, step=step, epoch=epoch,
                                     metrics=metrics, lineage=lineage, shard_size=self.settings.shard_size,
@@ -443,13 +452,20 @@ def restore(
 def _restore_from(found: Resolved, **targets: Any) -> Restored:
     strict, rng = targets.pop("strict"), targets.pop("rng")
     ckpt = found.fetch()
-    manifest = verify(ckpt.path)  # nothing is loaded unless every file matches its hash
-    tree = read_state(ckpt.path)
-    index = tensor_index(ckpt.path, manifest)
-    shapes = {name: torch.empty(i.shape, dtype=i.dtype, device="meta") for name, i in index.items()}
-    check(tree, shapes, strict=strict, **targets)  # a mismatch is raised before anything changes
-    # read straight into the model's and optimizer's own tensors where they fit: no second copy
-    tensors = load_into(ckpt.path, manifest, index, live_tensors(**targets))
+    with ExitStack() as stack:
+        manifest = read_manifest(ckpt.path)
+        try:
+            files = open_tensor_files(ckpt.path, manifest, stack)
+        except OSError as exc:
+            verify(ckpt.path, manifest)  # names every missing or unreadable file
+            raise IntegrityError(f"{ckpt.path}: cannot open a tensor file ({exc})") from exc
+        manifest = verify(ckpt.path, manifest)  # nothing is loaded unless every file matches its hash
+        tree = read_state(ckpt.path)
+        index = tensor_index(files, ckpt.path)
+        shapes = {name: torch.empty(i.shape, dtype=i.dtype or torch.uint8, device="meta") for name, i in index.items()}
+        check(tree, shapes, strict=strict, **targets)  # a mismatch is raised before anything changes
+        # read straight into the model's and optimizer's own tensors where they fit: no second copy
+        tensors = load_into(ckpt.path, files, index, live_tensors(**targets))
     restored = apply(tree, tensors, rng=rng, strict=strict, **targets)
     return replace(restored, metrics=dict(manifest.metrics), ref=str(found.stored.ref))
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +35,7 @@ __all__ = ["Pending", "Spool", "DrainResult"]
 log = logging.getLogger("ckpt_track")
 _SIDECAR = ".pending.json"
 _KEPT = ".kept"
-_STALE_TMP_S = 600
+_STALE_TMP_S = 6 * 3600
 
 
 @dataclass
@@ -67,6 +69,9 @@ class Spool:
         self.root = root
         self.prefix = prefix
         self._backends = list(backends)
+        # exactly this run's names: another run's id may start with this one's
+        self._name_re = re.compile(re.escape(prefix) + r"step\d+-[0-9a-f]{8}")
+        self._tmp_re = re.compile(re.escape(TMP_PREFIX + prefix) + r"step\d+-[0-9a-f]{8}-[0-9a-f]{8}")
         self.kept: LocalCheckpoint | None = None
         self.items: list[Pending] = self._recover()
 
@@ -74,20 +79,23 @@ class Spool:
         if not self.root.is_dir():
             return []
         # half-written directories of a process killed mid-save were never visible (the rename
-        # publishes); remove the stale ones (a live writer of this run touches its own often)
-        for tmp in self.root.glob(f"{TMP_PREFIX}{self.prefix}*"):
-            try:
-                if time.time() - tmp.stat().st_mtime > _STALE_TMP_S:
+        # publishes); remove the stale ones: nothing in them written for hours
+        for tmp in self.root.iterdir():
+            if self._tmp_re.fullmatch(tmp.name) and tmp.is_dir():
+                try:
+                    newest = max([tmp.stat().st_mtime, *(f.stat().st_mtime for f in tmp.iterdir())])
+                except OSError:
+                    continue
+                if time.time() - newest > _STALE_TMP_S:
                     shutil.rmtree(tmp, ignore_errors=True)
-            except OSError:
-                pass
         found = []
         # committed directories without a pending sidecar: kept ones (a ``.kept`` marker) of a
         # process that ended without close(), the newest reused; and ones a process was killed
         # with between commit and sidecar, owed to every backend
         kept = []
-        for path in sorted(self.root.glob(f"{self.prefix}*")):
-            if not path.is_dir() or path.with_name(path.name + _SIDECAR).exists():
+        for path in sorted(self.root.iterdir()):
+            if not self._name_re.fullmatch(path.name) or not path.is_dir() \
+                    or path.with_name(path.name + _SIDECAR).exists():
                 continue
             try:
                 ckpt = LocalCheckpoint(path, read_manifest(path))
@@ -102,8 +110,10 @@ class Spool:
         for old in kept[:-1]:
             self._drop(old)
         self.kept = kept[-1] if kept else None
-        for sidecar in sorted(self.root.glob(f"{self.prefix}*{_SIDECAR}")):
+        for sidecar in sorted(self.root.glob(f"*{_SIDECAR}")):
             path = sidecar.with_name(sidecar.name[: -len(_SIDECAR)])
+            if not self._name_re.fullmatch(path.name):
+                continue  # another run's
             try:
                 meta = json.loads(sidecar.read_text())
                 item = Pending(LocalCheckpoint(path, read_manifest(path)), tuple(meta["aliases"]),
@@ -114,6 +124,10 @@ class Spool:
             if item.backends:
                 found.append(item)
         return sorted(found, key=lambda p: p.ckpt.manifest.created)
+
+    def new_name(self, step: int) -> str:
+        """A fresh directory name for a checkpoint of this run at ``step``."""
+        return f"{self.prefix}step{step}-{uuid.uuid4().hex[:8]}"
 
     def add(self, ckpt: LocalCheckpoint, aliases: Sequence[str], backends: Sequence[str]) -> Pending:
         item = Pending(ckpt, tuple(aliases), list(backends))
@@ -148,8 +162,8 @@ class Spool:
             if not item.backends:
                 self.items.remove(item)
                 if not item.failed:
+                    self._keep(item.ckpt)  # the marker first: a crash in between never re-uploads it
                     item.sidecar.unlink(missing_ok=True)
-                    self._keep(item.ckpt)
         return result
 
     def _keep(self, ckpt: LocalCheckpoint) -> None:
@@ -161,8 +175,15 @@ class Spool:
 
     @staticmethod
     def _drop(ckpt: LocalCheckpoint) -> None:
-        shutil.rmtree(ckpt.path, ignore_errors=True)
+        # renamed first, so a removal cut short leaves a stale tmp directory (cleaned up later)
+        # rather than a committed-looking one
+        trash = ckpt.path.with_name(f"{TMP_PREFIX}{ckpt.path.name}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(ckpt.path, trash)
+        except OSError:
+            trash = ckpt.path
         ckpt.path.with_name(ckpt.path.name + _KEPT).unlink(missing_ok=True)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def reusable(self) -> list[LocalCheckpoint]:
         """Committed checkpoints on disk whose files a new checkpoint may hard-link, newest first."""

@@ -204,9 +204,25 @@ def _names(names: list[str]) -> str:
 def _load_model(model: torch.nn.Module, saved: Mapping[str, Any], strict: bool) -> None:
     current = model.state_dict()
     _check_model(current, saved, strict)
-    # a tensor that was read straight into the model's own memory needs no copy
-    model.load_state_dict({k: v for k, v in saved.items() if k in current and not _same(v, current[k])},
-                          strict=False)
+    # a tensor that was read straight into the model's own memory needs no copy, unless its
+    # module has its own loading logic (a custom _load_from_state_dict or a pre-hook)
+    plain = _plain_keys(model)
+    model.load_state_dict({k: v for k, v in saved.items()
+                           if k in current and not (k in plain and _same(v, current[k]))}, strict=False)
+
+
+def _plain_keys(model: torch.nn.Module) -> set[str]:
+    """State-dict keys whose owning module loads them with nn.Module's default logic."""
+    keys: set[str] = set()
+    default = torch.nn.Module._load_from_state_dict
+    for prefix, module in model.named_modules():
+        if getattr(type(module)._load_from_state_dict, "__func__", type(module)._load_from_state_dict) is not default \
+                or module._load_state_dict_pre_hooks:
+            continue
+        head = f"{prefix}." if prefix else ""
+        keys.update(head + n for n, _ in module.named_parameters(recurse=False))
+        keys.update(head + n for n, _ in module.named_buffers(recurse=False))
+    return keys
 
 
 def _same(a: Any, b: Any) -> bool:

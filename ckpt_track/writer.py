@@ -10,6 +10,7 @@ also bounds memory).  A failed job is re-raised on the next call and at
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -88,10 +89,12 @@ WRITER_NICENESS = 10
 def _lower_priority() -> None:
     """Run the writer thread at a lower CPU priority than training (Linux: per thread), so on
     a machine with few cores hashing and serializing yield to the training loop's compute."""
+    if not sys.platform.startswith("linux"):
+        return  # elsewhere setpriority takes a process id, not a thread's
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
     except (AttributeError, OSError):
-        pass  # not Linux, or not permitted: run at normal priority
+        pass  # not permitted: run at normal priority
 
 
 class Writer:

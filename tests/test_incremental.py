@@ -195,3 +195,102 @@ def test_checkpoint_committed_without_its_sidecar_is_uploaded_by_the_next_proces
     with ct.init(project="inc", name="f", monitor=None) as again:
         again.wait()
     assert [s.step for s in ct.list_checkpoints(run.ref)] == [1, 2]
+
+
+def test_restore_reads_model_tensors_into_their_own_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ckpt_track.format as fmt
+    import ckpt_track.run as run_mod
+
+    model = _model()
+    with ct.init(project="inc", name="g", monitor=None) as run:
+        run.log_checkpoint(1, model=model)
+    target = _model(seed=3)
+    live = {f"model/{k}": v.data_ptr() for k, v in target.state_dict().items()}
+    seen: dict[str, int] = {}
+    real = fmt.load_into
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real(*args, **kwargs)
+        seen.update({k: v.data_ptr() for k, v in out.items()})
+        return out
+
+    monkeypatch.setattr(run_mod, "load_into", spy)
+    ct.restore(run.ref, model=target)
+    assert {k: v for k, v in seen.items() if k.startswith("model/")} == live  # read into its own parameter
+
+
+class _Odd(torch.nn.Module):
+    """Tensors a reader can get wrong: empty (twice, equal), 0-d, bool, bf16, int64, a tied pair."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("e1", torch.zeros(0))
+        self.register_buffer("e2", torch.zeros(0))
+        self.register_buffer("scalar", torch.tensor(float(seed)))
+        self.register_buffer("mask", torch.rand(7, generator=g) > 0.5)
+        self.register_buffer("bf16", torch.randn(3, 5, generator=g).to(torch.bfloat16))
+        self.register_buffer("ids", torch.randint(0, 1000, (11,), generator=g))
+        self.lin = torch.nn.Linear(4, 4)
+        self.tied = self.lin.weight
+
+
+@pytest.mark.parametrize("incremental", [True, False])
+def test_restore_of_empty_scalar_bool_bf16_and_tied_tensors(incremental: bool) -> None:
+    src = _Odd(1)
+    with ct.init(project="inc", name=f"odd-{incremental}", monitor=None,
+                 settings={"incremental": incremental}) as run:
+        run.log_checkpoint(1, model=src)
+    dst = _Odd(2)
+    ct.restore(run.ref, model=dst)
+    for (k, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), k
+
+
+def test_a_read_that_fails_part_way_is_an_integrity_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ckpt_track.run as run_mod
+    from ckpt_track.errors import IntegrityError
+
+    with ct.init(project="inc", name="h", monitor=None) as run:
+        run.log_checkpoint(1, model=_model())
+    real = run_mod.tensor_index
+
+    def truncate_after_verify(files, where):  # type: ignore[no-untyped-def]
+        index = real(files, where)
+        last = Path(where) / sorted(files)[-1]
+        os.truncate(last, last.stat().st_size // 2)  # the disk loses the file's tail after verify
+        return index
+
+    monkeypatch.setattr(run_mod, "tensor_index", truncate_after_verify)
+    with pytest.raises(IntegrityError, match="failed part way.*restore again"):
+        ct.restore(run.ref, model=_model(seed=1))
+
+
+def test_spool_never_takes_another_runs_checkpoints() -> None:
+    with ct.init(project="inc", run_id="base", monitor=None) as base:
+        base.log_checkpoint(1, model=_model())
+    with ct.init(project="inc", run_id="base-2", monitor=None) as other:
+        other.log_checkpoint(1, model=_model())
+    # base-2 was killed between committing step 8 to the spool and writing its sidecar
+    c = capture(step=8, model=_model(seed=8))
+    write_checkpoint(Path("ckpt_runs") / ".spool", "inc-base-2-step8-0123abcd", snapshot_tensors(c.tensors, copy=True),
+                     c.tree, step=8, blobs=True)
+    with ct.init(project="inc", run_id="base", monitor=None) as again:
+        again.wait()
+    assert [s.step for s in ct.list_checkpoints(base.ref)] == [1]  # not base-2's step 8
+    with ct.init(project="inc", run_id="base-2", monitor=None) as again:
+        again.wait()
+    assert [s.step for s in ct.list_checkpoints(other.ref)] == [1, 8]
+
+
+def test_modules_with_their_own_load_logic_still_see_their_keys() -> None:
+    model = _model()
+    with ct.init(project="inc", name="hooks", monitor=None) as run:
+        run.log_checkpoint(1, model=model)
+    target = _model(seed=4)
+    seen: list[str] = []
+    target[1]._register_load_state_dict_pre_hook(
+        lambda state_dict, prefix, *args: seen.extend(k for k in state_dict if k.startswith(prefix)))
+    ct.restore(run.ref, model=target)
+    assert sorted(seen) == ["1.bias", "1.weight"]  # passed to load_state_dict, not only read in place
+    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), model.state_dict().values()))

@@ -56,3 +56,34 @@ def test_two_processes_write_one_run_without_clobbering(tmp_path: Path) -> None:
     assert sorted(s.step for s in listed) == sorted([100 + i for i in range(6)] + [200 + i for i in range(6)])
     aliases = {a: s.step for s in listed for a in s.aliases}
     assert aliases["w1"] == 105 and aliases["w2"] == 205
+
+
+def test_a_held_file_with_the_same_name_but_other_bytes_is_not_linked(tmp_path: Path) -> None:
+    """Names are digests of the tensors, not of the file bytes (another safetensors version may
+    write other header bytes): the store links a held file only when size and hash match too."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ckpt_track.backends.base import RunSpec
+    from ckpt_track.format import MANIFEST, FileEntry, LocalCheckpoint, hash_file, is_blob, verify
+    from ckpt_track.testing.contract import blob_state, make_blob_checkpoint
+
+    be = LocalBackend({"root": str(tmp_path / "store")})
+    run = be.open_run(RunSpec(project="p", name="r"))
+    a = make_blob_checkpoint(tmp_path / "spool", 1, blob_state(0))
+    be.put(run, a)
+    b_path = tmp_path / "spool" / "b"
+    shutil.copytree(a.path, b_path)
+    fname = sorted(f for f in a.manifest.files if is_blob(f))[0]
+    save_file(load_file(str(b_path / fname)), str(b_path / fname), metadata={"format": "pt", "writer": "other"})
+    raw = json.loads((b_path / MANIFEST).read_text())
+    raw["files"][fname] = {"size": (b_path / fname).stat().st_size, "hash": hash_file(b_path / fname)}
+    raw["step"] = 2
+    (b_path / MANIFEST).write_text(json.dumps(raw))
+    b = LocalCheckpoint(b_path, verify(b_path))
+    assert b.manifest.files[fname] != a.manifest.files[fname] and isinstance(b.manifest.files[fname], FileEntry)
+    stored = be.put(run, b)
+    verify(Path(stored.native["path"]))  # its own bytes, not the held file of the same name
+    assert stored.uploaded is not None and stored.uploaded >= b.manifest.files[fname].size

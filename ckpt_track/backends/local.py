@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 from filelock import FileLock, Timeout
 
 from ..errors import BackendUnavailable, CheckpointNotFound, ConfigError, IntegrityError, InvalidRef
-from ..format import LocalCheckpoint, Manifest, copy_checkpoint, is_blob, read_manifest
+from ..format import FileEntry, LocalCheckpoint, Manifest, copy_checkpoint, is_blob, read_manifest
 from ..refs import Ref
 from .base import RunInfo, RunSpec, Stored
 
@@ -206,10 +206,17 @@ class LocalBackend:
         # content-addressed tensor files the store already holds are hard-linked from there:
         # the bytes are stored once, and deleting a version keeps every other version's links
         held = self._held_blobs(cdir)
-        sources = {f: held[f] for f in ckpt.manifest.files if is_blob(f) and f in held}
+        sources = {f: held[f][0] for f, e in ckpt.manifest.files.items() if is_blob(f) and f in held and held[f][1] == e}
         uploaded = sum(e.size for f, e in ckpt.manifest.files.items() if f not in sources)
         # copy (hard-link when possible) outside the lock; only numbering happens under it
-        incoming = copy_checkpoint(ckpt, cdir / ".incoming", uuid.uuid4().hex, sources=sources)
+        try:
+            incoming = copy_checkpoint(ckpt, cdir / ".incoming", uuid.uuid4().hex, sources=sources)
+        except FileNotFoundError:
+            if not sources:
+                raise
+            # another writer deleted the version holding a file meanwhile: take every file from ckpt
+            uploaded = sum(e.size for e in ckpt.manifest.files.values())
+            incoming = copy_checkpoint(ckpt, cdir / ".incoming", uuid.uuid4().hex)
         with self._lock(run_dir):
             # the high-water mark keeps a deleted newest version's number from being reused
             last = self._read_run_json(run_dir).get("last_version", 0)
@@ -222,9 +229,9 @@ class LocalBackend:
             _atomic_json(run_dir / "aliases.json", table)
         return replace(self._stored(run, version, ckpt.manifest, table), uploaded=uploaded)
 
-    def _held_blobs(self, cdir: Path, newest: int = 2) -> dict[str, Path]:
+    def _held_blobs(self, cdir: Path, newest: int = 2) -> dict[str, tuple[Path, FileEntry]]:
         """Content-addressed files of the newest stored versions (what a new version may link)."""
-        held: dict[str, Path] = {}
+        held: dict[str, tuple[Path, FileEntry]] = {}
         for version in sorted(self._versions(cdir))[-newest:]:
             vdir = cdir / f"v{version:06d}"
             try:
@@ -234,7 +241,7 @@ class LocalBackend:
             for fname, entry in manifest.files.items():
                 path = vdir / fname
                 if is_blob(fname) and path.is_file() and path.stat().st_size == entry.size:
-                    held[fname] = path
+                    held[fname] = (path, entry)
         return held
 
     @staticmethod
