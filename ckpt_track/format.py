@@ -272,10 +272,12 @@ def content_digest(tensors: Mapping[str, torch.Tensor], names: Iterable[str]) ->
     return h.hexdigest()
 
 
-def link_cached(dest: Path, manifest: Manifest, names: Iterable[str], siblings: Iterable[Path]) -> list[str]:
-    """Hard-link (or copy) into ``dest`` each named content-addressed file that a committed
-    sibling checkpoint directory (an earlier download of the same run) holds with the size and
-    hash ``manifest`` records; returns the names still to download."""
+def link_cached(dest: Path, manifest: Manifest, names: Iterable[str], entry: Path) -> list[str]:
+    """Hard-link (or copy) into ``dest`` each named content-addressed file that another version
+    of the same run in the download cache (a ``v*`` sibling of the cache ``entry`` being filled)
+    holds with the size and hash ``manifest`` records; returns the names still to download."""
+    entry = Path(entry)
+    siblings = [d for d in entry.parent.glob("v*") if d.is_dir() and d != entry] if entry.parent.is_dir() else []
     held: dict[str, Path] = {}
     for sib in siblings:
         try:

@@ -593,8 +593,7 @@ class ClearmlBackend:
             manifest = read_manifest(tmp)
             wanted = [f for f in manifest.files if is_blob(f) and not (tmp / f).exists()]
             # files an earlier download of this run already holds are linked, not fetched again
-            siblings = [d for d in dest.parent.glob("v*") if d.is_dir()] if dest.parent.is_dir() else []
-            wanted = link_cached(tmp, manifest, wanted, siblings)
+            wanted = link_cached(tmp, manifest, wanted, dest)
             if wanted:
                 self._fetch_blobs(stored, wanted, tmp)
         return LocalCheckpoint(dest, read_manifest(dest))

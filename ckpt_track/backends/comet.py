@@ -654,8 +654,7 @@ class CometBackend:
                     self._download_asset(exp, ids[fname], tmp / fname)
                 wanted = sorted(f for f in ids if is_blob(f))
                 if wanted and (tmp / MANIFEST).is_file():
-                    siblings = [d for d in dest.parent.glob("v*") if d.is_dir()] if dest.parent.is_dir() else []
-                    wanted = link_cached(tmp, read_manifest(tmp), wanted, siblings)
+                    wanted = link_cached(tmp, read_manifest(tmp), wanted, dest)
                 for fname in wanted:
                     self._download_asset(exp, ids[fname], tmp / fname)
             if dest.exists():

@@ -386,8 +386,7 @@ class MlflowBackend:
             manifest = read_manifest(tmp)
             wanted = [f for f in manifest.files if is_blob(f) and not (tmp / f).is_file()]
             # files an earlier download of this run already holds are linked, not downloaded again
-            siblings = [d for d in dest.parent.glob("v*") if d.is_dir()] if dest.parent.is_dir() else []
-            wanted = link_cached(tmp, manifest, wanted, siblings)
+            wanted = link_cached(tmp, manifest, wanted, dest)
             if wanted:
                 self._download_blobs(stored, wanted, tmp)
         shutil.rmtree(dest, ignore_errors=True)
