@@ -197,6 +197,30 @@ def _as_size(value: Any, from_env: bool) -> int:
     return value
 
 
+def _as_seconds(value: Any, from_env: bool) -> float:
+    expected = "a number of seconds > 0, e.g. 10 or 2.5"
+    if from_env and isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise _Invalid(expected) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise _Invalid(expected)
+    return float(value)
+
+
+def _as_count(value: Any, from_env: bool) -> int:
+    expected = "an integer >= 0"
+    if from_env and isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise _Invalid(expected) from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _Invalid(expected)
+    return value
+
+
 _TOP_FIELDS: dict[str, _Coercer] = {
     "backend": _as_backend,
     "project": _as_str,
@@ -206,6 +230,8 @@ _TOP_FIELDS: dict[str, _Coercer] = {
     "blocking": _as_bool,
     "max_in_flight": _as_pos_int,
     "incremental": _as_bool,
+    "timeout": _as_seconds,
+    "retries": _as_count,
 }
 _RETENTION_FIELDS: dict[str, _Coercer] = {
     "keep_last": _as_opt_pos_int,
@@ -286,6 +312,10 @@ class Settings:
     max_in_flight: int = 1
     # content-addressed tensor files: unchanged tensors are neither written nor uploaded again
     incremental: bool = True
+    # every tracker request: connect/read timeout in seconds, and how often the SDK itself retries
+    # (ckpt_track retries uploads on its own schedule, off the training loop, on top of that)
+    timeout: float = 10.0
+    retries: int = 2
     retention: Retention = field(default_factory=Retention)
     # mappings are unhashable, so they stay out of __hash__ (but count for ==)
     backends: Mapping[str, Mapping[str, Any]] = field(default_factory=_empty_proxy, hash=False)

@@ -16,12 +16,20 @@ from types import TracebackType
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from . import lineage as _lineage
 from .backends.base import Backend, ResumeMode, RunInfo, RunSpec, Stored
 from .backends.local import DEFAULT_ROOT
 from .config import Settings, load_settings
-from .errors import CheckpointWriteError, CkptTrackError, ConfigError, IntegrityError, SerializationError
+from .errors import (
+    BackendUnavailable,
+    CheckpointWriteError,
+    CkptTrackError,
+    ConfigError,
+    IntegrityError,
+    SerializationError,
+)
 from .format import (
     LocalCheckpoint,
     load_into,
@@ -35,7 +43,8 @@ from .format import (
 from .policy import best_of, is_improvement, retention_plan, select
 from .refs import Ref
 from .resolve import Resolved, list_stored, open_backend, resolve
-from .spool import DrainResult, Spool
+from .spool import DrainResult, Pending, Spool
+from .uploader import Uploader
 from .state import Restored, apply, capture, check, live_tensors
 from .writer import Writer, snapshot_tensors, wait_staged
 
@@ -54,19 +63,28 @@ class CheckpointHandle:
     :class:`Stored` version once written, or raises :class:`CheckpointWriteError`.
     """
 
-    def __init__(self, step: int, ref: Ref, future: Future[Stored | None]) -> None:
+    def __init__(self, step: int, ref: Ref, future: Future[Pending], writer: Writer | None = None) -> None:
         self.step = step
         self.ref = ref
-        self._future = future
+        self._future = future  # the commit to the spool; then Pending.first is the first upload
+        self._writer = writer
 
     def done(self) -> bool:
-        return self._future.done()
+        return self._future.done() and (self._future.exception() is not None or self._future.result().first.done())
 
     def wait(self, timeout: float | None = None) -> Stored | None:
-        """The stored version, or None when the upload was deferred (tracker unreachable;
-        the checkpoint waits on disk and is uploaded later)."""
+        """The stored version once the first tracker has it, or None when the upload was
+        deferred (tracker unreachable: the checkpoint waits on disk and is uploaded later).
+        Raises :class:`CheckpointWriteError` when it could not be written, or a tracker refused it
+        (it is kept on disk then, and the next process of the run retries it)."""
         try:
-            return self._future.result(timeout)
+            try:
+                item = self._future.result(timeout)
+            except BaseException as exc:
+                if self._writer is not None:
+                    self._writer.acknowledge(exc)  # seen here: not raised again by the next call
+                raise
+            return item.first.result(timeout)
         except CheckpointWriteError:
             raise
         except CkptTrackError as exc:
@@ -99,15 +117,28 @@ def _metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
 class Run:
     """A training run recording checkpoints to one or more backends.  Create with :func:`init`."""
 
-    def __init__(self, settings: Settings, spec: RunSpec, targets: Sequence[tuple[Backend, RunInfo]]) -> None:
+    def __init__(self, settings: Settings, spec: RunSpec, targets: Sequence[tuple[Backend, RunInfo]],
+                 deferred: Mapping[str, BaseException] | None = None) -> None:
         self.settings = settings
         self.spec = spec
         self._targets = list(targets)
+        # backends whose tracker was unreachable at init: their RunInfo is provisional until
+        # the upload thread reaches them and opens the run
+        self._deferred: dict[str, BaseException] = dict(deferred or {})
+        self._swept: set[str] = set()
         self._writer = Writer(settings.max_in_flight)
         spool_root = Path(settings.backend_options("local").get("root") or DEFAULT_ROOT).expanduser().absolute()
-        self._spool = Spool(spool_root / ".spool", f"{self.project}-{self.id}-", [b.name for b, _ in self._targets])
-        if self._spool.items:  # a previous process left uploads owed to this run: send them first
-            self._writer.submit(self._drain)
+        ids = {self.id, *(info.run_id for _, info in self._targets)}
+        self._spool = Spool(
+            spool_root / ".spool", f"{self.project}-{self.id}-", [b.name for b, _ in self._targets],
+            adopt=lambda meta: meta.get("project") == self.project and (
+                meta.get("real_id") in ids or (spec.name is not None and meta.get("name") == spec.name)),
+        )
+        if self._deferred:
+            self._spool.record_deferred({"project": self.project, "name": spec.name, "real_id": None})
+        self._uploader = Uploader(self._drain)
+        if self._spool.items or self._deferred or self._spool.owner:
+            self._uploader.kick()  # uploads a previous process owed this run go first; clean up what it left
         self._finished = False
         self._parent: str | None = None  # the checkpoint the next one continues from
         self._resumed_from: str | None = None
@@ -119,7 +150,10 @@ class Run:
             "git": _lineage.git_info(),
             **env,
         }
-        existing = self._primary_backend.list(self.info) if self.info.resumed else []
+        try:
+            existing = self._primary_backend.list(self.info) if self.info.resumed else []
+        except BackendUnavailable:
+            existing = []
         if existing:
             self._parent = str(select(existing, self.ref).ref)
         weak = weakref.ref(self)
@@ -205,63 +239,135 @@ class Run:
                 self._parent = str(ref)
             return lineage
 
-        if blocking:
+        if blocking:  # written, and stored by the first tracker (or deferred), before this returns
             self._writer.flush()  # keep order: earlier background saves land first
             tensors = snapshot_tensors(captured.tensors, copy=False)
-            done: Future[Stored | None] = Future()
+            done: Future[Pending] = Future()
             done.set_result(self._commit(step, epoch, metric_values, captured.tree, tensors, lineage_now(),
                                          user_aliases))
-            return CheckpointHandle(step, ref, done)
+            handle = CheckpointHandle(step, ref, done)
+            handle.wait()
+            return handle
 
         def stage(buffers: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             return snapshot_tensors(captured.tensors, copy=True, buffers=buffers), lineage_now()
 
-        def job(staged: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> Stored | None:
+        def job(staged: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> Pending:
             tensors, lineage = staged
             wait_staged(tensors)
             return self._commit(step, epoch, metric_values, captured.tree, tensors, lineage, user_aliases)
 
-        return CheckpointHandle(step, ref, self._writer.submit_staged(stage, job))
+        return CheckpointHandle(step, ref, self._writer.submit_staged(stage, job), self._writer)
 
     def _commit(self, step: int, epoch: int | None, metrics: dict[str, float], tree: dict[str, Any],
-                tensors: dict[str, torch.Tensor], lineage: dict[str, Any], aliases: tuple[str, ...]) -> Stored | None:
+                tensors: dict[str, torch.Tensor], lineage: dict[str, Any], aliases: tuple[str, ...]) -> Pending:
+        """Commit a checkpoint to the spool (that is the save) and queue its uploads."""
         name = self._spool.new_name(step)
         try:
             ckpt = write_checkpoint(self._spool.root, name, tensors, tree, step=step, epoch=epoch,
                                     metrics=metrics, lineage=lineage, shard_size=self.settings.shard_size,
                                     blobs=self.settings.incremental, reuse=self._spool.reusable())
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:  # the serializer has its own error type, e.g. on a full disk
             raise CheckpointWriteError(
-                f"could not write checkpoint at step {step} to {self._spool.root}: {exc}; "
-                "free disk space or set [local] root to a larger disk"
+                f"could not write checkpoint at step {step} to {self._spool.root} ({_free(self._spool.root)}): "
+                f"{exc}; earlier checkpoints are intact. Free disk space or set [local] root to a larger disk"
             ) from exc
-        item = self._spool.add(ckpt, aliases, [b.name for b, _ in self._targets])
-        return self._drain().stored.get(id(item))
+        try:
+            item = self._spool.add(ckpt, aliases, [b.name for b, _ in self._targets])
+        except OSError as exc:
+            # committed, but its sidecar could not be written: upload it from memory; a crash
+            # before then leaves a committed directory the next process queues for every backend
+            log.warning("ckpt_track: could not write the upload record of %s (%s); uploading it anyway",
+                        ckpt.path, exc)
+            item = self._spool.add_unrecorded(ckpt, aliases, [b.name for b, _ in self._targets])
+        self._uploader.kick()
+        return item
+
+    def _open_deferred(self) -> None:
+        """Open the tracker runs that were unreachable at init (upload thread)."""
+        for i, (backend, info) in enumerate(self._targets):
+            if backend.name not in self._deferred:
+                continue
+            try:
+                real = backend.open_run(self.spec)
+            except BackendUnavailable as exc:
+                self._deferred[backend.name] = exc
+                continue
+            except CkptTrackError as exc:
+                log.error("ckpt_track: could not open the run in %s: %s", backend.name, exc)
+                continue
+            with self._lock:
+                self._targets[i] = (backend, real)
+                del self._deferred[backend.name]
+            log.warning("ckpt_track: %s is reachable again; run %s is now %s", backend.name, info.run_id, real.ref)
+            if i == 0:
+                self._spool.record_deferred({"project": self.project, "name": self.spec.name, "real_id": real.run_id})
+
+    def _sweep(self) -> None:
+        """Once per backend: remove what a killed process left half-created in the tracker."""
+        for backend, info in self._targets:
+            hook = getattr(backend, "sweep", None)
+            if backend.name in self._swept or backend.name in self._deferred or hook is None or not info.resumed:
+                continue
+            try:
+                hook(info)
+            except BackendUnavailable:
+                continue
+            except CkptTrackError as exc:
+                log.warning("ckpt_track: could not clean up leftovers in %s: %s", backend.name, exc)
+            self._swept.add(backend.name)
 
     def _drain(self) -> DrainResult:
-        """Store every spooled checkpoint in every backend that is owed it (writer thread only)."""
+        """Store every spooled checkpoint in every backend that is owed it (upload thread only)."""
+        if self._deferred:
+            self._open_deferred()
+        self._sweep()
         targets = {b.name: (b, info) for b, info in self._targets}
-        result = self._spool.drain(lambda name, ckpt, aliases: self._put(*targets[name], ckpt, aliases))
+        result = self._spool.drain(lambda name, ckpt, aliases: self._put(*targets[name], ckpt, aliases),
+                                   down=set(self._deferred))
+        for name, exc in self._deferred.items():
+            result.deferred.append(f"{name}: {exc}")
         if result.deferred:
             log.warning("ckpt_track: %s; the checkpoint is kept on disk and will be uploaded when the tracker "
-                        "is back (before the next checkpoint and at finish())", "; ".join(result.deferred))
-        if result.failures:
-            raise CheckpointWriteError(
-                "checkpoint not stored: " + "; ".join(msg for msg, _ in result.failures)
-            ) from result.failures[0][1]
+                        "is back (retried in the background and at finish())", "; ".join(result.deferred))
+        for msg, exc in result.failures:
+            log.error("ckpt_track: checkpoint not stored: %s", msg)
         return result
 
     def _put(self, backend: Backend, info: RunInfo, ckpt: LocalCheckpoint, user_aliases: tuple[str, ...]) -> Stored:
-        """Store one checkpoint in one backend, deciding its aliases; then apply retention."""
+        """Store one checkpoint in one backend, deciding its aliases; then apply retention.
+
+        Idempotent: a checkpoint the tracker already holds (same step and creation time: an
+        earlier attempt whose answer was lost, or a process killed before it noted the upload)
+        is recognised and completed, not stored twice.  ``latest`` goes to the highest step,
+        whatever order uploads happen in."""
         monitor, mode = self.settings.monitor, self.settings.mode
-        aliases = ["latest", f"step-{ckpt.step}", *user_aliases]
         before = backend.list(info)
+        done = _already_stored(before, ckpt)
+        others = [s for s in before if s is not done]
+        aliases = [f"step-{ckpt.step}", *user_aliases]
+        if all(s.step <= ckpt.step for s in others):
+            aliases.insert(0, "latest")
         new_value = ckpt.manifest.metrics.get(monitor) if monitor else None
         if new_value is not None:
-            current = best_of(before, monitor, mode)
+            current = best_of(others, monitor, mode)
             if is_improvement(new_value, current.metrics.get(monitor) if current else None, mode):  # type: ignore[arg-type]
                 aliases.append("best")
-        stored = backend.put(info, ckpt, aliases)
+        if done is not None:
+            stored = done
+            backend.set_aliases(done, [a for a in aliases if a not in done.aliases])
+        else:
+            try:
+                stored = backend.put(info, ckpt, aliases)
+            except BackendUnavailable:
+                raise
+            except CkptTrackError:
+                # the tracker may have done the work and lost its answer: look before failing
+                done = _already_stored(backend.list(info), ckpt)
+                if done is None:
+                    raise
+                backend.set_aliases(done, aliases)
+                stored = done
         if self.settings.retention.enabled():  # listing a remote run is not free: only when needed
             for old in retention_plan(backend.list(info), self.settings.retention, monitor, mode):
                 backend.delete(old)
@@ -284,16 +390,43 @@ class Run:
         Returns the step to continue from (the checkpoint's step + 1), or 0 when
         there is nothing to resume.  Later checkpoints record it as ``resumed_from``.
         """
-        self._writer.flush()  # uploads a crashed process still owed this run land first
+        self._writer.flush()
         if ref is None:
-            stored = self._primary_backend.list(self.info)
-            if not stored:
+            # the newest of what the tracker holds and what waits in the spool (committed on
+            # this disk, not uploaded yet: the tracker may be down, or a killed process owed it)
+            spooled = max((p.ckpt for p in self._spool.items), key=lambda c: (c.step, c.manifest.created),
+                          default=None)
+            try:
+                stored = [] if self._targets[0][0].name in self._deferred else self._primary_backend.list(self.info)
+            except BackendUnavailable:
+                if spooled is None:
+                    raise
+                stored = []
+            newest = select(stored, self.ref) if stored else None
+            if spooled is not None and (newest is None or spooled.step > newest.step):
+                return self._resume_spooled(spooled, model=model, optimizer=optimizer, scheduler=scheduler,
+                                            scaler=scaler, strict=strict, rng=rng)
+            if newest is None:
                 return 0
-            ref = select(stored, self.ref).ref
+            ref = newest.ref
         found = resolve(ref, self.settings)
         restored = _restore_from(found, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                  strict=strict, rng=rng)
         self._record_resume(found)
+        return restored.step + 1
+
+    def _resume_spooled(self, ckpt: LocalCheckpoint, **targets: Any) -> int:
+        from .backends.local import LocalBackend
+
+        run = RunInfo("local", self.project, self.id, self.name, self.ref)
+        stored = Stored(ref=self.ref.select(step=ckpt.step), run=run, version=0, step=ckpt.step,
+                        metrics=dict(ckpt.manifest.metrics), created=ckpt.manifest.created,
+                        native={"path": str(ckpt.path)})
+        restored = _restore_from(Resolved(LocalBackend({"root": str(self._spool.root)}), run, stored), **targets)
+        log.info("ckpt_track: resumed from step %d, spooled at %s (not uploaded yet)", ckpt.step, ckpt.path)
+        with self._lock:
+            self._resumed_from = str(stored.ref)
+            self._parent = str(stored.ref)
         return restored.step + 1
 
     def mark_resumed(self, ref: str | Ref) -> Stored:
@@ -320,8 +453,11 @@ class Run:
 
     # -- finishing ------------------------------------------------------------------------
     def wait(self) -> None:
-        """Wait for every pending save; raise the first background error."""
+        """Wait for every pending save and one upload pass (a tracker that is down is not waited
+        for: its uploads stay queued); raise the first background write error."""
         self._writer.flush()
+        if not self._finished:
+            self._uploader.wait(self._uploader.kick())
 
     def finish(self) -> None:
         """Wait for pending saves (never drops one), then close the run."""
@@ -333,18 +469,33 @@ class Run:
         if _active is self:
             _active = None
         try:
-            self._writer.close()
-            if self._spool.items:  # a last try for uploads deferred while a tracker was down
-                self._drain()
-            if self._spool.items:
+            try:
+                self._writer.close()
+            finally:
+                # one last pass for everything owed (a tracker down meanwhile may be back, and one
+                # that refused a checkpoint gets one more try)
+                self._uploader.wait(self._uploader.kick())
+                if any(p.failed for p in self._spool.items):
+                    self._spool.retry_refused()
+                    self._uploader.wait(self._uploader.kick())
+                self._uploader.stop()
+                pending = list(self._spool.items)
+                self._spool.close()
+            if pending:
+                refused = [p for p in pending if p.failed]
+                why = "; ".join(f"step {p.ckpt.step} refused by {r}" for p in refused for r in p.reasons)
+                if len(refused) < len(pending):
+                    why = "; ".join(filter(None, [why, "a tracker is unreachable"]))
                 raise CheckpointWriteError(
-                    f"{len(self._spool.items)} checkpoint(s) could not be uploaded because a tracker is "
-                    f"unreachable: {self._spool.describe()}. They are safe on disk; the next ct.init() of this "
-                    "run uploads them"
+                    f"{len(pending)} checkpoint(s) could not be uploaded ({why}): "
+                    + ", ".join(f"step {p.ckpt.step} for {'/'.join(p.backends + p.failed)} at {p.ckpt.path}"
+                                for p in pending)
+                    + ". They are safe on disk; the next ct.init() of this run uploads them"
                 )
-            self._spool.close()
         finally:
             for backend, info in self._targets:
+                if backend.name in self._deferred:
+                    continue
                 try:
                     backend.finish_run(info)
                 except CkptTrackError as exc:
@@ -409,14 +560,49 @@ def init(
         resume=resume,
     )
     targets = []
+    deferred: dict[str, BaseException] = {}
     for bname in resolved.backend:
         be = open_backend(bname, resolved)
-        targets.append((be, be.open_run(spec)))
-    run = Run(resolved, spec, targets)
+        try:
+            info = be.open_run(spec)
+        except BackendUnavailable as exc:
+            if resume == "must":
+                raise
+            # never block training on the tracker: start now, open the run when it is reachable
+            info = _provisional(be.name, spec)
+            deferred[be.name] = exc
+            log.warning("ckpt_track: %s is unreachable (%s); training starts now with provisional run %s, "
+                        "checkpoints are kept on disk and uploaded when it is back", bname,
+                        str(exc).splitlines()[0][:300], info.run_id)
+        targets.append((be, info))
+    run = Run(resolved, spec, targets, deferred)
     if _active is not None and not _active._finished:
         log.warning("ckpt_track: a new run replaces the active run %s (call finish() on it)", _active.ref)
     _active = run
     return run
+
+
+def _provisional(backend: str, spec: RunSpec) -> RunInfo:
+    import uuid
+
+    run_id = spec.run_id or f"deferred-{uuid.uuid4().hex[:12]}"
+    return RunInfo(backend=backend, project=spec.project, run_id=run_id, name=spec.name or run_id,
+                   ref=Ref(backend, run_id), resumed=False, native={"deferred": True})
+
+
+def _already_stored(stored: Sequence[Stored], ckpt: LocalCheckpoint) -> Stored | None:
+    """The version that is this very checkpoint (same step and creation time), if any."""
+    m = ckpt.manifest
+    return next((s for s in stored if s.step == m.step and m.created and s.created == m.created), None)
+
+
+def _free(path: Path) -> str:
+    import shutil
+
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB free"
+    except OSError:
+        return "free space unknown"
 
 
 def log_checkpoint(step: int, **kwargs: Any) -> CheckpointHandle:

@@ -1,16 +1,24 @@
 """Checkpoints waiting for their trackers.
 
-Every checkpoint is first committed to a spool directory on local disk; it is
-removed only once every configured backend has stored it.  A backend that is
-unreachable (:class:`BackendUnavailable`) does not fail the training loop: its
-uploads stay queued here, in order, and are retried before the next checkpoint,
-at ``finish()``, and by the next run that attaches to the same run id.  A
-sidecar ``<dir>.pending.json`` lists the backends still owed each checkpoint,
-so the queue survives a crash.
+Every checkpoint is first committed to a spool directory on local disk: that is the save.
+It is removed only once every configured backend has stored it.  Uploads drain behind
+the training loop (:mod:`ckpt_track.uploader`), oldest step first; a backend that is
+unreachable (:class:`BackendUnavailable`) keeps its uploads queued here, in order, and a
+backend that refuses one (any other error) keeps it too: it is reported and retried by the
+next process of the run.  A sidecar ``<dir>.pending.json`` lists the backends still owed
+each checkpoint, so the queue survives a crash.
 
-The newest checkpoint stored everywhere is kept (``kept``) until a newer one
-replaces it: incremental saves hard-link its unchanged tensor files instead of
-writing them again.  ``close()`` removes it.
+The newest checkpoint stored everywhere is kept (``kept``) until a newer one replaces it:
+incremental saves hard-link its unchanged tensor files instead of writing them again.
+``close()`` removes it.
+
+One process at a time owns a run's spool (a file lock, released by the kernel when the
+process dies).  The owner cleans up what a dead process left: half-written directories,
+half-removed ones, stale markers.  After a clean ``close()`` nothing of the run remains.
+
+A run whose tracker could not be reached at ``init`` has a provisional id; a small
+``deferred-*.json`` record maps it to the run's name, so that a later process of the same
+run (by name or real id) adopts its spooled checkpoints.
 """
 
 from __future__ import annotations
@@ -20,14 +28,17 @@ import logging
 import os
 import re
 import shutil
-import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
 
 from .backends.base import Stored
-from .errors import BackendUnavailable, CheckpointNotFound, IntegrityError
+from .errors import BackendUnavailable, CheckpointNotFound, CheckpointWriteError, IntegrityError
 from .format import TMP_PREFIX, LocalCheckpoint, read_manifest
 
 __all__ = ["Pending", "Spool", "DrainResult"]
@@ -35,112 +46,215 @@ __all__ = ["Pending", "Spool", "DrainResult"]
 log = logging.getLogger("ckpt_track")
 _SIDECAR = ".pending.json"
 _KEPT = ".kept"
-_STALE_TMP_S = 6 * 3600
+_DEFERRED = "deferred-"
+_SIDECAR_TMP = re.compile(r"(.+)\.pending\.json\.[0-9a-f]{8}\.tmp")
 
 
-@dataclass
+def _atomic_write(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@dataclass(eq=False)
 class Pending:
     ckpt: LocalCheckpoint
     aliases: tuple[str, ...]
     backends: list[str]  # still owed this checkpoint, in configuration order
-    failed: list[str] = field(default_factory=list)  # gave a permanent error: kept, not retried
+    failed: list[str] = field(default_factory=list)  # refused it in this process: retried by the next one
+    # resolved after the first upload attempt: the first Stored, None when deferred
+    first: Future[Stored | None] = field(default_factory=Future, repr=False)
+    reasons: list[str] = field(default_factory=list, repr=False)  # why a backend refused it, this process
 
     @property
     def sidecar(self) -> Path:
         return self.ckpt.path.with_name(self.ckpt.path.name + _SIDECAR)
 
     def save(self) -> None:
-        tmp = self.sidecar.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"aliases": list(self.aliases), "backends": self.backends, "failed": self.failed}))
-        os.replace(tmp, self.sidecar)
+        _atomic_write(self.sidecar, {"aliases": list(self.aliases), "backends": self.backends, "failed": self.failed})
+
+    def settle(self, value: Stored | None = None, error: BaseException | None = None) -> None:
+        if not self.first.done():
+            if error is not None:
+                self.first.set_exception(error)
+            else:
+                self.first.set_result(value)
 
 
 @dataclass
 class DrainResult:
-    stored: dict[int, Stored] = field(default_factory=dict)  # id(Pending) -> first Stored of it
+    stored: list[tuple[Pending, Stored]] = field(default_factory=list)  # first Stored of each item
     deferred: list[str] = field(default_factory=list)  # "backend: reason" for unreachable trackers
     failures: list[tuple[str, BaseException]] = field(default_factory=list)
+
+
+def _order(item: Pending) -> tuple[int, str]:
+    return item.ckpt.step, item.ckpt.manifest.created
 
 
 class Spool:
     """The queue of committed checkpoints not yet stored everywhere, for one run."""
 
-    def __init__(self, root: Path, prefix: str, backends: Sequence[str] = ()) -> None:
+    def __init__(self, root: Path, prefix: str, backends: Sequence[str] = (), *,
+                 adopt: Callable[[dict[str, Any]], bool] | None = None) -> None:
         self.root = root
         self.prefix = prefix
         self._backends = list(backends)
-        # exactly this run's names: another run's id may start with this one's
-        self._name_re = re.compile(re.escape(prefix) + r"step\d+-[0-9a-f]{8}")
-        self._tmp_re = re.compile(re.escape(TMP_PREFIX + prefix) + r"step\d+-[0-9a-f]{8}-[0-9a-f]{8}")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(root / f".lock-{prefix}"))
+        try:
+            self._lock.acquire(timeout=0)
+            self.owner = True
+        except Timeout:  # another live process writes this run: touch nothing of its
+            self.owner = False
+            log.warning("ckpt_track: another process holds the spool of %s; its queued checkpoints are left to it",
+                        prefix.rstrip("-"))
         self.kept: LocalCheckpoint | None = None
-        self.items: list[Pending] = self._recover()
+        self._prefixes = [prefix]
+        self._records: list[Path] = []
+        if self.owner and adopt is not None:
+            self._adopt(adopt)
+        self.items: list[Pending] = self._recover() if self.owner else []
 
-    def _recover(self) -> list[Pending]:
-        if not self.root.is_dir():
-            return []
-        # half-written directories of a process killed mid-save were never visible (the rename
-        # publishes); remove the stale ones: nothing in them written for hours
-        for tmp in self.root.iterdir():
-            if self._tmp_re.fullmatch(tmp.name) and tmp.is_dir():
-                try:
-                    newest = max([tmp.stat().st_mtime, *(f.stat().st_mtime for f in tmp.iterdir())])
-                except OSError:
-                    continue
-                if time.time() - newest > _STALE_TMP_S:
-                    shutil.rmtree(tmp, ignore_errors=True)
-        found = []
-        # committed directories without a pending sidecar: kept ones (a ``.kept`` marker) of a
-        # process that ended without close(), the newest reused; and ones a process was killed
-        # with between commit and sidecar, owed to every backend
-        kept = []
-        for path in sorted(self.root.iterdir()):
-            if not self._name_re.fullmatch(path.name) or not path.is_dir() \
-                    or path.with_name(path.name + _SIDECAR).exists():
-                continue
-            try:
-                ckpt = LocalCheckpoint(path, read_manifest(path))
-            except (CheckpointNotFound, IntegrityError, OSError):
-                continue  # not a committed checkpoint: leave it alone
-            marker = path.with_name(path.name + _KEPT)
-            if marker.exists():
-                kept.append(ckpt)
-            elif self._backends:  # the sidecar makes the loop below queue it
-                Pending(ckpt, (), list(self._backends)).save()
-        kept.sort(key=lambda c: c.manifest.created)
-        for old in kept[:-1]:
-            self._drop(old)
-        self.kept = kept[-1] if kept else None
-        for sidecar in sorted(self.root.glob(f"*{_SIDECAR}")):
-            path = sidecar.with_name(sidecar.name[: -len(_SIDECAR)])
-            if not self._name_re.fullmatch(path.name):
-                continue  # another run's
-            try:
-                meta = json.loads(sidecar.read_text())
-                item = Pending(LocalCheckpoint(path, read_manifest(path)), tuple(meta["aliases"]),
-                               list(meta["backends"]), list(meta.get("failed", [])))
-            except (OSError, ValueError, KeyError, CheckpointNotFound, IntegrityError) as exc:
-                log.warning("ckpt_track: ignoring unreadable spooled checkpoint %s: %s", path, exc)
-                continue
-            if item.backends:
-                found.append(item)
-        return sorted(found, key=lambda p: p.ckpt.manifest.created)
+    # -- names ------------------------------------------------------------------------------
+    def _is_mine(self, name: str) -> bool:
+        return any(re.fullmatch(re.escape(p) + r"step\d+-[0-9a-f]{8}", name) for p in self._prefixes)
+
+    def _is_my_tmp(self, name: str) -> bool:
+        return any(re.fullmatch(re.escape(TMP_PREFIX + p) + r"step\d+-[0-9a-f]{8}-[0-9a-f]{8}", name)
+                   for p in self._prefixes)
 
     def new_name(self, step: int) -> str:
         """A fresh directory name for a checkpoint of this run at ``step``."""
         return f"{self.prefix}step{step}-{uuid.uuid4().hex[:8]}"
 
+    # -- deferred runs ------------------------------------------------------------------------
+    def record_deferred(self, meta: dict[str, Any]) -> None:
+        """Remember that this spool's run is provisional (its tracker was unreachable)."""
+        path = self.root / f"{_DEFERRED}{self.prefix}json"
+        _atomic_write(path, {**meta, "prefix": self.prefix})
+        if path not in self._records:
+            self._records.append(path)
+
+    def _adopt(self, wanted: Callable[[dict[str, Any]], bool]) -> None:
+        for path in sorted(self.root.glob(f"{_DEFERRED}*json")):
+            try:
+                meta = json.loads(path.read_text())
+                prefix = str(meta["prefix"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if prefix == self.prefix or not wanted(meta):
+                continue
+            other = FileLock(str(self.root / f".lock-{prefix}"))
+            try:
+                other.acquire(timeout=0)  # the deferred run's own process is still alive: leave it
+            except Timeout:
+                continue
+            other.release()
+            self._unlink_lock(prefix)
+            self._prefixes.append(prefix)
+            self._records.append(path)
+            log.info("ckpt_track: adopting the checkpoints spooled while run %s was deferred", prefix.rstrip("-"))
+
+    # -- recovery -----------------------------------------------------------------------------
+    def _recover(self) -> list[Pending]:
+        found: list[Pending] = []
+        kept: list[LocalCheckpoint] = []
+        for path in sorted(self.root.iterdir()):
+            name = path.name
+            if self._is_my_tmp(name):  # half-written or half-removed by a dead process
+                shutil.rmtree(path, ignore_errors=True)
+                continue
+            if name.endswith(_KEPT) and self._is_mine(name[: -len(_KEPT)]) and not path.with_name(
+                    name[: -len(_KEPT)]).is_dir():
+                path.unlink(missing_ok=True)  # its checkpoint is gone
+                continue
+            if name.endswith(_SIDECAR) and self._is_mine(name[: -len(_SIDECAR)]) and not path.with_name(
+                    name[: -len(_SIDECAR)]).is_dir():
+                path.unlink(missing_ok=True)
+                continue
+            if (m := _SIDECAR_TMP.fullmatch(name)) and self._is_mine(m.group(1)):
+                path.unlink(missing_ok=True)  # a sidecar write cut short
+                continue
+            if not self._is_mine(name) or not path.is_dir():
+                continue
+            try:
+                ckpt = LocalCheckpoint(path, read_manifest(path))
+            except (CheckpointNotFound, IntegrityError, OSError) as exc:
+                # never committed (killed before the manifest) or damaged: nothing to upload
+                log.warning("ckpt_track: removing an uncommitted spool directory %s (%s)", path, exc)
+                self._drop_path(path)
+                continue
+            sidecar = path.with_name(name + _SIDECAR)
+            meta: dict[str, Any] | None = None
+            if sidecar.exists():
+                try:
+                    meta = json.loads(sidecar.read_text())
+                    item = Pending(ckpt, tuple(meta["aliases"]), list(meta["backends"]))
+                    # a backend that refused it in an earlier process gets another try now
+                    item.backends += [b for b in meta.get("failed", []) if b not in item.backends]
+                except (OSError, ValueError, KeyError, TypeError):
+                    meta = None
+            if meta is None:
+                if path.with_name(name + _KEPT).exists():
+                    kept.append(ckpt)
+                    continue
+                # committed, but the process died before the sidecar: owed to every backend
+                item = Pending(ckpt, (), list(self._backends))
+            if item.backends:
+                item.backends = [b for b in item.backends if b in self._backends] or list(self._backends)
+                item.save()
+                found.append(item)
+            else:  # stored everywhere; the process died before it was marked kept
+                path.with_name(name + _KEPT).touch()
+                sidecar.unlink(missing_ok=True)
+                kept.append(ckpt)
+        kept.sort(key=lambda c: (c.step, c.manifest.created))
+        for old in kept[:-1]:
+            self._drop(old)
+        self.kept = kept[-1] if kept else None
+        return sorted(found, key=_order)
+
+    # -- queue --------------------------------------------------------------------------------
     def add(self, ckpt: LocalCheckpoint, aliases: Sequence[str], backends: Sequence[str]) -> Pending:
         item = Pending(ckpt, tuple(aliases), list(backends))
         item.save()
         self.items.append(item)
+        self.items.sort(key=_order)  # uploads keep step order, recovered ones included
         return item
 
-    def drain(self, put: Callable[[str, LocalCheckpoint, tuple[str, ...]], Stored]) -> DrainResult:
-        """Upload what is owed, oldest first; an unreachable backend is skipped for the rest
-        of the pass so versions stay in step order."""
+    def add_unrecorded(self, ckpt: LocalCheckpoint, aliases: Sequence[str], backends: Sequence[str]) -> Pending:
+        """Queue a committed checkpoint whose sidecar could not be written (a full disk)."""
+        item = Pending(ckpt, tuple(aliases), list(backends))
+        self.items.append(item)
+        self.items.sort(key=_order)
+        return item
+
+    def retry_refused(self) -> None:
+        """Give the backends that refused a checkpoint in this process another try."""
+        for item in self.items:
+            if item.failed:
+                item.backends += [b for b in item.failed if b not in item.backends]
+                item.failed.clear()
+                item.reasons.clear()
+
+    def owed(self) -> list[Pending]:
+        return [i for i in self.items if i.backends]
+
+    def drain(self, put: Callable[[str, LocalCheckpoint, tuple[str, ...]], Stored],
+              down: set[str] | None = None) -> DrainResult:
+        """Upload what is owed, lowest step first; an unreachable backend is skipped for the rest
+        of the pass so versions stay in step order.  A refusal keeps the checkpoint (retried by
+        the next process)."""
         result = DrainResult()
-        down: set[str] = set()
+        down = set() if down is None else down
         for item in list(self.items):
+            first: Stored | None = None
+            errors: list[tuple[str, BaseException]] = []
             for name in list(item.backends):
                 if name in down:
                     continue
@@ -153,17 +267,28 @@ class Spool:
                 except Exception as exc:
                     item.backends.remove(name)
                     item.failed.append(name)
-                    result.failures.append((f"{name}: {exc} (checkpoint kept at {item.ckpt.path})", exc))
+                    msg = f"{name}: {exc} (checkpoint kept at {item.ckpt.path}; the next run of it retries)"
+                    result.failures.append((msg, exc))
+                    errors.append((msg, exc))
+                    item.reasons.append(f"{name}: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}")
                     item.save()
                     continue
                 item.backends.remove(name)
-                result.stored.setdefault(id(item), stored)
+                first = first or stored
+                result.stored.append((item, stored))
                 item.save()
-            if not item.backends:
+            if first is not None:
+                item.settle(first)
+            elif errors:
+                error = CheckpointWriteError(f"checkpoint at step {item.ckpt.step} was not stored: {errors[0][0]}")
+                error.__cause__ = errors[0][1]
+                item.settle(error=error)
+            else:
+                item.settle(None)  # deferred: it waits on disk
+            if not item.backends and not item.failed:
                 self.items.remove(item)
-                if not item.failed:
-                    self._keep(item.ckpt)  # the marker first: a crash in between never re-uploads it
-                    item.sidecar.unlink(missing_ok=True)
+                self._keep(item.ckpt)  # the marker first: a crash in between never re-uploads it
+                item.sidecar.unlink(missing_ok=True)
         return result
 
     def _keep(self, ckpt: LocalCheckpoint) -> None:
@@ -173,16 +298,19 @@ class Spool:
         if old is not None and old.path != ckpt.path:
             self._drop(old)
 
-    @staticmethod
-    def _drop(ckpt: LocalCheckpoint) -> None:
-        # renamed first, so a removal cut short leaves a stale tmp directory (cleaned up later)
+    def _drop(self, ckpt: LocalCheckpoint) -> None:
+        self._drop_path(ckpt.path)
+
+    def _drop_path(self, path: Path) -> None:
+        # renamed first, so a removal cut short leaves a tmp directory (removed by the next owner)
         # rather than a committed-looking one
-        trash = ckpt.path.with_name(f"{TMP_PREFIX}{ckpt.path.name}-{uuid.uuid4().hex[:8]}")
+        trash = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
         try:
-            os.rename(ckpt.path, trash)
+            os.rename(path, trash)
         except OSError:
-            trash = ckpt.path
-        ckpt.path.with_name(ckpt.path.name + _KEPT).unlink(missing_ok=True)
+            trash = path
+        path.with_name(path.name + _KEPT).unlink(missing_ok=True)
+        path.with_name(path.name + _SIDECAR).unlink(missing_ok=True)
         shutil.rmtree(trash, ignore_errors=True)
 
     def reusable(self) -> list[LocalCheckpoint]:
@@ -190,11 +318,24 @@ class Spool:
         out = [p.ckpt for p in reversed(self.items)]
         return out + ([self.kept] if self.kept is not None else [])
 
+    def _unlink_lock(self, prefix: str) -> None:
+        (self.root / f".lock-{prefix}").unlink(missing_ok=True)
+
     def close(self) -> None:
-        """Drop the kept checkpoint (the run is over; every backend has it)."""
+        """Drop the kept checkpoint and this run's records (the run is over; every backend has it).
+        Checkpoints still owed stay, with the lock released, for the next process."""
         if self.kept is not None:
             self._drop(self.kept)
             self.kept = None
+        if not self.items:
+            for rec in self._records:
+                rec.unlink(missing_ok=True)
+        if self.owner:
+            self._lock.release()
+            if not self.items:
+                self._unlink_lock(self.prefix)
+            self.owner = False
 
     def describe(self) -> str:
-        return ", ".join(f"step {p.ckpt.step} for {'/'.join(p.backends)} at {p.ckpt.path}" for p in self.items)
+        return ", ".join(f"step {p.ckpt.step} for {'/'.join(p.backends + p.failed)} at {p.ckpt.path}"
+                         for p in self.items)

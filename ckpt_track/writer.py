@@ -149,6 +149,11 @@ class Writer:
                 self._errors.append(exc)
         self._give_back(buffers)
 
+    def acknowledge(self, exc: BaseException) -> None:
+        """The caller has seen ``exc`` (through a handle): do not raise it again."""
+        with self._lock:
+            self._errors = [e for e in self._errors if e is not exc]
+
     def raise_errors(self) -> None:
         """Re-raise (once) the first error of a finished background job."""
         with self._lock:

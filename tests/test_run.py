@@ -211,23 +211,36 @@ def test_bad_metric_and_step_fail_at_log_time() -> None:
             run.log_checkpoint(1, aliases=["best"])
 
 
-def test_background_failure_surfaces_next_call_and_keeps_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_refused_upload_never_stops_the_loop_and_is_retried_by_the_next_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tracker that refuses a checkpoint (a permanent error): the loop goes on, the handle
+    and finish() report it, the checkpoint stays in the spool, and the next process stores it."""
     from ckpt_track.backends.local import LocalBackend
 
-    def broken_put(self, run, ckpt, aliases=()):
-        raise OSError(28, "No space left on device")
+    real_put = LocalBackend.put
 
-    run = ct.init(project="p")
+    def broken_put(self, run, ckpt, aliases=()):
+        if ckpt.step == 1:
+            raise OSError(28, "No space left on device")
+        return real_put(self, run, ckpt, aliases)
+
+    run = ct.init(project="p", name="refused")
     with monkeypatch.context() as m:
         m.setattr(LocalBackend, "put", broken_put)
-        run.log_checkpoint(1, model=_model())
+        first = run.log_checkpoint(1, model=_model())
         with pytest.raises(CheckpointWriteError, match="No space left") as info:
-            run.log_checkpoint(2, model=_model())
-    kept = Path(re.search(r"kept at (\S+?)\)", str(info.value)).group(1))
+            first.wait()
+        run.log_checkpoint(2, model=_model()).wait()  # the loop is not stopped
+        with pytest.raises(CheckpointWriteError, match=r"step 1 refused by local: \[Errno 28\] No space left"):
+            run.finish()
+    kept = Path(re.search(r"kept at (\S+?);", str(info.value)).group(1))
     assert (kept / "manifest.json").is_file()  # nothing lost: the checkpoint waits in the spool
-    run.log_checkpoint(3, model=_model())
-    run.finish()
-    assert [s.step for s in ct.list_checkpoints(run.ref)] == [3]
+    assert [s.step for s in ct.list_checkpoints(run.ref)] == [2]
+    again = ct.init(project="p", name="refused")
+    again.finish()  # the refused one is tried again, and now lands
+    listed = ct.list_checkpoints(run.ref)
+    assert sorted(s.step for s in listed) == [1, 2]
+    assert "latest" in next(s for s in listed if s.step == 2).aliases  # an older step never takes latest
+    assert not list((Path("ckpt_runs") / ".spool").iterdir())
 
 
 def test_failure_surfaces_at_finish(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -56,20 +56,56 @@ def test_snapshot_is_isolated_from_later_training(gated) -> None:
     assert torch.equal(fresh.weight, before)
 
 
-def test_back_pressure_waits_for_a_free_slot(gated) -> None:
-    gate, entered = gated
+@pytest.fixture
+def gated_write(monkeypatch: pytest.MonkeyPatch):
+    """Writing a checkpoint to the spool (the disk part of a save) waits for the test's gate."""
+    import ckpt_track.run as run_module
+
+    gate = threading.Event()
+    entered = threading.Event()
+    real = run_module.write_checkpoint
+
+    def write(*args, **kwargs):
+        entered.set()
+        assert gate.wait(60), "test never opened the gate"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "write_checkpoint", write)
+    yield gate, entered
+    gate.set()
+
+
+def test_back_pressure_waits_for_a_free_slot(gated_write) -> None:
+    gate, entered = gated_write
     run = ct.init(project="p", settings={"max_in_flight": 1})
     run.log_checkpoint(1, model=torch.nn.Linear(4, 4))
     assert entered.wait(60)
     second = threading.Thread(target=run.log_checkpoint, args=(2,), kwargs={"model": torch.nn.Linear(4, 4)})
     second.start()
     second.join(0.5)
-    assert second.is_alive()  # blocked: one save is already in flight
+    assert second.is_alive()  # blocked: one save is already being written
     gate.set()
     second.join(60)
     assert not second.is_alive()
     run.finish()
     assert [s.step for s in ct.list_checkpoints(run.ref)] == [1, 2]
+
+
+def test_a_hanging_tracker_never_blocks_the_loop(gated) -> None:
+    """Uploads run behind the save: with the tracker stuck inside put, further saves still
+    return at once (max_in_flight=1 bounds the disk writes only)."""
+    gate, entered = gated
+    run = ct.init(project="p", settings={"max_in_flight": 1})
+    run.log_checkpoint(1, model=torch.nn.Linear(4, 4))
+    assert entered.wait(60)  # the upload of step 1 hangs in the tracker
+    done = threading.Event()
+    saver = threading.Thread(target=lambda: ([run.log_checkpoint(s, model=torch.nn.Linear(4, 4)) for s in (2, 3, 4)],
+                                             done.set()))
+    saver.start()
+    assert done.wait(30), "log_checkpoint waited on the tracker"
+    gate.set()
+    run.finish()
+    assert [s.step for s in ct.list_checkpoints(run.ref)] == [1, 2, 3, 4]
 
 
 def test_staging_buffers_are_reused_between_saves() -> None:
