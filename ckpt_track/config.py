@@ -312,8 +312,8 @@ class Settings:
     max_in_flight: int = 1
     # content-addressed tensor files: unchanged tensors are neither written nor uploaded again
     incremental: bool = True
-    # every tracker request: connect/read timeout in seconds, and how often the SDK itself retries
-    # (ckpt_track retries uploads on its own schedule, off the training loop, on top of that)
+    # the time budget of one tracker call in seconds, shared by its 1 + retries attempts (see
+    # ckpt_track.network); uploads are retried on top of that by the upload thread, off the loop
     timeout: float = 10.0
     retries: int = 2
     retention: Retention = field(default_factory=Retention)

@@ -126,6 +126,7 @@ class Run:
         # the upload thread reaches them and opens the run
         self._deferred: dict[str, BaseException] = dict(deferred or {})
         self._swept: set[str] = set()
+        self._dirty: set[str] = set()  # backends where a put failed part way since the last sweep
         self._writer = Writer(settings.max_in_flight)
         spool_root = Path(settings.backend_options("local").get("root") or DEFAULT_ROOT).expanduser().absolute()
         ids = {self.id, *(info.run_id for _, info in self._targets)}
@@ -304,10 +305,12 @@ class Run:
                 self._spool.record_deferred({"project": self.project, "name": self.spec.name, "real_id": real.run_id})
 
     def _sweep(self) -> None:
-        """Once per backend: remove what a killed process left half-created in the tracker."""
+        """Remove what a killed process (once per backend, for a resumed run) or a put that failed
+        part way left half-created in the tracker."""
         for backend, info in self._targets:
             hook = getattr(backend, "sweep", None)
-            if backend.name in self._swept or backend.name in self._deferred or hook is None or not info.resumed:
+            due = backend.name in self._dirty or (info.resumed and backend.name not in self._swept)
+            if hook is None or not due or backend.name in self._deferred:
                 continue
             try:
                 hook(info)
@@ -316,6 +319,7 @@ class Run:
             except CkptTrackError as exc:
                 log.warning("ckpt_track: could not clean up leftovers in %s: %s", backend.name, exc)
             self._swept.add(backend.name)
+            self._dirty.discard(backend.name)
 
     def _drain(self) -> DrainResult:
         """Store every spooled checkpoint in every backend that is owed it (upload thread only)."""
@@ -360,8 +364,10 @@ class Run:
             try:
                 stored = backend.put(info, ckpt, aliases)
             except BackendUnavailable:
+                self._dirty.add(backend.name)  # a half-made record may be left: swept next pass
                 raise
-            except CkptTrackError:
+            except Exception:
+                self._dirty.add(backend.name)
                 # the tracker may have done the work and lost its answer: look before failing
                 done = _already_stored(backend.list(info), ckpt)
                 if done is None:
@@ -447,6 +453,12 @@ class Run:
             self._resumed_from = str(found.stored.ref)
             self._parent = str(found.stored.ref)
 
+    @property
+    def uploads_pending(self) -> int:
+        """Checkpoints committed to disk that some tracker does not hold yet (a tracker that is
+        down, or one that refused them: see the log)."""
+        return len(self._spool.items)
+
     def checkpoints(self) -> list[Stored]:
         """This run's committed checkpoints (primary backend), oldest first."""
         return self._primary_backend.list(self.info)
@@ -475,8 +487,8 @@ class Run:
                 # one last pass for everything owed (a tracker down meanwhile may be back, and one
                 # that refused a checkpoint gets one more try)
                 self._uploader.wait(self._uploader.kick())
-                if any(p.failed for p in self._spool.items):
-                    self._spool.retry_refused()
+                if any(p.failed for p in self._spool.items) or self._dirty:
+                    self._spool.retry_refused()  # and sweep what failed puts left behind
                     self._uploader.wait(self._uploader.kick())
                 self._uploader.stop()
                 pending = list(self._spool.items)
@@ -636,24 +648,9 @@ def restore(
 
 
 def _restore_from(found: Resolved, **targets: Any) -> Restored:
-    strict, rng = targets.pop("strict"), targets.pop("rng")
-    ckpt = found.fetch()
-    with ExitStack() as stack:
-        manifest = read_manifest(ckpt.path)
-        try:
-            files = open_tensor_files(ckpt.path, manifest, stack)
-        except OSError as exc:
-            verify(ckpt.path, manifest)  # names every missing or unreadable file
-            raise IntegrityError(f"{ckpt.path}: cannot open a tensor file ({exc})") from exc
-        manifest = verify(ckpt.path, manifest)  # nothing is loaded unless every file matches its hash
-        tree = read_state(ckpt.path)
-        index = tensor_index(files, ckpt.path)
-        shapes = {name: torch.empty(i.shape, dtype=i.dtype or torch.uint8, device="meta") for name, i in index.items()}
-        check(tree, shapes, strict=strict, **targets)  # a mismatch is raised before anything changes
-        # read straight into the model's and optimizer's own tensors where they fit: no second copy
-        tensors = load_into(ckpt.path, files, index, live_tensors(**targets))
-    restored = apply(tree, tensors, rng=rng, strict=strict, **targets)
-    return replace(restored, metrics=dict(manifest.metrics), ref=str(found.stored.ref))
+    from .restore import restore_from  # all or nothing: see ckpt_track.restore
+
+    return restore_from(found, **targets)
 
 
 def list_checkpoints(ref: str | Ref, settings: Settings | None = None) -> list[Stored]:

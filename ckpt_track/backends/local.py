@@ -40,6 +40,8 @@ DEFAULT_ROOT = "ckpt_runs"
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _LOCK_TIMEOUT_S = 120.0
+_NAME_MAX = 255  # bytes of one file name (ext4, APFS, NTFS)
+_ROOT_MAX = 3400  # bytes: room under PATH_MAX (4096) for <project>/<run>/checkpoints/v000001/<file>
 
 
 def _now() -> str:
@@ -60,6 +62,39 @@ def _atomic_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _root(value: Any) -> Path:
+    """The store directory from the ``root`` option (or ``?root=``), refused up front when no file
+    system could hold it, so that a mistyped value is a ConfigError and never ENAMETOOLONG."""
+    text = str(value)
+    why = "holds a NUL character" if "\0" in text else ""
+    path = Path(text.replace("\0", "")).expanduser().absolute()
+    if not why and any(len(os.fsencode(part)) > _NAME_MAX for part in path.parts):
+        why = f"has a name longer than {_NAME_MAX} bytes"
+    elif not why and len(os.fsencode(str(path))) > _ROOT_MAX:
+        why = f"is longer than {_ROOT_MAX} bytes"
+    if why:
+        shown = text if len(text) <= 80 else f"{text[:80]}..."
+        raise ConfigError(f"local backend: root {shown!r} {why}; set [local] root (or ?root=) to a directory")
+    return path
+
+
+def _incoming_name() -> str:
+    """A version's name while it is copied in: its writer's process id first (see ``sweep``)."""
+    return f"{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 class LocalBackend:
     """Checkpoints in a directory tree; the default backend."""
 
@@ -72,7 +107,7 @@ class LocalBackend:
         unknown = set(options) - self.options
         if unknown:
             raise ConfigError(f"local backend: unknown option(s) {sorted(unknown)}; known: {sorted(self.options)}")
-        self.root = Path(options.get("root") or DEFAULT_ROOT).expanduser().absolute()
+        self.root = _root(options.get("root") or DEFAULT_ROOT)
 
     # -- paths and locks ------------------------------------------------------------
     def _project_dir(self, project: str) -> Path:
@@ -210,13 +245,13 @@ class LocalBackend:
         uploaded = sum(e.size for f, e in ckpt.manifest.files.items() if f not in sources)
         # copy (hard-link when possible) outside the lock; only numbering happens under it
         try:
-            incoming = copy_checkpoint(ckpt, cdir / ".incoming", uuid.uuid4().hex, sources=sources)
+            incoming = copy_checkpoint(ckpt, cdir / ".incoming", _incoming_name(), sources=sources)
         except FileNotFoundError:
             if not sources:
                 raise
             # another writer deleted the version holding a file meanwhile: take every file from ckpt
             uploaded = sum(e.size for e in ckpt.manifest.files.values())
-            incoming = copy_checkpoint(ckpt, cdir / ".incoming", uuid.uuid4().hex)
+            incoming = copy_checkpoint(ckpt, cdir / ".incoming", _incoming_name())
         with self._lock(run_dir):
             # the high-water mark keeps a deleted newest version's number from being reused
             last = self._read_run_json(run_dir).get("last_version", 0)
@@ -228,6 +263,21 @@ class LocalBackend:
             table.update({a: version for a in aliases})
             _atomic_json(run_dir / "aliases.json", table)
         return replace(self._stored(run, version, ckpt.manifest, table), uploaded=uploaded)
+
+    def sweep(self, run: RunInfo) -> None:
+        """Remove what killed writers of ``run`` left: copies still in ``.incoming`` (named after
+        their writer's process id: only those of processes that are gone) and half-removed
+        versions (``.deleting-*``)."""
+        cdir = self._run_dir(run) / "checkpoints"
+        incoming = cdir / ".incoming"
+        if incoming.is_dir():
+            for entry in incoming.iterdir():
+                pid = entry.name.removeprefix(".tmp-").split("-", 1)[0]  # also copy_checkpoint's temp dirs
+                if not pid.isdigit() or not _alive(int(pid)):
+                    shutil.rmtree(entry, ignore_errors=True)
+        if cdir.is_dir():
+            for entry in cdir.glob(".deleting-*"):
+                shutil.rmtree(entry, ignore_errors=True)
 
     def _held_blobs(self, cdir: Path, newest: int = 2) -> dict[str, tuple[Path, FileEntry]]:
         """Content-addressed files of the newest stored versions (what a new version may link)."""

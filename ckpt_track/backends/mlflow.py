@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from ..errors import (
     AuthError,
@@ -101,6 +101,16 @@ class MlflowBackend:
         self._client_obj: Any = None
         self._blobs_of: dict[str, frozenset[str]] = {}  # model id -> blob files its manifest names
 
+    def check_configured(self) -> None:
+        """Before resolving a reference: a tracking URI must be known.  MLflow's own default
+        (``sqlite:///<cwd>/mlflow.db``, artifacts in ``./mlruns``) would create an empty store
+        in the working directory and then report the run missing from it."""
+        if self.tracking_uri is None and not _uri_set_in_process():
+            raise ConfigError(
+                "no MLflow tracking URI is configured to look the reference up in: set MLFLOW_TRACKING_URI "
+                "or [mlflow] tracking_uri (e.g. http://127.0.0.1:5000), or pass the run's MLflow UI URL"
+            )
+
     # -- SDK boundary --------------------------------------------------------------------
     @property
     def _client(self) -> Any:
@@ -111,7 +121,13 @@ class MlflowBackend:
                 from ..errors import BackendNotInstalled
 
                 raise BackendNotInstalled("mlflow", "mlflow", "mlflow") from exc
-            self._client_obj = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
+            try:
+                self._client_obj = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
+            except CkptTrackError:
+                raise
+            except Exception as exc:  # an unsupported URI scheme, a malformed URI
+                raise ConfigError(f"MLflow cannot use the tracking URI {self._where!r}: {exc}; fix "
+                                  "MLFLOW_TRACKING_URI or [mlflow] tracking_uri") from exc
         return self._client_obj
 
     def _repo(self, artifact_uri: str) -> Any:
@@ -146,23 +162,31 @@ class MlflowBackend:
             msg = getattr(exc, "message", str(exc))
             if code == "RESOURCE_DOES_NOT_EXIST":
                 raise CheckpointNotFound(f"{what}: {msg} (tracking URI {self._where})") from exc
-            if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or "401" in msg or "403" in msg:
+            # a status code, not any digits: a port such as 40329 is no 403
+            if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or re.search(r"\b(?:401|403)\b(?!\.)", msg):
                 raise AuthError(
                     f"{what}: MLflow at {self._where} refused the credentials ({msg}); set "
                     "MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
                 ) from exc
             if code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "RESOURCE_ALREADY_EXISTS"):
                 raise BackendError(f"{what}: MLflow at {self._where} rejected the request: {msg}") from exc
+            first = (msg.splitlines() or [""])[0][:300]
             raise BackendUnavailable(
-                f"{what}: MLflow at {self._where} is unreachable or failing ({msg.splitlines()[0][:300]}); "
-                "check that the server is running and the tracking URI is right"
+                f"{what}: MLflow at {self._where} is unreachable or failing ({first}); {self._hint}"
             ) from exc
         except (OSError, ConnectionError) as exc:
-            raise BackendUnavailable(f"{what}: cannot reach MLflow at {self._where}: {exc}") from exc
+            raise BackendUnavailable(f"{what}: cannot reach MLflow at {self._where}: {exc}; {self._hint}") from exc
         except Exception as exc:  # requests' exceptions and anything else the SDK lets through
             if type(exc).__module__.startswith(("requests", "urllib3")):
-                raise BackendUnavailable(f"{what}: cannot reach MLflow at {self._where}: {exc}") from exc
+                raise BackendUnavailable(
+                    f"{what}: cannot reach MLflow at {self._where}: {exc}; {self._hint}") from exc
             raise
+
+    @property
+    def _hint(self) -> str:
+        from ..network import unavailable_hint
+
+        return unavailable_hint("MLFLOW_TRACKING_URI / [mlflow] tracking_uri")
 
     # -- runs -----------------------------------------------------------------------------
     def _experiment_id(self, name: str) -> str:
@@ -339,7 +363,9 @@ class MlflowBackend:
                     self._client.log_batch(run.run_id, metrics=[
                         Metric(k, v, ts, m.step, model_id=model.model_id) for k, v in m.metrics.items()
                     ])
-                self._client.log_outputs(run.run_id, [LoggedModelOutput(model.model_id, step=m.step)])
+                self._retried(lambda: self._client.log_outputs(
+                    run.run_id, [LoggedModelOutput(model.model_id, step=m.step)]),
+                    done=lambda: self._is_output(run.run_id, model.model_id))
                 self._client.finalize_logged_model(model.model_id, "READY")
             except BaseException:
                 try:  # never leave a half-uploaded model looking like a checkpoint
@@ -358,7 +384,57 @@ class MlflowBackend:
             stored = self._stored(run, model)
         self.set_aliases(stored, aliases, models=models)
         self._blobs_of[model.model_id] = frozenset(f for f in m.files if is_blob(f))
-        return replace(self._stored(run, self._client.get_logged_model(model.model_id)), uploaded=uploaded)
+        with self._errors(f"reading back checkpoint step {m.step} of MLflow run {run.run_id}"):
+            return replace(self._stored(run, self._client.get_logged_model(model.model_id)), uploaded=uploaded)
+
+    @staticmethod
+    def _retried(call: Any, done: Any) -> None:
+        """``call()``, where a request the server carried out but whose answer was lost comes
+        back from the SDK's own retry as a refusal (a UNIQUE constraint): ``done()`` tells."""
+        try:
+            call()
+        except Exception:
+            try:
+                if done():
+                    return
+            except Exception:
+                pass
+            raise
+
+    def _exists(self, model_id: str) -> bool:
+        try:
+            return not str(self._client.get_logged_model(model_id).status).endswith("DELETED")
+        except Exception as exc:
+            if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+
+    def _is_output(self, run_id: str, model_id: str) -> bool:
+        outputs = getattr(self._client.get_run(run_id), "outputs", None)
+        return any(o.model_id == model_id for o in (getattr(outputs, "model_outputs", None) or []))
+
+    def sweep(self, run: RunInfo) -> None:
+        """Delete the ckpt_track models of ``run`` that a killed or failed upload left unfinished
+        (PENDING or FAILED: never listed), and their artifacts.  Called once per process of the
+        run before its uploads; one writer per run, so none of them is still being written."""
+        with self._errors(f"cleaning up unfinished checkpoints of MLflow run {run.run_id}"):
+            token = None
+            while True:
+                page = self._client.search_logged_models(
+                    [run.native["experiment_id"]],
+                    filter_string=f"source_run_id='{run.run_id}'", max_results=100, page_token=token,
+                )
+                for model in page:
+                    if TAG_VERSION in model.tags and not str(model.status).endswith("READY"):
+                        try:
+                            self._repo(model.artifact_location).delete_artifacts()
+                        except Exception:
+                            pass  # nothing was uploaded yet
+                        self._retried(lambda: self._client.delete_logged_model(model.model_id),
+                                      done=lambda: not self._exists(model.model_id))
+                token = page.token
+                if not token:
+                    return
 
     def _ensure_registered(self) -> None:
         try:
@@ -422,7 +498,9 @@ class MlflowBackend:
                     continue
                 for alias in aliases:
                     if TAG_ALIAS + alias in other.tags:
-                        self._client.delete_logged_model_tag(other.model_id, TAG_ALIAS + alias)
+                        self._retried(  # a retried delete finds the tag gone: that is success
+                            lambda: self._client.delete_logged_model_tag(other.model_id, TAG_ALIAS + alias),
+                            done=lambda: TAG_ALIAS + alias not in self._client.get_logged_model(other.model_id).tags)
             self._client.set_logged_model_tags(model_id, {TAG_ALIAS + a: "true" for a in aliases})
             registered = stored.native.get("registered_version") or self._client.get_logged_model(
                 model_id).tags.get("ckpt_track.registered_version")
@@ -484,6 +562,7 @@ class MlflowBackend:
     def parse_ref(cls, text: str) -> Ref | None:
         text = text.strip()
         if m := _UI.match(text):
+            urlsplit(m.group("base")).port  # ValueError for a bad port or host: InvalidRef at refs.parse_ref
             params = (("ui", m.group("base").rstrip("/")),)
             route = [unquote(p) for p in m.group("route").strip("/").split("/")]
             if len(route) >= 4 and route[0] == "experiments" and route[2] == "runs" and re.fullmatch(_RUN_ID, route[3]):
@@ -517,6 +596,12 @@ class MlflowBackend:
             "MLflow UI URLs: http://host/#/experiments/<id>/runs/<run_id>, .../models/m-<id>, "
             "http://host/#/models/<name>/versions/<v>",
         )
+
+
+def _uri_set_in_process() -> bool:
+    """``mlflow.set_tracking_uri(...)`` was called in this process (checked without importing mlflow)."""
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    return bool(getattr(utils, "_tracking_uri", None))
 
 
 def _registered(name: str, *, version: int | None = None, alias: str | None = None,
