@@ -22,6 +22,7 @@ Backends add their own forms (web-UI URLs, native SDK references) through
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from urllib.parse import parse_qsl, quote, urlencode
@@ -39,6 +40,8 @@ _CANONICAL = re.compile(
     r"(?:\?(?P<query>[^#]*))?$"
 )
 _STEP = re.compile(r"^step=(\d+)$")
+MAX_LENGTH = 4096  # characters of a whole reference
+MAX_SEGMENT = 255  # bytes of one path segment: a file name on every common file system (caches use them)
 
 CANONICAL_FORMS = (
     "<backend>://<run>                 the run's latest checkpoint",
@@ -75,17 +78,23 @@ class Ref:
             raise InvalidRef(f"step must be >= 0, got {self.step}")
         if self.version is not None and self.version < 1:
             raise InvalidRef(f"versions start at v1, got v{self.version}")
-        if self.alias is not None and not _ALIAS.match(self.alias):
+        if self.alias is not None and not (isinstance(self.alias, str) and _ALIAS.fullmatch(self.alias)):
             raise InvalidRef(f"alias {self.alias!r} may only hold letters, digits, '_', '.', '-'")
         if self.path and not re.fullmatch(rf"{_SEGMENT}(?:/{_SEGMENT})*", self.path):
             raise InvalidRef(f"path {self.path!r} may only hold '/'-separated letters, digits, '_', '.', '-'")
+        if any(len(seg) > MAX_SEGMENT for seg in self.path.split("/")):
+            raise InvalidRef(f"a path segment of {self.path[:60]!r}... is longer than {MAX_SEGMENT} characters")
+        for k, v in self.params:
+            bad = next((c for x in (k, v) if isinstance(x, str) and (c := _bad_char(x)) is not None), None)
+            if bad is not None:
+                raise InvalidRef(f"parameter {str(k)[:40]!r} holds the character {bad!r}, which a reference cannot hold")
         object.__setattr__(self, "params", tuple(sorted(self.params)))
 
     # -- construction -------------------------------------------------------
     @classmethod
     def parse(cls, text: str) -> Ref:
         """Parse the canonical form only (no backend hooks); see :func:`parse_ref`."""
-        m = _CANONICAL.match(text.strip())
+        m = _CANONICAL.fullmatch(text.strip())
         if not m:
             raise InvalidRef(_bad(text))
         sel, ver = m.group("sel"), m.group("ver")
@@ -146,7 +155,30 @@ class Ref:
 def _bad(text: str, extra_forms: tuple[str, ...] = (), reason: str = "") -> str:
     forms = "\n  ".join(CANONICAL_FORMS + extra_forms)
     why = f" ({reason})" if reason else ""
-    return f"cannot parse checkpoint reference {text!r}{why}; accepted forms:\n  {forms}"
+    shown = text if len(text) <= 200 else f"{text[:200]}... ({len(text)} characters)"
+    return f"cannot parse checkpoint reference {shown!r}{why}; accepted forms:\n  {forms}"
+
+
+def _bad_char(text: str) -> str | None:
+    """The first character a reference may never hold: NUL and other control characters,
+    lone surrogates (they cannot be encoded, so such a reference could not even be printed)."""
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Cs"):
+            return ch
+    return None
+
+
+def _screen(text: str) -> str:
+    """Reject, before any parser sees it, what no reference form allows."""
+    text = text.strip()
+    if len(text) > MAX_LENGTH:
+        raise InvalidRef(f"cannot parse a checkpoint reference of {len(text)} characters "
+                         f"(at most {MAX_LENGTH}): {text[:80]!r}...")
+    if (bad := _bad_char(text)) is not None:
+        raise InvalidRef(f"checkpoint reference {text[:200]!r} holds the character {bad!r} at position "
+                         f"{text.index(bad)}; control characters and lone surrogates are never part of a "
+                         "reference (was it pasted with a stray byte?)")
+    return text
 
 
 def parse_ref(text: str | Ref) -> Ref:
@@ -161,10 +193,22 @@ def parse_ref(text: str | Ref) -> Ref:
     if isinstance(text, Ref):
         return text
     if not isinstance(text, str) or not text.strip():
-        raise InvalidRef(_bad(str(text)))
+        raise InvalidRef(_bad(repr(text) if not isinstance(text, str) else text))
+    text = _screen(text)
+    try:
+        ref = _parse(text)
+        str(ref)  # what is returned can always be printed and parsed back
+        return ref
+    except InvalidRef:
+        raise
+    except ValueError as exc:  # incl. UnicodeError: urlsplit on "http://[::1", a port over 65535, ...
+        shown = text if len(text) <= 200 else f"{text[:200]}..."
+        raise InvalidRef(f"cannot parse checkpoint reference {shown!r}: {exc}") from exc
+
+
+def _parse(text: str) -> Ref:
     from .backends import registry  # late: the registry imports this module
 
-    text = text.strip()
     scheme = text.split("://", 1)[0] if "://" in text else None
     if scheme in registry.names():
         try:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import network
 from .backends import registry
 from .backends.base import Backend, RunInfo, Stored
 from .config import Settings, load_settings
@@ -25,11 +26,22 @@ def cache_dir() -> Path:
 
 
 def open_backend(name: str, settings: Settings, ref: Ref | None = None) -> Backend:
-    """A backend configured by its settings section; parameters in ``ref`` (e.g. ``?root=``) win."""
+    """A backend configured by its settings section; parameters in ``ref`` (e.g. ``?root=``) win.
+
+    SDK timeouts, retries and telemetry are set first (:func:`ckpt_track.network.configure`).
+    With a ``ref``, a backend's optional ``check_configured()`` hook runs before anything else:
+    it raises ``ConfigError`` when nothing names the tracker to contact, so resolving a
+    reference never falls back on a vendor's default server or a store in the working directory.
+    """
+    network.configure(settings)
     options: dict[str, Any] = settings.backend_options(name)
     if ref is not None:
         options.update(dict(ref.params))
-    return registry.create(name, options)
+    backend = registry.create(name, options)
+    check = getattr(backend, "check_configured", None) if ref is not None else None
+    if check is not None:
+        check()
+    return backend
 
 
 @dataclass(frozen=True)

@@ -212,15 +212,43 @@ def _unzip(archive: Any, into: Path) -> None:
 
 def _probe(host: str) -> None:
     """Fail fast on a server that is down: the SDK would retry for minutes."""
-    parts = urlsplit(host)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    from ..network import current, unavailable_hint
+
     try:
-        socket.create_connection((parts.hostname or "", port), timeout=5).close()
+        parts = urlsplit(host)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        raise ConfigError(f"the ClearML API host {host!r} is not a URL ({exc}); fix CLEARML_API_HOST "
+                          "or api.api_server in clearml.conf") from exc
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=current().attempt_timeout).close()
     except OSError as exc:
         raise BackendUnavailable(
-            f"cannot reach the ClearML API server at {host} ({exc.strerror or exc}); start it, point "
-            "CLEARML_API_HOST at it, or set [clearml] offline = true to log without a server"
+            f"cannot reach the ClearML API server at {host} ({exc.strerror or exc}); "
+            f"{unavailable_hint('CLEARML_API_HOST (or api.api_server in clearml.conf)')}, "
+            "or set [clearml] offline = true to log without a server"
         ) from exc
+
+
+def _configured_api_host() -> str | None:
+    """The API server the user configured (CLEARML_API_HOST / TRAINS_API_HOST, or ``api.api_server``
+    / ``api.host`` in clearml.conf), or None: then the SDK would use the public api.clear.ml."""
+    from clearml.backend_api.session.defs import ENV_HOST
+    from clearml.config import config_obj
+
+    host = ENV_HOST.get() or config_obj.get("api.api_server", None) or config_obj.get("api.host", None)
+    return str(host).rstrip("/") if host else None
+
+
+def _session_kwargs() -> dict[str, Any]:
+    """ckpt_track's bounds for the one Session it opens (``network.plan``): clearml.conf's
+    defaults are 240 retries with backoff up to 120 s.  urllib3 without jitter: no global random."""
+    from ..network import current
+
+    p = current()
+    n = p.retries
+    return {"http_retries_config": {"total": n, "connect": n, "read": n, "redirect": n, "status": n,
+                                    "backoff_factor": float(p.backoff_factor)}}
 
 
 class _ApiFailure(Exception):
@@ -319,11 +347,23 @@ class ClearmlBackend:
         if Task.is_offline():
             raise ConfigError("this needs the ClearML server, but ClearML offline mode is on "
                               "(CLEARML_OFFLINE_MODE or [clearml] offline); turn it off to read online runs")
+        if _configured_api_host() is None:  # never fall back on the vendor's public server
+            raise ConfigError(
+                "no ClearML server is configured: set CLEARML_API_HOST (e.g. http://127.0.0.1:8008) with "
+                "CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY, or api.api_server in clearml.conf "
+                "(clearml-init); for the hosted service set CLEARML_API_HOST=https://api.clear.ml"
+            )
         if time.monotonic() - self._probed > 5.0:  # cheap, and it spares a lost server hours of SDK retries
             _probe(Session.get_api_server_host())
             self._probed = time.monotonic()
         if self._session is None:
-            self._session = Session()
+            from ..network import current
+
+            self._session = Session(**_session_kwargs())
+            # per-session request timeouts (the SDK's are class attributes: 3/10 s first, then 10/300 s)
+            t = current().attempt_timeout
+            self._session._session_initial_timeout = (t, t)
+            self._session._session_timeout = (t, t)
         return self._session
 
     def _call(self, endpoint: str, body: Mapping[str, Any]) -> dict[str, Any]:

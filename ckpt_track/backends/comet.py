@@ -194,8 +194,14 @@ class CometBackend:
 
     # -- the SDK boundary -----------------------------------------------------------------
     def _sdk(self) -> Any:
+        import sys
+
+        from ..network import keep_random
+
         try:
-            import comet_ml
+            # `import comet_ml` draws random.random() to sample error tracking: not from the training's generator
+            with keep_random() if "comet_ml" not in sys.modules else nullcontext():
+                import comet_ml
         except ImportError as exc:
             raise BackendNotInstalled("comet", "comet", "comet_ml") from exc
         if self.url:  # comet_ml reads its server from the environment only
@@ -803,6 +809,7 @@ class CometBackend:
             return Ref(cls.name, f"registry/{parts[0]}/{parts[1]}", alias=version or None)
         if low.startswith(("http://", "https://")):
             u = urlparse(t)
+            u.port  # noqa: B018 -- a port out of range raises ValueError: InvalidRef at refs.parse_ref
             parts = [p for p in u.path.split("/") if p]
             saas = (u.hostname or "") in _SAAS_HOSTS
             if len(parts) >= 3 and _KEY.match(parts[2]):  # <ws>/<project>/<key>[/...]: an experiment page

@@ -121,6 +121,7 @@ def _artifact_ref(entity: str | None, project: str, name: str, sel: str | None, 
 def _parse_url(text: str) -> Ref | None:
     """Run and artifact pages of the W&B app: cloud, Forge, or a self-hosted host."""
     url = urlsplit(text)
+    url.port  # noqa: B018 -- a port out of range raises ValueError: InvalidRef at refs.parse_ref
     host = (url.hostname or "").lower()
     parts = [unquote(p) for p in url.path.split("/") if p]
     known = host in _SAAS
@@ -210,12 +211,21 @@ class WandbBackend:
         with self._lock:
             if self._api_obj is None:
                 import wandb
+                import wandb.sdk.lib.retry
 
+                from ..network import private_random
+
+                # its backoff draws random.random(): keep W&B off the training's global generator
+                private_random(wandb.sdk.lib.retry)
                 overrides = {"base_url": self.base_url} if self.base_url else {}
                 # the SDK reads WANDB_HTTP_TIMEOUT once, at import; honour it when set later
-                timeout = os.environ.get("WANDB_HTTP_TIMEOUT")
+                raw = os.environ.get("WANDB_HTTP_TIMEOUT", "").strip()
+                try:
+                    timeout = max(1, round(float(raw))) if raw else None
+                except ValueError:
+                    raise ConfigError(f"WANDB_HTTP_TIMEOUT={raw!r} is not a number of seconds") from None
                 with self._errors("connecting to the W&B API"):
-                    self._api_obj = wandb.Api(overrides=overrides, timeout=int(timeout) if timeout else None)
+                    self._api_obj = wandb.Api(overrides=overrides, timeout=timeout)
             return self._api_obj
 
     def _default_entity(self) -> str:
@@ -675,6 +685,7 @@ class WandbBackend:
             rest = text[len("wandb-artifact://"):]
             if rest.startswith(("http://", "https://")):  # the SDK's form with a server prefix
                 url = urlsplit(rest)
+                url.port  # noqa: B018 -- ValueError for a bad port, InvalidRef at refs.parse_ref
                 params["base_url"] = f"{url.scheme}://{url.netloc}"
                 rest = url.path
             m = _NATIVE.match(rest.strip("/"))
