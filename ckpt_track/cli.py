@@ -134,13 +134,28 @@ def _guard() -> Iterator[None]:
         warnings.simplefilter("default")
         try:
             yield
+        except CheckpointNotFound as exc:
+            damaged = _damaged_skipped(caught)
+            _flush_warnings(caught)
+            if damaged:  # the checkpoint asked for may be the damaged one: an integrity failure
+                _fail(IntegrityError(f"{exc}; {len(damaged)} damaged checkpoint(s) of the run were skipped "
+                                     "(see the warnings above), the one asked for may be among them"))
+            _fail(exc)
         except CkptTrackError as exc:
             _flush_warnings(caught)
             _fail(exc)
         except OSError as exc:  # a full disk or a permission problem is not a bug: no traceback
             _flush_warnings(caught)
             _fail(exc)
+        except (ValueError, RecursionError) as exc:  # e.g. a NUL byte in a path given on the command line
+            _flush_warnings(caught)
+            _fail(ConfigError(f"{type(exc).__name__}: {exc}"))
         _flush_warnings(caught)
+
+
+def _damaged_skipped(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The warnings of a listing that skipped damaged checkpoints."""
+    return [str(w.message) for w in caught if "damaged checkpoint" in str(w.message)]
 
 
 def _flush_warnings(caught: list[warnings.WarningMessage]) -> None:
@@ -437,9 +452,9 @@ def verify_command(
         ckpt = found.fetch()
         try:
             with _spinner(_stderr(), f"verifying {found.stored.ref}", enabled=not as_json):
-                # re-read the manifest from disk: a damaged manifest must fail here too
+                # re-read the manifest from disk (its own digest included): a damaged manifest fails here too
                 manifest = verify(ckpt.path)
-        except IntegrityError as exc:
+        except (IntegrityError, OSError) as exc:
             if as_json:
                 _print_json({"ref": str(found.stored.ref), "ok": False, "files": len(ckpt.manifest.files),
                              "bytes": ckpt.manifest.size, "error": str(exc)})

@@ -61,7 +61,6 @@ backend imports it with the global generator's state saved and restored (:func:`
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import threading

@@ -12,6 +12,7 @@ from . import network
 from .backends import registry
 from .backends.base import Backend, RunInfo, Stored
 from .config import Settings, load_settings
+from .errors import CheckpointNotFound, IntegrityError
 from .format import LocalCheckpoint
 from .policy import select
 from .refs import Ref, parse_ref
@@ -70,7 +71,28 @@ def resolve(ref: str | Ref, settings: Settings | None = None) -> Resolved:
     backend = open_backend(r.backend, _settings(settings), r)
     r = canonical(backend, r)
     run = backend.find_run(r)
-    return Resolved(backend, run, select(backend.list(run), r))
+    stored = backend.list(run)
+    try:
+        found: Stored | None = select(stored, r)
+    except CheckpointNotFound as exc:
+        found, missing = None, exc
+    _refuse_damaged(backend, run, r, found)
+    if found is None:
+        raise missing
+    return Resolved(backend, run, found)
+
+
+def _refuse_damaged(backend: Backend, run: RunInfo, ref: Ref, found: Stored | None) -> None:
+    """A damaged version the reference means (by number, by an alias on it, or the newest one
+    when nothing intact matches) is an IntegrityError, never silently another version."""
+    hook = getattr(backend, "damaged", None)
+    if hook is None:
+        return
+    for version, (aliases, why) in sorted(hook(run).items()):
+        newest = found is not None and not ref.selector and version > found.version
+        if ref.version == version or (ref.alias is not None and ref.alias in aliases) or found is None or newest \
+                or (not ref.selector and "latest" in aliases):
+            raise IntegrityError(f"{ref}: version v{version} of this run is damaged, nothing was loaded: {why}")
 
 
 def canonical(backend: Backend, ref: Ref) -> Ref:

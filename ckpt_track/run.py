@@ -9,7 +9,6 @@ import threading
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
-from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -27,25 +26,19 @@ from .errors import (
     CheckpointWriteError,
     CkptTrackError,
     ConfigError,
-    IntegrityError,
     SerializationError,
 )
 from .format import (
     LocalCheckpoint,
-    load_into,
-    open_tensor_files,
-    read_manifest,
-    read_state,
-    tensor_index,
-    verify,
     write_checkpoint,
 )
 from .policy import best_of, is_improvement, retention_plan, select
 from .refs import Ref
 from .resolve import Resolved, list_stored, open_backend, resolve
+from .restoring import restore_from
 from .spool import DrainResult, Pending, Spool
 from .uploader import Uploader
-from .state import Restored, apply, capture, check, live_tensors
+from .state import Restored, capture
 from .writer import Writer, snapshot_tensors, wait_staged
 
 __all__ = ["CheckpointHandle", "Run", "init", "list_checkpoints", "log_checkpoint", "restore"]
@@ -265,9 +258,10 @@ class Run:
         """Commit a checkpoint to the spool (that is the save) and queue its uploads."""
         name = self._spool.new_name(step)
         try:
-            ckpt = write_checkpoint(self._spool.root, name, tensors, tree, step=step, epoch=epoch,
-                                    metrics=metrics, lineage=lineage, shard_size=self.settings.shard_size,
-                                    blobs=self.settings.incremental, reuse=self._spool.reusable())
+            with self._spool.reusing():
+                ckpt = write_checkpoint(self._spool.root, name, tensors, tree, step=step, epoch=epoch,
+                                        metrics=metrics, lineage=lineage, shard_size=self.settings.shard_size,
+                                        blobs=self.settings.incremental, reuse=self._spool.reusable())
         except (OSError, SafetensorError) as exc:  # the serializer has its own error type, e.g. on a full disk
             raise CheckpointWriteError(
                 f"could not write checkpoint at step {step} to {self._spool.root} ({_free(self._spool.root)}): "
@@ -648,9 +642,7 @@ def restore(
 
 
 def _restore_from(found: Resolved, **targets: Any) -> Restored:
-    from .restore import restore_from  # all or nothing: see ckpt_track.restore
-
-    return restore_from(found, **targets)
+    return restore_from(found, **targets)  # all or nothing: see ckpt_track.restoring
 
 
 def list_checkpoints(ref: str | Ref, settings: Settings | None = None) -> list[Stored]:

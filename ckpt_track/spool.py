@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -114,6 +115,11 @@ class Spool:
             log.warning("ckpt_track: another process holds the spool of %s; its queued checkpoints are left to it",
                         prefix.rstrip("-"))
         self.kept: LocalCheckpoint | None = None
+        # the writer thread adds items and links files from kept ones; the upload thread removes
+        # items and drops kept ones: ``_mutex`` guards the lists, ``_reusing`` keeps a checkpoint
+        # a save is linking from on disk until that save is written
+        self._mutex = threading.RLock()
+        self._reusing = threading.Lock()
         self._prefixes = [prefix]
         self._records: list[Path] = []
         if self.owner and adopt is not None:
@@ -223,16 +229,17 @@ class Spool:
     def add(self, ckpt: LocalCheckpoint, aliases: Sequence[str], backends: Sequence[str]) -> Pending:
         item = Pending(ckpt, tuple(aliases), list(backends))
         item.save()
-        self.items.append(item)
-        self.items.sort(key=_order)  # uploads keep step order, recovered ones included
+        return self._queue(item)
+
+    def _queue(self, item: Pending) -> Pending:
+        with self._mutex:
+            self.items.append(item)
+            self.items.sort(key=_order)  # uploads keep step order, recovered ones included
         return item
 
     def add_unrecorded(self, ckpt: LocalCheckpoint, aliases: Sequence[str], backends: Sequence[str]) -> Pending:
         """Queue a committed checkpoint whose sidecar could not be written (a full disk)."""
-        item = Pending(ckpt, tuple(aliases), list(backends))
-        self.items.append(item)
-        self.items.sort(key=_order)
-        return item
+        return self._queue(Pending(ckpt, tuple(aliases), list(backends)))
 
     def retry_refused(self) -> None:
         """Give the backends that refused a checkpoint in this process another try."""
@@ -252,7 +259,9 @@ class Spool:
         the next process)."""
         result = DrainResult()
         down = set() if down is None else down
-        for item in list(self.items):
+        with self._mutex:
+            queue = list(self.items)
+        for item in queue:
             first: Stored | None = None
             errors: list[tuple[str, BaseException]] = []
             for name in list(item.backends):
@@ -286,17 +295,23 @@ class Spool:
             else:
                 item.settle(None)  # deferred: it waits on disk
             if not item.backends and not item.failed:
-                self.items.remove(item)
-                self._keep(item.ckpt)  # the marker first: a crash in between never re-uploads it
-                item.sidecar.unlink(missing_ok=True)
+                self._keep(item)
         return result
 
-    def _keep(self, ckpt: LocalCheckpoint) -> None:
-        """Keep ``ckpt`` as the source of unchanged files for the next save; drop the one before."""
-        ckpt.path.with_name(ckpt.path.name + _KEPT).touch()
-        old, self.kept = self.kept, ckpt
-        if old is not None and old.path != ckpt.path:
-            self._drop(old)
+    def _keep(self, item: Pending) -> None:
+        """Keep a stored checkpoint as the source of unchanged files for the next save (if it is
+        the newest), and drop the one it replaces once no save is linking from it."""
+        ckpt = item.ckpt
+        ckpt.path.with_name(ckpt.path.name + _KEPT).touch()  # the marker first: a crash never re-uploads it
+        item.sidecar.unlink(missing_ok=True)
+        with self._mutex:
+            self.items.remove(item)
+            newest = self.kept is None or (ckpt.step, ckpt.manifest.created) >= (self.kept.step,
+                                                                                 self.kept.manifest.created)
+            drop, self.kept = (self.kept, ckpt) if newest else (ckpt, self.kept)  # an older one: not kept
+        if drop is not None and drop.path != self.kept.path:
+            with self._reusing:
+                self._drop(drop)
 
     def _drop(self, ckpt: LocalCheckpoint) -> None:
         self._drop_path(ckpt.path)
@@ -314,9 +329,15 @@ class Spool:
         shutil.rmtree(trash, ignore_errors=True)
 
     def reusable(self) -> list[LocalCheckpoint]:
-        """Committed checkpoints on disk whose files a new checkpoint may hard-link, newest first."""
-        out = [p.ckpt for p in reversed(self.items)]
-        return out + ([self.kept] if self.kept is not None else [])
+        """Committed checkpoints on disk whose files a new checkpoint may hard-link, newest first
+        (call it inside :meth:`reusing`, so none of them is dropped meanwhile)."""
+        with self._mutex:
+            out = [p.ckpt for p in reversed(self.items)]
+            return out + ([self.kept] if self.kept is not None else [])
+
+    def reusing(self) -> threading.Lock:
+        """Held by a save while it links files from :meth:`reusable` checkpoints."""
+        return self._reusing
 
     def _unlink_lock(self, prefix: str) -> None:
         (self.root / f".lock-{prefix}").unlink(missing_ok=True)

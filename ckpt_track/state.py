@@ -16,12 +16,14 @@ from typing import Any
 
 import torch
 
-from .errors import SerializationError, StateMismatch
+from .errors import IntegrityError, SerializationError, StateMismatch
 
-__all__ = ["Captured", "Restored", "apply", "capture", "check", "decode_tree", "encode_tree", "live_tensors"]
+__all__ = ["Captured", "Restored", "apply", "capture", "check", "decode_tree", "encode_tree", "live_tensors",
+           "prepare"]
 
 _TAG = "__ct__"
 _MAX_NAMES = 10
+_MAX_DEPTH = 64  # nesting of stored values; a reader refuses JSON nested deeper than 200 levels
 
 
 # -- JSON tree codec -------------------------------------------------------------
@@ -49,7 +51,10 @@ class _Encoder:
         self.tensors[name] = t
         return {_TAG: "tensor", "name": name}
 
-    def encode(self, obj: Any, name: str) -> Any:
+    def encode(self, obj: Any, name: str, depth: int = 0) -> Any:
+        if depth > _MAX_DEPTH:
+            raise SerializationError(f"{name}: values nested deeper than {_MAX_DEPTH} levels cannot be stored; "
+                                     "flatten the structure")
         if obj is None or isinstance(obj, (bool, str)):
             return obj
         if isinstance(obj, int):
@@ -70,15 +75,16 @@ class _Encoder:
                         "or a list of JSON values"
                     ) from exc
                 return self.tensor(converted, name)
+        d = depth + 1
         if isinstance(obj, Mapping):
             if all(isinstance(k, str) for k in obj) and _TAG not in obj:
-                return {k: self.encode(v, f"{name}/{k}") for k, v in obj.items()}
-            return {_TAG: "dict", "items": [[self.encode(k, f"{name}/{k}#key"), self.encode(v, f"{name}/{k}")]
+                return {k: self.encode(v, f"{name}/{k}", d) for k, v in obj.items()}
+            return {_TAG: "dict", "items": [[self.encode(k, f"{name}/{k}#key", d), self.encode(v, f"{name}/{k}", d)]
                                              for k, v in obj.items()]}
         if isinstance(obj, list):
-            return [self.encode(v, f"{name}/{i}") for i, v in enumerate(obj)]
+            return [self.encode(v, f"{name}/{i}", d) for i, v in enumerate(obj)]
         if isinstance(obj, tuple):
-            return {_TAG: "tuple", "items": [self.encode(v, f"{name}/{i}") for i, v in enumerate(obj)]}
+            return {_TAG: "tuple", "items": [self.encode(v, f"{name}/{i}", d) for i, v in enumerate(obj)]}
         raise SerializationError(
             f"{name}: a value of type {type(obj).__qualname__} cannot be stored in a checkpoint; "
             "use JSON values (dict, list, str, int, float, bool, None) or tensors"
@@ -301,9 +307,9 @@ def check(
         if obj is not None and name not in tree:
             raise StateMismatch(f"the checkpoint holds no {name} state (it was saved without {name}=...)")
     if optimizer is not None:
-        _check_optimizer(optimizer, decode_tree(tree["optimizer"], tensors))
+        _check_optimizer(optimizer, _decode(tree["optimizer"], tensors, "optimizer"))
     if model is not None:
-        _check_model(model.state_dict(), decode_tree(tree["model"], tensors), strict)
+        _check_model(model.state_dict(), _decode(tree["model"], tensors, "model"), strict)
 
 
 def live_tensors(*, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
@@ -329,23 +335,233 @@ def apply(
 ) -> Restored:
     """Load captured state into live training objects.
 
-    Raises :class:`StateMismatch` naming the offending keys when the checkpoint
-    does not fit; in that case the model is left untouched.
+    Everything is checked first (:func:`prepare`): raises :class:`StateMismatch` naming
+    the offending keys when the checkpoint does not fit, :class:`IntegrityError` when a
+    value is malformed; in both cases no object is changed.
     """
-    check(tree, tensors, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, strict=strict)
-    opt_state = decode_tree(tree["optimizer"], tensors) if optimizer is not None else None
+    parts = prepare(tree, tensors, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                    strict=strict, rng=rng)
     if model is not None:
-        _load_model(model, decode_tree(tree["model"], tensors), strict)
+        _load_model(model, parts["model"], strict)
     if optimizer is not None:
         try:
-            optimizer.load_state_dict(opt_state)
+            optimizer.load_state_dict(parts["optimizer"])
         except (ValueError, KeyError, RuntimeError) as exc:
             raise StateMismatch(f"optimizer state does not fit this optimizer: {exc}") from exc
     if scheduler is not None:
-        scheduler.load_state_dict(decode_tree(tree["scheduler"], tensors))
+        scheduler.load_state_dict(parts["scheduler"])
     if scaler is not None:
-        scaler.load_state_dict(decode_tree(tree["scaler"], tensors))
+        scaler.load_state_dict(parts["scaler"])
+    if "rng" in parts:
+        _set_rng(parts["rng"])
+    return Restored(step=parts["step"], epoch=parts["epoch"], extra=parts["extra"])
+
+
+# -- validation: everything is checked before anything changes ------------------------
+def prepare(
+    tree: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    strict: bool = True,
+    rng: bool = True,
+) -> dict[str, Any]:
+    """Decode and check every part :func:`apply` would load, changing nothing: step and
+    epoch, the model's keys and shapes, the optimizer's groups and hyper-parameters, the
+    scheduler's and scaler's keys and value types, and the RNG states.  ``tensors`` may
+    be meta tensors except for the RNG states.  Returns the decoded parts."""
+    check(tree, tensors, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, strict=strict)
+    parts: dict[str, Any] = {"step": _count(tree.get("step"), "step"),
+                             "epoch": None if tree.get("epoch") is None else _count(tree["epoch"], "epoch")}
+    for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if obj is not None:
+            parts[name] = _decode(tree[name], tensors, name)
+    extra = _decode(tree.get("extra") or {}, tensors, "extra")
+    if not isinstance(extra, dict):
+        raise IntegrityError(f"state.json: 'extra' is a {type(extra).__name__}, not an object; the checkpoint is damaged")
+    parts["extra"] = extra
+    if optimizer is not None:
+        _check_optimizer_values(optimizer, parts["optimizer"])
+    if scheduler is not None:
+        _check_like(parts["scheduler"], scheduler.state_dict(), "scheduler", same_keys=True)
+    if scaler is not None:
+        _check_like(parts["scaler"], scaler.state_dict(), "scaler", same_keys=False)
     if rng and "rng" in tree:
-        _set_rng(decode_tree(tree["rng"], tensors))
-    extra = decode_tree(tree.get("extra") or {}, tensors)
-    return Restored(step=int(tree["step"]), epoch=tree.get("epoch"), extra=extra)
+        parts["rng"] = _decode(tree["rng"], tensors, "rng")
+        check_rng(parts["rng"])
+    return parts
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise IntegrityError(f"state.json: {what} is {value!r}, not a non-negative integer; the checkpoint is damaged")
+    return value
+
+
+def _decode(tree: Any, tensors: Mapping[str, torch.Tensor], what: str) -> Any:
+    try:
+        return decode_tree(tree, tensors)
+    except StateMismatch:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as exc:
+        raise IntegrityError(f"state.json: the {what} state is malformed ({type(exc).__name__}: {exc}); "
+                             "the checkpoint is damaged") from exc
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _mismatch(saved: Any, live: Any) -> str | None:
+    """Why a saved value cannot replace a live one of the same slot (None when it can):
+    numbers stay numbers, bools bools, strings strings, tuples and lists keep their length."""
+    if isinstance(live, torch.Tensor):
+        if isinstance(saved, torch.Tensor):
+            return None if saved.shape == live.shape else f"a tensor of shape {tuple(saved.shape)}, " \
+                f"expected {tuple(live.shape)}"
+        return None if _is_number(saved) else "expected a tensor or a number"
+    if isinstance(live, bool):
+        return None if isinstance(saved, bool) or saved is None else "expected true or false"
+    if _is_number(live):
+        return None if _is_number(saved) else "expected a number"
+    if isinstance(live, str):
+        return None if isinstance(saved, str) else "expected a string"
+    if isinstance(live, (tuple, list)):
+        if type(saved) is not type(live) or len(saved) != len(live):
+            return f"expected a {type(live).__name__} of {len(live)} values"
+        return next((f"item {i}: {p}" for i, (a, b) in enumerate(zip(saved, live)) if (p := _mismatch(a, b))), None)
+    if isinstance(live, Mapping):
+        if not isinstance(saved, Mapping):
+            return "expected an object"
+        return next((f"{k!r}: {p}" for k in live if k in saved and (p := _mismatch(saved[k], live[k]))), None)
+    return None  # None or a type we cannot judge: the live object decides
+
+
+def _public(keys: Any) -> set[Any]:
+    """Keys that say what an object is (private bookkeeping keys come and go with torch versions)."""
+    return {k for k in keys if not (isinstance(k, str) and (k.startswith("_") or k == "verbose"))}
+
+
+def _check_like(saved: Any, live: Mapping[str, Any], what: str, *, same_keys: bool) -> None:
+    """``saved`` must have the live state's keys (exactly, with ``same_keys``, apart from
+    private bookkeeping keys) with values of compatible types."""
+    if not isinstance(saved, Mapping):
+        raise StateMismatch(f"the checkpoint's {what} state is a {type(saved).__name__}, not an object")
+    missing = sorted(map(str, (_public(live) if same_keys else set(live)) - set(saved)))
+    unknown = sorted(map(str, _public(saved) - set(live))) if same_keys else []
+    if missing or unknown:
+        raise StateMismatch(
+            f"the checkpoint's {what} state does not fit this {what} (saved from another class?): "
+            + "; ".join(p for p in (missing and f"missing {_names(missing)}", unknown and f"unknown {_names(unknown)}")
+                        if p)
+        )
+    for key in live:
+        if key in saved and (problem := _mismatch(saved[key], live[key])):
+            raise StateMismatch(f"the checkpoint's {what} state has {key!r} = {_short(saved[key])}: {problem}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+#: optimizer flags a checkpoint of an older torch may lack (the optimizer fills in defaults)
+_OPTIONAL_FLAGS = frozenset({"foreach", "maximize", "capturable", "differentiable", "fused", "decoupled_weight_decay"})
+
+
+def _check_optimizer_values(optimizer: torch.optim.Optimizer, saved: Any) -> None:
+    """Every hyper-parameter of every live group is in the saved group with a compatible type."""
+    if not isinstance(saved.get("state"), Mapping):
+        raise IntegrityError("state.json: the optimizer state has no 'state' object; the checkpoint is damaged")
+    for i, (live, group) in enumerate(zip(optimizer.param_groups, saved["param_groups"])):
+        if not isinstance(group, Mapping) or not all(isinstance(p, int) and not isinstance(p, bool)
+                                                     for p in group["params"]):
+            raise IntegrityError(f"state.json: optimizer parameter group {i} is malformed; the checkpoint is damaged")
+        for key, value in live.items():
+            if key == "params":
+                continue
+            if key not in group:
+                if key in _OPTIONAL_FLAGS and (value is None or isinstance(value, bool)):
+                    continue
+                raise StateMismatch(f"optimizer parameter group {i} of the checkpoint lacks {key!r}; it was saved "
+                                    f"from another optimizer class (this one is {type(optimizer).__name__})")
+            problem = _mismatch(group[key], value)
+            if problem:
+                raise StateMismatch(f"optimizer parameter group {i} of the checkpoint has {key!r} = "
+                                    f"{_short(group[key])}: {problem}")
+
+
+_PY_STATE_LEN = 625
+_NP_KEYS = 624
+
+
+def check_rng(state: Any) -> None:
+    """Raise :class:`IntegrityError` unless every saved RNG state can be set; each is tried
+    on a fresh generator, never on the global ones."""
+    if not isinstance(state, Mapping):
+        raise IntegrityError("state.json: the rng state is not an object; the checkpoint is damaged")
+    try:
+        if "python" in state:
+            _try_python_rng(state["python"])
+        if "torch" in state:
+            _try_torch_rng(state["torch"])
+        if "numpy" in state:
+            _try_numpy_rng(state["numpy"])
+        if "cuda" in state:
+            _check_cuda_rng(state["cuda"])
+    except (TypeError, ValueError, OverflowError, RuntimeError, IndexError) as exc:
+        raise IntegrityError(f"state.json: a saved RNG state is malformed ({exc}); the checkpoint is damaged, "
+                             "or restore with rng=False") from exc
+
+
+def _try_python_rng(value: Any) -> None:
+    version, internal, gauss = value
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"python: version {version!r} is not an integer")
+    if not isinstance(internal, (tuple, list)) or len(internal) != _PY_STATE_LEN or \
+            not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in internal) or \
+            internal[-1] > _PY_STATE_LEN - 1:
+        raise ValueError(f"python: the state is not {_PY_STATE_LEN - 1} uint32 words and a position")
+    if gauss is not None and not isinstance(gauss, float):
+        raise ValueError(f"python: gauss {gauss!r} is not a float or null")
+    random.Random().setstate((version, tuple(internal), gauss))
+
+
+def _rng_tensor(value: Any, what: str, length: int | None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
+        raise ValueError(f"{what}: not a 1-d uint8 tensor")
+    if length is not None and value.numel() != length:
+        raise ValueError(f"{what}: {value.numel()} bytes, expected {length}")
+    return value
+
+
+def _try_torch_rng(value: Any) -> None:
+    t = _rng_tensor(value, "torch", torch.get_rng_state().numel())
+    if t.device.type == "cpu":
+        torch.Generator().set_state(t)
+
+
+def _try_numpy_rng(value: Any) -> None:
+    kind, keys, pos, has_gauss, cached = value
+    if not isinstance(kind, str) or not isinstance(keys, (list, tuple)) or len(keys) != _NP_KEYS or \
+            not all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < 2**32 for k in keys):
+        raise ValueError(f"numpy: expected a kind and {_NP_KEYS} uint32 keys")
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (pos, has_gauss)) or not _is_number(cached):
+        raise ValueError("numpy: pos and has_gauss must be integers, cached a number")
+    try:
+        import numpy as np
+    except ImportError:
+        return
+    np.random.RandomState().set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _check_cuda_rng(value: Any) -> None:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("cuda: not a list of states")
+    available = torch.cuda.is_available()
+    for i, t in enumerate(value):
+        length = torch.cuda.get_rng_state(i).numel() if available and i < torch.cuda.device_count() else None
+        _rng_tensor(t, f"cuda[{i}]", length)

@@ -5,6 +5,7 @@ process killed in the middle of a background write leaves no partial checkpoint.
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
@@ -199,7 +200,7 @@ def test_checkpoint_committed_without_its_sidecar_is_uploaded_by_the_next_proces
 
 def test_restore_reads_model_tensors_into_their_own_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     import ckpt_track.format as fmt
-    import ckpt_track.run as run_mod
+    run_mod = importlib.import_module("ckpt_track.restoring")
 
     model = _model()
     with ct.init(project="inc", name="g", monitor=None) as run:
@@ -248,7 +249,7 @@ def test_restore_of_empty_scalar_bool_bf16_and_tied_tensors(incremental: bool) -
 
 
 def test_a_read_that_fails_part_way_is_an_integrity_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ckpt_track.run as run_mod
+    run_mod = importlib.import_module("ckpt_track.restoring")
     from ckpt_track.errors import IntegrityError
 
     with ct.init(project="inc", name="h", monitor=None) as run:

@@ -112,9 +112,18 @@ class Backend(Protocol):
     def finish_run(self, run: RunInfo) -> None:
         """Close the run in the tracker (flush, mark finished); called once by ``Run.finish``."""
 
-    # Optional: ``resolve_ref(self, ref) -> Ref`` turns a reference to a tracker object
-    # that is not a run (a logged model, a registry version) into ``<run>:vN``; the core
-    # calls it before ``find_run`` when a backend defines it.
+    # Optional hooks, called by the core when a backend defines them:
+    # - ``resolve_ref(self, ref) -> Ref`` turns a reference to a tracker object that is not a
+    #   run (a logged model, a registry version) into ``<run>:vN``; called before ``find_run``.
+    # - ``check_configured(self) -> None`` raises ConfigError before a reference is resolved
+    #   when the backend would otherwise fall back to a default that has side effects (a store
+    #   created in the working directory, a vendor's public host).
+    # - ``sweep(self, run) -> None`` removes what an upload cut short (a killed process, a
+    #   failed put) left half-created in the tracker; called from the upload thread, once per
+    #   process for a resumed run and after a put failed part way.  One writer per run.
+    # ``put`` must be safe to call again for a checkpoint whose earlier put was cut short: the
+    # core recognises one already stored by its step and ``created`` (``Stored.created`` must
+    # be the manifest's), so the tracker never holds it twice.
 
     @classmethod
     def parse_ref(cls, text: str) -> Ref | None:

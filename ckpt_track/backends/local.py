@@ -108,6 +108,7 @@ class LocalBackend:
         if unknown:
             raise ConfigError(f"local backend: unknown option(s) {sorted(unknown)}; known: {sorted(self.options)}")
         self.root = _root(options.get("root") or DEFAULT_ROOT)
+        self._damaged: dict[str, dict[int, tuple[tuple[str, ...], str]]] = {}
 
     # -- paths and locks ------------------------------------------------------------
     def _project_dir(self, project: str) -> Path:
@@ -305,6 +306,7 @@ class LocalBackend:
         cdir = run_dir / "checkpoints"
         aliases = self._aliases(run_dir)
         out = []
+        damaged: dict[int, tuple[tuple[str, ...], str]] = {}
         for version in sorted(self._versions(cdir)):
             try:
                 manifest = read_manifest(cdir / f"v{version:06d}")
@@ -312,9 +314,19 @@ class LocalBackend:
                 continue  # being deleted, or never committed
             except IntegrityError as exc:
                 warnings.warn(f"skipping damaged checkpoint: {exc}", stacklevel=2)
+                damaged[version] = (tuple(sorted(a for a, v in aliases.items() if v == version)), str(exc))
                 continue
             out.append(self._stored(run, version, manifest, aliases))
+        self._damaged[str(run_dir)] = damaged
         return out
+
+    def damaged(self, run: RunInfo) -> dict[int, tuple[tuple[str, ...], str]]:
+        """Versions of ``run`` whose manifest is damaged (left out of :meth:`list`): version ->
+        (the aliases pointing at it, what is wrong)."""
+        key = str(self._run_dir(run))
+        if key not in self._damaged:
+            self.list(run)
+        return dict(self._damaged[key])
 
     def get(self, stored: Stored, dest: Path) -> LocalCheckpoint:
         path = Path(stored.native["path"])

@@ -59,9 +59,6 @@ def rng_state() -> tuple[Any, ...]:
     return random.getstate(), repr(np.random.get_state()), torch.get_rng_state().clone()
 
 
-def same_rng(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-    return a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
-
 
 @dataclass
 class Loop:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import ckpt_track as ct
-from faults.common import LOOP_LIMIT, Loop, baseline, equal_weights, make, rng_state, same_rng, scale, seed_all
+from faults.common import LOOP_LIMIT, Loop, baseline, equal_weights, make, rng_state, scale, seed_all
 from faults.proxy import FaultProxy, random_policy
 
 pytestmark = pytest.mark.slow
