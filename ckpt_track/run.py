@@ -130,9 +130,6 @@ class Run:
         )
         if self._deferred:
             self._spool.record_deferred({"project": self.project, "name": spec.name, "real_id": None})
-        self._uploader = Uploader(self._drain)
-        if self._spool.items or self._deferred or self._spool.owner:
-            self._uploader.kick()  # uploads a previous process owed this run go first; clean up what it left
         self._finished = False
         self._parent: str | None = None  # the checkpoint the next one continues from
         self._resumed_from: str | None = None
@@ -153,6 +150,9 @@ class Run:
         weak = weakref.ref(self)
         self._atexit = lambda: (r := weak()) is not None and r._finish_at_exit()
         atexit.register(self._atexit)
+        self._uploader = Uploader(self._drain)
+        if self._spool.items or self._deferred or self._spool.owner:
+            self._uploader.kick()  # uploads a previous process owed this run go first; clean up what it left
 
     # -- identity -----------------------------------------------------------------------
     @property

@@ -234,8 +234,9 @@ def test_fuzz_restore_contacts_nothing_unnamed(cwd: Path, tmp_path: Path, monkey
     monkeypatch.setenv("CLEARML_API_HOST", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("CLEARML_API_ACCESS_KEY", "test")
     monkeypatch.setenv("CLEARML_API_SECRET_KEY", "test")
-    (tmp_path / "clearml.conf").write_text("")
-    monkeypatch.setenv("CLEARML_CONFIG_FILE", str(tmp_path / "clearml.conf"))
+    # the SDK reads its config file once per process: the one every ClearML test uses (no
+    # synchronous repository detection, which would stall a later Task.close())
+    monkeypatch.setenv("CLEARML_CONFIG_FILE", str(Path(__file__).parents[2] / "backends" / "clearml.conf"))
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     settings = _restore_settings(tmp_path, port)
     rng = random.Random(SEED + 1)

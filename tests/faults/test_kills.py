@@ -79,7 +79,7 @@ def _run_kills(tmp_path: Path, env: dict[str, str], kills: int, steps: int,
 
 @pytest.mark.parametrize("backend", ["local", "mlflow"])
 def test_random_sigkills_lose_nothing_and_resume_bit_identical(tmp_path: Path, backend: str, request) -> None:
-    kills = scale(6, 200) if backend == "local" else scale(4, 40)
+    kills = scale(4, 160) if backend == "local" else scale(3, 40)  # the long suite: 200 kills in all
     steps = 3 * kills + 8
     uri = None
     settings = ct.load_settings({"local": {"root": str(tmp_path / "store")}})
@@ -124,8 +124,7 @@ def test_random_sigkills_lose_nothing_and_resume_bit_identical(tmp_path: Path, b
             corrupt += 1
     a, b = load_file(tmp_path / "full.safetensors"), load_file(tmp_path / "crashed.safetensors")
     identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    leftovers = sorted(p.name for p in (tmp_path / "store" / ".spool").iterdir()
-                       if "killed" in p.name or p.name.startswith((".lock-kills-", "deferred-kills-")))
+    leftovers = sorted(p.name for p in (tmp_path / "store" / ".spool").iterdir())  # both runs finished cleanly
     run_dir_junk: list[str] = []
     if backend == "local":
         cdir = next((tmp_path / "store" / "kills").glob("*/checkpoints"))

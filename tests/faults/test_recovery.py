@@ -4,6 +4,9 @@ cleaned up; ``latest`` always means the highest step."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -47,27 +50,38 @@ def test_a_recovered_older_checkpoint_never_takes_latest(tmp_path: Path) -> None
     assert not orphan.exists() and not list(spool.iterdir())
 
 
+def _dies_after_one_checkpoint(tmp_path: Path, name: str) -> str:
+    """A process that stores step 1 and dies without finish(); returns its run id."""
+    code = ("import os, torch, ckpt_track as ct\n"
+            f"run = ct.init(project='p', name={name!r}, monitor=None)\n"
+            "run.log_checkpoint(1, model=torch.nn.Linear(4, 4)).wait()\n"
+            "print(run.id, flush=True)\n"
+            "os._exit(0)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CKPT_TRACK_")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120, check=True)
+    return done.stdout.split()[-1]
+
+
 def test_a_stored_checkpoint_whose_sidecar_was_not_updated_is_not_stored_twice(tmp_path: Path) -> None:
     """Killed after the store committed the version but before the spool noted it: the next
     process recognises the checkpoint (same step and creation time) and completes it."""
-    run = ct.init(project="p", name="twice", monitor=None)
-    run.log_checkpoint(1, model=_model(1.0)).wait()
+    run_id = _dies_after_one_checkpoint(tmp_path, "twice")
     (kept,) = [p for p in Path("ckpt_runs/.spool").iterdir() if p.is_dir()]
     # what a kill at that moment leaves: the sidecar still owes "local" and there is no .kept marker
-    kept.with_name(kept.name + ".kept").unlink()
+    kept.with_name(kept.name + ".kept").unlink(missing_ok=True)
     kept.with_name(kept.name + ".pending.json").write_text(json.dumps({"aliases": [], "backends": ["local"]}))
-    run._spool._lock.release()  # the process "dies": its lock goes away
     again = ct.init(project="p", name="twice", monitor=None)
+    assert again.id == run_id
     again.finish()
-    assert [s.step for s in ct.list_checkpoints(run.ref)] == [1]
+    assert [s.step for s in ct.list_checkpoints(again.ref)] == [1]
     assert not list(Path("ckpt_runs/.spool").iterdir())
 
 
 def test_leftovers_of_dead_processes_are_removed_and_nothing_remains_after_finish(tmp_path: Path) -> None:
-    run = ct.init(project="p", name="junk", monitor=None)
-    run.log_checkpoint(1, model=_model(1.0)).wait()
+    run_id = _dies_after_one_checkpoint(tmp_path, "junk")
     spool = Path("ckpt_runs/.spool")
-    prefix = f"p-{run.id}-"
+    prefix = f"p-{run_id}-"
     # a half-written save, a half-removed one, a sidecar write cut short, a stale marker,
     # a copy into the store cut short
     (spool / f".tmp-{prefix}step2-00000000-11111111").mkdir()
@@ -76,10 +90,9 @@ def test_leftovers_of_dead_processes_are_removed_and_nothing_remains_after_finis
     (spool / f"{prefix}step8-44444444.kept").touch()
     incoming = next(Path("ckpt_runs/p").glob("*/checkpoints")) / ".incoming" / "999999999-deadbeef"
     incoming.mkdir(parents=True)
-    run._spool._lock.release()
     again = ct.init(project="p", name="junk", monitor=None)
     again.log_checkpoint(2, model=_model(2.0)).wait()
     again.finish()
     assert not incoming.exists()
     assert not list(spool.iterdir()), sorted(p.name for p in spool.iterdir())
-    assert [s.step for s in ct.list_checkpoints(run.ref)] == [1, 2]
+    assert [s.step for s in ct.list_checkpoints(again.ref)] == [1, 2]
