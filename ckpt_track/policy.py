@@ -62,13 +62,13 @@ def select(stored: Sequence[Stored], ref: Ref) -> Stored:
     elif ref.alias is not None:
         found = next((s for s in reversed(by_version) if ref.alias in s.aliases), None)
         if found is None and ref.alias == "latest" and by_version:
-            found = by_version[-1]
+            found = max(by_version, key=lambda s: (s.step, s.version))  # the highest step
         if found is None and ref.alias.startswith("step-") and ref.alias[5:].isdigit():
             step = int(ref.alias[5:])
             found = next((s for s in reversed(by_version) if s.step == step), None)
     elif by_version:
         latest = [s for s in by_version if "latest" in s.aliases]
-        found = latest[-1] if latest else by_version[-1]
+        found = latest[-1] if latest else max(by_version, key=lambda s: (s.step, s.version))
     if found is None:
         what = ref.selector.lstrip("@:") or "latest"
         raise CheckpointNotFound(f"{ref}: no checkpoint matches {what!r}; {_summary(by_version)}")
@@ -83,8 +83,9 @@ def retention_plan(stored: Sequence[Stored], retention: Retention, metric: str |
     mode = retention.mode or mode
     by_version = sorted(stored, key=lambda s: s.version)
     keep: set[int] = set()
-    if retention.keep_last:
-        keep.update(s.version for s in by_version[-retention.keep_last:])
+    if retention.keep_last:  # the newest by step: an older checkpoint uploaded late is not "newer"
+        by_step = sorted(stored, key=lambda s: (s.step, s.version))
+        keep.update(s.version for s in by_step[-retention.keep_last:])
     if retention.keep_best:
         scored = [s for s in by_version if _metric(s, metric) is not None]
         sign = 1.0 if mode == "min" else -1.0

@@ -23,6 +23,7 @@ from .backends.local import DEFAULT_ROOT
 from .config import Settings, load_settings
 from .errors import (
     BackendUnavailable,
+    CheckpointNotFound,
     CheckpointWriteError,
     CkptTrackError,
     ConfigError,
@@ -126,7 +127,8 @@ class Run:
         self._spool = Spool(
             spool_root / ".spool", f"{self.project}-{self.id}-", [b.name for b, _ in self._targets],
             adopt=lambda meta: meta.get("project") == self.project and (
-                meta.get("real_id") in ids or (spec.name is not None and meta.get("name") == spec.name)),
+                meta.get("real_id") in ids or meta.get("prefix") == f"{self.project}-{spec.run_id}-"
+                or (spec.name is not None and spec.resume != "never" and meta.get("name") == spec.name)),
         )
         if self._deferred:
             self._spool.record_deferred({"project": self.project, "name": spec.name, "real_id": None})
@@ -151,8 +153,7 @@ class Run:
         self._atexit = lambda: (r := weak()) is not None and r._finish_at_exit()
         atexit.register(self._atexit)
         self._uploader = Uploader(self._drain)
-        if self._spool.items or self._deferred or self._spool.owner:
-            self._uploader.kick()  # uploads a previous process owed this run go first; clean up what it left
+        self._uploader.kick()  # uploads a previous process owed this run go first; clean up what it left
 
     # -- identity -----------------------------------------------------------------------
     @property
@@ -288,7 +289,8 @@ class Run:
             except BackendUnavailable as exc:
                 self._deferred[backend.name] = exc
                 continue
-            except CkptTrackError as exc:
+            except Exception as exc:  # refused (auth, configuration): reported, tried again next pass
+                self._deferred[backend.name] = exc
                 log.error("ckpt_track: could not open the run in %s: %s", backend.name, exc)
                 continue
             with self._lock:
@@ -310,13 +312,16 @@ class Run:
                 hook(info)
             except BackendUnavailable:
                 continue
-            except CkptTrackError as exc:
+            except Exception as exc:
                 log.warning("ckpt_track: could not clean up leftovers in %s: %s", backend.name, exc)
             self._swept.add(backend.name)
             self._dirty.discard(backend.name)
 
-    def _drain(self) -> DrainResult:
-        """Store every spooled checkpoint in every backend that is owed it (upload thread only)."""
+    def _drain(self, retry: bool = False) -> DrainResult:
+        """Store every spooled checkpoint in every backend that is owed it (upload thread only);
+        ``retry``: give the backends that refused one another try first."""
+        if retry:
+            self._spool.retry_refused()
         if self._deferred:
             self._open_deferred()
         self._sweep()
@@ -358,7 +363,7 @@ class Run:
             try:
                 stored = backend.put(info, ckpt, aliases)
             except BackendUnavailable:
-                self._dirty.add(backend.name)  # a half-made record may be left: swept next pass
+                self._dirty.add(backend.name)  # a half-made record may be left: swept when it is back
                 raise
             except Exception:
                 self._dirty.add(backend.name)
@@ -392,23 +397,25 @@ class Run:
         """
         self._writer.flush()
         if ref is None:
-            # the newest of what the tracker holds and what waits in the spool (committed on
-            # this disk, not uploaded yet: the tracker may be down, or a killed process owed it)
-            spooled = max((p.ckpt for p in self._spool.items), key=lambda c: (c.step, c.manifest.created),
-                          default=None)
-            try:
-                stored = [] if self._targets[0][0].name in self._deferred else self._primary_backend.list(self.info)
-            except BackendUnavailable:
-                if spooled is None:
-                    raise
-                stored = []
-            newest = select(stored, self.ref) if stored else None
-            if spooled is not None and (newest is None or spooled.step > newest.step):
+            # the newest of what the tracker holds and what waits in the spool (committed on this
+            # disk: not uploaded yet because the tracker is down or a killed process owed it, or
+            # the newest one stored, kept for linking)
+            spooled = self._spool.newest()
+            found: Resolved | None = None
+            if self._targets[0][0].name not in self._deferred:
+                try:
+                    found = resolve(self.ref, self.settings)  # a damaged newest version is refused
+                except CheckpointNotFound:
+                    found = None
+                except BackendUnavailable:
+                    if spooled is None:
+                        raise
+            if spooled is not None and (found is None or spooled.step > found.stored.step):
                 return self._resume_spooled(spooled, model=model, optimizer=optimizer, scheduler=scheduler,
                                             scaler=scaler, strict=strict, rng=rng)
-            if newest is None:
+            if found is None:
                 return 0
-            ref = newest.ref
+            ref = found.stored.ref
         found = resolve(ref, self.settings)
         restored = _restore_from(found, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                  strict=strict, rng=rng)
@@ -422,7 +429,8 @@ class Run:
         stored = Stored(ref=self.ref.select(step=ckpt.step), run=run, version=0, step=ckpt.step,
                         metrics=dict(ckpt.manifest.metrics), created=ckpt.manifest.created,
                         native={"path": str(ckpt.path)})
-        restored = _restore_from(Resolved(LocalBackend({"root": str(self._spool.root)}), run, stored), **targets)
+        with self._spool.reusing():  # not dropped by the upload thread while it is read
+            restored = _restore_from(Resolved(LocalBackend({"root": str(self._spool.root)}), run, stored), **targets)
         log.info("ckpt_track: resumed from step %d, spooled at %s (not uploaded yet)", ckpt.step, ckpt.path)
         with self._lock:
             self._resumed_from = str(stored.ref)
@@ -479,13 +487,16 @@ class Run:
                 self._writer.close()
             finally:
                 # one last pass for everything owed (a tracker down meanwhile may be back, and one
-                # that refused a checkpoint gets one more try)
-                self._uploader.wait(self._uploader.kick())
-                if any(p.failed for p in self._spool.items) or self._dirty:
-                    self._spool.retry_refused()  # and sweep what failed puts left behind
+                # that refused a checkpoint gets one more try); another only to sweep what failed
+                # puts left behind in a tracker that is reachable now
+                self._uploader.wait(self._uploader.kick(retry=True))
+                if set(self._dirty) - set(self._deferred):
                     self._uploader.wait(self._uploader.kick())
                 self._uploader.stop()
                 pending = list(self._spool.items)
+                described = self._spool.describe()
+                for p in pending:  # nobody waits forever on a handle
+                    p.settle(None)
                 self._spool.close()
             if pending:
                 refused = [p for p in pending if p.failed]
@@ -493,10 +504,8 @@ class Run:
                 if len(refused) < len(pending):
                     why = "; ".join(filter(None, [why, "a tracker is unreachable"]))
                 raise CheckpointWriteError(
-                    f"{len(pending)} checkpoint(s) could not be uploaded ({why}): "
-                    + ", ".join(f"step {p.ckpt.step} for {'/'.join(p.backends + p.failed)} at {p.ckpt.path}"
-                                for p in pending)
-                    + ". They are safe on disk; the next ct.init() of this run uploads them"
+                    f"{len(pending)} checkpoint(s) could not be uploaded ({why}): {described}. "
+                    "They are safe on disk; the next ct.init() of this run uploads them"
                 )
         finally:
             for backend, info in self._targets:

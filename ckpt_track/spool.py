@@ -36,8 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
 from .backends.base import Stored
 from .errors import BackendUnavailable, CheckpointNotFound, CheckpointWriteError, IntegrityError
 from .format import TMP_PREFIX, LocalCheckpoint, read_manifest
@@ -49,6 +47,44 @@ _SIDECAR = ".pending.json"
 _KEPT = ".kept"
 _DEFERRED = "deferred-"
 _SIDECAR_TMP = re.compile(r"(.+)\.pending\.json\.[0-9a-f]{8}\.tmp")
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on ``path`` (``flock``: the kernel drops it when the
+    process dies).  The file is removed by its holder before release, so a process that opened
+    it earlier checks after locking that the path still names the file it locked."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                return False
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return True
+            os.close(fd)  # removed by its holder meanwhile: lock the new one
+        return False
+
+    def release(self, remove: bool = False) -> None:
+        if self._fd is None:
+            return
+        if remove:
+            self.path.unlink(missing_ok=True)  # while still held: nobody can lock the old file now
+        os.close(self._fd)
+        self._fd = None
 
 
 def _atomic_write(path: Path, data: dict[str, Any]) -> None:
@@ -78,6 +114,15 @@ class Pending:
     def save(self) -> None:
         _atomic_write(self.sidecar, {"aliases": list(self.aliases), "backends": self.backends, "failed": self.failed})
 
+    def note(self) -> None:
+        """Best-effort :meth:`save` while uploading: the sidecar only serves crash recovery, and
+        one that is out of date costs an idempotent re-upload at most (a full disk must not stop
+        the uploads)."""
+        try:
+            self.save()
+        except OSError as exc:
+            log.warning("ckpt_track: could not update %s (%s)", self.sidecar, exc)
+
     def settle(self, value: Stored | None = None, error: BaseException | None = None) -> None:
         if not self.first.done():
             if error is not None:
@@ -88,7 +133,6 @@ class Pending:
 
 @dataclass
 class DrainResult:
-    stored: list[tuple[Pending, Stored]] = field(default_factory=list)  # first Stored of each item
     deferred: list[str] = field(default_factory=list)  # "backend: reason" for unreachable trackers
     failures: list[tuple[str, BaseException]] = field(default_factory=list)
 
@@ -106,12 +150,10 @@ class Spool:
         self.prefix = prefix
         self._backends = list(backends)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(root / f".lock-{prefix}"))
-        try:
-            self._lock.acquire(timeout=0)
-            self.owner = True
-        except Timeout:  # another live process writes this run: touch nothing of its
-            self.owner = False
+        self._lock = RunLock(root / f".lock-{prefix}")
+        self._adopted: list[RunLock] = []
+        self.owner = self._lock.acquire()
+        if not self.owner:  # another live process writes this run: touch nothing of its
             log.warning("ckpt_track: another process holds the spool of %s; its queued checkpoints are left to it",
                         prefix.rstrip("-"))
         self.kept: LocalCheckpoint | None = None
@@ -155,13 +197,10 @@ class Spool:
                 continue
             if prefix == self.prefix or not wanted(meta):
                 continue
-            other = FileLock(str(self.root / f".lock-{prefix}"))
-            try:
-                other.acquire(timeout=0)  # the deferred run's own process is still alive: leave it
-            except Timeout:
+            other = RunLock(self.root / f".lock-{prefix}")
+            if not other.acquire():  # the deferred run's own process (or another adopter) is alive
                 continue
-            other.release()
-            self._unlink_lock(prefix)
+            self._adopted.append(other)  # held until close(): no second process adopts it too
             self._prefixes.append(prefix)
             self._records.append(path)
             log.info("ckpt_track: adopting the checkpoints spooled while run %s was deferred", prefix.rstrip("-"))
@@ -182,6 +221,10 @@ class Spool:
             if name.endswith(_SIDECAR) and self._is_mine(name[: -len(_SIDECAR)]) and not path.with_name(
                     name[: -len(_SIDECAR)]).is_dir():
                 path.unlink(missing_ok=True)
+                continue
+            if name.startswith(_DEFERRED) and name.endswith(".tmp") and any(
+                    name.startswith(f"{_DEFERRED}{p}json.") for p in self._prefixes):
+                path.unlink(missing_ok=True)  # a deferred record's write cut short
                 continue
             if (m := _SIDECAR_TMP.fullmatch(name)) and self._is_mine(m.group(1)):
                 path.unlink(missing_ok=True)  # a sidecar write cut short
@@ -242,15 +285,14 @@ class Spool:
         return self._queue(Pending(ckpt, tuple(aliases), list(backends)))
 
     def retry_refused(self) -> None:
-        """Give the backends that refused a checkpoint in this process another try."""
-        for item in self.items:
-            if item.failed:
-                item.backends += [b for b in item.failed if b not in item.backends]
-                item.failed.clear()
-                item.reasons.clear()
-
-    def owed(self) -> list[Pending]:
-        return [i for i in self.items if i.backends]
+        """Give the backends that refused a checkpoint in this process another try (call it on
+        the upload thread, between passes)."""
+        with self._mutex:
+            for item in self.items:
+                if item.failed:
+                    item.backends += [b for b in item.failed if b not in item.backends]
+                    item.failed.clear()
+                    item.reasons.clear()
 
     def drain(self, put: Callable[[str, LocalCheckpoint, tuple[str, ...]], Stored],
               down: set[str] | None = None) -> DrainResult:
@@ -262,47 +304,59 @@ class Spool:
         with self._mutex:
             queue = list(self.items)
         for item in queue:
-            first: Stored | None = None
-            errors: list[tuple[str, BaseException]] = []
-            for name in list(item.backends):
-                if name in down:
-                    continue
-                try:
-                    stored = put(name, item.ckpt, item.aliases)
-                except BackendUnavailable as exc:
-                    down.add(name)
-                    result.deferred.append(f"{name}: {exc}")
-                    continue
-                except Exception as exc:
+            try:
+                self._drain_one(item, put, down, result)
+            except Exception as exc:  # bookkeeping on a full disk, say: never stop the queue
+                log.error("ckpt_track: uploading %s failed: %s", item.ckpt.path, exc)
+                item.settle(error=CheckpointWriteError(f"checkpoint at step {item.ckpt.step}: {exc}"))
+        return result
+
+    def _drain_one(self, item: Pending, put: Callable[[str, LocalCheckpoint, tuple[str, ...]], Stored],
+                   down: set[str], result: DrainResult) -> None:
+        first: Stored | None = None
+        errors: list[tuple[str, BaseException]] = []
+        for name in list(item.backends):
+            if name in down:
+                continue
+            try:
+                stored = put(name, item.ckpt, item.aliases)
+            except BackendUnavailable as exc:
+                down.add(name)
+                result.deferred.append(f"{name}: {exc}")
+                continue
+            except Exception as exc:
+                with self._mutex:
                     item.backends.remove(name)
                     item.failed.append(name)
-                    msg = f"{name}: {exc} (checkpoint kept at {item.ckpt.path}; the next run of it retries)"
-                    result.failures.append((msg, exc))
-                    errors.append((msg, exc))
-                    item.reasons.append(f"{name}: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}")
-                    item.save()
-                    continue
+                msg = f"{name}: {exc} (checkpoint kept at {item.ckpt.path}; the next run of it retries)"
+                result.failures.append((msg, exc))
+                errors.append((msg, exc))
+                item.reasons.append(f"{name}: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}")
+                item.note()
+                continue
+            with self._mutex:
                 item.backends.remove(name)
-                first = first or stored
-                result.stored.append((item, stored))
-                item.save()
-            if first is not None:
-                item.settle(first)
-            elif errors:
-                error = CheckpointWriteError(f"checkpoint at step {item.ckpt.step} was not stored: {errors[0][0]}")
-                error.__cause__ = errors[0][1]
-                item.settle(error=error)
-            else:
-                item.settle(None)  # deferred: it waits on disk
-            if not item.backends and not item.failed:
-                self._keep(item)
-        return result
+            first = first or stored
+            item.note()
+        if first is not None:
+            item.settle(first)
+        elif errors:
+            error = CheckpointWriteError(f"checkpoint at step {item.ckpt.step} was not stored: {errors[0][0]}")
+            error.__cause__ = errors[0][1]
+            item.settle(error=error)
+        else:
+            item.settle(None)  # deferred: it waits on disk
+        if not item.backends and not item.failed:
+            self._keep(item)
 
     def _keep(self, item: Pending) -> None:
         """Keep a stored checkpoint as the source of unchanged files for the next save (if it is
         the newest), and drop the one it replaces once no save is linking from it."""
         ckpt = item.ckpt
-        ckpt.path.with_name(ckpt.path.name + _KEPT).touch()  # the marker first: a crash never re-uploads it
+        try:  # the marker first: a crash never re-uploads it (without it: an idempotent re-upload)
+            ckpt.path.with_name(ckpt.path.name + _KEPT).touch()
+        except OSError as exc:
+            log.warning("ckpt_track: could not mark %s as stored (%s)", ckpt.path, exc)
         item.sidecar.unlink(missing_ok=True)
         with self._mutex:
             self.items.remove(item)
@@ -328,6 +382,12 @@ class Spool:
         path.with_name(path.name + _SIDECAR).unlink(missing_ok=True)
         shutil.rmtree(trash, ignore_errors=True)
 
+    def newest(self) -> LocalCheckpoint | None:
+        """The highest-step checkpoint committed here (owed, refused, or kept)."""
+        with self._mutex:
+            candidates = [p.ckpt for p in self.items] + ([self.kept] if self.kept is not None else [])
+        return max(candidates, key=lambda c: (c.step, c.manifest.created), default=None)
+
     def reusable(self) -> list[LocalCheckpoint]:
         """Committed checkpoints on disk whose files a new checkpoint may hard-link, newest first
         (call it inside :meth:`reusing`, so none of them is dropped meanwhile)."""
@@ -339,24 +399,24 @@ class Spool:
         """Held by a save while it links files from :meth:`reusable` checkpoints."""
         return self._reusing
 
-    def _unlink_lock(self, prefix: str) -> None:
-        (self.root / f".lock-{prefix}").unlink(missing_ok=True)
-
     def close(self) -> None:
         """Drop the kept checkpoint and this run's records (the run is over; every backend has it).
         Checkpoints still owed stay, with the lock released, for the next process."""
         if self.kept is not None:
             self._drop(self.kept)
             self.kept = None
-        if not self.items:
+        done = not self.items
+        if done:
             for rec in self._records:
                 rec.unlink(missing_ok=True)
+        for other in self._adopted:
+            other.release(remove=done)
+        self._adopted.clear()
         if self.owner:
-            self._lock.release()
-            if not self.items:
-                self._unlink_lock(self.prefix)
+            self._lock.release(remove=done)
             self.owner = False
 
     def describe(self) -> str:
+        """What is still owed, for an error message."""
         return ", ".join(f"step {p.ckpt.step} for {'/'.join(p.backends + p.failed)} at {p.ckpt.path}"
                          for p in self.items)

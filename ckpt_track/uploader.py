@@ -28,22 +28,27 @@ def backoff_schedule(attempt: int, first: float = 1.0, most: float = 60.0) -> fl
 
 
 class Uploader:
-    """Runs ``drain()`` in a background thread whenever asked, and again with backoff while
-    it reports deferred uploads (``drain`` returns something with a truthy ``deferred``)."""
+    """Runs ``drain(retry)`` in a background thread whenever asked, and again with backoff while
+    it reports deferred uploads (``drain`` returns something with a truthy ``deferred``).
+    ``retry`` is True for a pass asked for with ``kick(retry=True)``."""
 
-    def __init__(self, drain: Callable[[], Any], *, first_backoff: float = 1.0, max_backoff: float = 60.0) -> None:
+    def __init__(self, drain: Callable[[bool], Any], *, first_backoff: float = 1.0,
+                 max_backoff: float = 60.0) -> None:
         self._drain = drain
         self._first, self._most = first_backoff, max_backoff
         self._cv = threading.Condition()
         self._requested = 0  # passes asked for
         self._completed = 0  # passes asked for that have ended
         self._stopping = False
+        self._retry = False
         self._thread = threading.Thread(target=self._loop, name="ckpt_track-uploader", daemon=True)
         self._thread.start()
 
-    def kick(self) -> int:
-        """Ask for a pass; returns a ticket for :meth:`wait`."""
+    def kick(self, retry: bool = False) -> int:
+        """Ask for a pass (``retry``: one that first gives refused uploads another try); returns
+        a ticket for :meth:`wait`."""
         with self._cv:
+            self._retry = self._retry or retry
             self._requested += 1
             self._cv.notify_all()
             return self._requested
@@ -51,7 +56,7 @@ class Uploader:
     def wait(self, ticket: int, timeout: float | None = None) -> bool:
         """Wait until the pass asked for with ``ticket`` (or a later one) has ended."""
         with self._cv:
-            return self._cv.wait_for(lambda: self._completed >= ticket or not self._thread.is_alive(), timeout)
+            return self._cv.wait_for(lambda: self._completed >= ticket or self._stopping, timeout)
 
     def stop(self) -> None:
         with self._cv:
@@ -70,10 +75,11 @@ class Uploader:
                     if not attempt:
                         self._cv.wait()
                 if self._stopping:
+                    self._cv.notify_all()
                     return
-                ticket = self._requested
+                ticket, retry, self._retry = self._requested, self._retry, False
             try:
-                result = self._drain()
+                result = self._drain(retry)
             except BaseException as exc:  # never let the thread die: report, retry later
                 log.error("ckpt_track: uploading spooled checkpoints failed: %s", exc)
                 result = None

@@ -109,6 +109,7 @@ class Writer:
         self._lock = threading.Lock()
         self._pending: set[Future[Any]] = set()
         self._errors: list[BaseException] = []
+        self._acknowledged: list[BaseException] = []  # errors a handle already raised
         self._closed = False
 
     def submit(self, job: Callable[[], T]) -> Future[T]:
@@ -145,14 +146,16 @@ class Writer:
         with self._lock:
             self._pending.discard(fut)
             exc = fut.exception()
-            if exc is not None:
+            if exc is not None and not any(exc is e for e in self._acknowledged):
                 self._errors.append(exc)
         self._give_back(buffers)
 
     def acknowledge(self, exc: BaseException) -> None:
-        """The caller has seen ``exc`` (through a handle): do not raise it again."""
+        """The caller has seen ``exc`` (through a handle): do not raise it again (also when the
+        job's done-callback has not recorded it yet)."""
         with self._lock:
             self._errors = [e for e in self._errors if e is not exc]
+            self._acknowledged.append(exc)
 
     def raise_errors(self) -> None:
         """Re-raise (once) the first error of a finished background job."""

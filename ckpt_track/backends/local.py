@@ -29,7 +29,14 @@ from typing import Any, ClassVar
 
 from filelock import FileLock, Timeout
 
-from ..errors import BackendUnavailable, CheckpointNotFound, ConfigError, IntegrityError, InvalidRef
+from ..errors import (
+    BackendUnavailable,
+    CheckpointNotFound,
+    CheckpointWriteError,
+    ConfigError,
+    IntegrityError,
+    InvalidRef,
+)
 from ..format import FileEntry, LocalCheckpoint, Manifest, copy_checkpoint, is_blob, read_manifest
 from ..refs import Ref
 from .base import RunInfo, RunSpec, Stored
@@ -55,11 +62,23 @@ def _new_run_id() -> str:
 
 def _atomic_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"could not write {path} ({_free(path.parent)}): {exc}; free disk space "
+                                   "or set [local] root to a larger disk") from exc
+
+
+def _free(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB free"
+    except OSError:
+        return "free space unknown"
 
 
 def _root(value: Any) -> Path:
@@ -245,24 +264,35 @@ class LocalBackend:
         sources = {f: held[f][0] for f, e in ckpt.manifest.files.items() if is_blob(f) and f in held and held[f][1] == e}
         uploaded = sum(e.size for f, e in ckpt.manifest.files.items() if f not in sources)
         # copy (hard-link when possible) outside the lock; only numbering happens under it
+        incoming: LocalCheckpoint | None = None
         try:
-            incoming = copy_checkpoint(ckpt, cdir / ".incoming", _incoming_name(), sources=sources)
-        except FileNotFoundError:
-            if not sources:
-                raise
-            # another writer deleted the version holding a file meanwhile: take every file from ckpt
-            uploaded = sum(e.size for e in ckpt.manifest.files.values())
-            incoming = copy_checkpoint(ckpt, cdir / ".incoming", _incoming_name())
-        with self._lock(run_dir):
-            # the high-water mark keeps a deleted newest version's number from being reused
-            last = self._read_run_json(run_dir).get("last_version", 0)
-            version = max([*self._versions(cdir), int(last)], default=0) + 1
-            final = cdir / f"v{version:06d}"
-            os.rename(incoming.path, final)
-            _atomic_json(run_dir / "run.json", {**self._read_run_json(run_dir), "last_version": version})
-            table = self._aliases(run_dir)
-            table.update({a: version for a in aliases})
-            _atomic_json(run_dir / "aliases.json", table)
+            try:
+                incoming = copy_checkpoint(ckpt, cdir / ".incoming", _incoming_name(), sources=sources)
+            except FileNotFoundError:
+                if not sources:
+                    raise
+                # another writer deleted the version holding a file meanwhile: take every file from ckpt
+                uploaded = sum(e.size for e in ckpt.manifest.files.values())
+                incoming = copy_checkpoint(ckpt, cdir / ".incoming", _incoming_name())
+            with self._lock(run_dir):
+                # the high-water mark keeps a deleted newest version's number from being reused
+                last = self._read_run_json(run_dir).get("last_version", 0)
+                version = max([*self._versions(cdir), int(last)], default=0) + 1
+                final = cdir / f"v{version:06d}"
+                os.rename(incoming.path, final)
+                incoming = None
+                _atomic_json(run_dir / "run.json", {**self._read_run_json(run_dir), "last_version": version})
+                table = self._aliases(run_dir)
+                table.update({a: version for a in aliases})
+                _atomic_json(run_dir / "aliases.json", table)
+        except OSError as exc:
+            raise CheckpointWriteError(
+                f"could not store checkpoint step {ckpt.step} under {self.root} ({_free(self.root)}): {exc}; "
+                "free disk space or set [local] root to a larger disk"
+            ) from exc
+        finally:
+            if incoming is not None:  # a copy that never became a version
+                shutil.rmtree(incoming.path, ignore_errors=True)
         return replace(self._stored(run, version, ckpt.manifest, table), uploaded=uploaded)
 
     def sweep(self, run: RunInfo) -> None:

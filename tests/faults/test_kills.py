@@ -79,7 +79,7 @@ def _run_kills(tmp_path: Path, env: dict[str, str], kills: int, steps: int,
 
 @pytest.mark.parametrize("backend", ["local", "mlflow"])
 def test_random_sigkills_lose_nothing_and_resume_bit_identical(tmp_path: Path, backend: str, request) -> None:
-    kills = scale(4, 160) if backend == "local" else scale(3, 40)  # the long suite: 200 kills in all
+    kills = scale(4, 160) if backend == "local" else scale(2, 40)  # the long suite: 200 kills in all
     steps = 3 * kills + 8
     uri = None
     settings = ct.load_settings({"local": {"root": str(tmp_path / "store")}})

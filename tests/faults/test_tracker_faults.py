@@ -67,7 +67,7 @@ def _check_stored(uri: str, run_ref: object, steps: list[int]) -> None:
 def test_injected_500s_resets_and_delays(server, tmp_path: Path) -> None:
     """500s before and after the server did the work, connection resets and 1.5 s delays: nothing
     is lost or stored twice, no call waits on the network, and a resume is bit-identical."""
-    steps = scale(12, 120)
+    steps = scale(8, 120)
     rate = scale(1, 2) * 0.05  # of each fault kind (the long suite: twice as flaky)
     proxy = FaultProxy(server.port, random_policy(7, p500_before=rate, p500_after=rate, preset=rate / 2,
                                                   pdelay=rate / 2, delay=1.5)).start()
