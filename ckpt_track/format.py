@@ -32,7 +32,7 @@ import re
 import shutil
 import stat
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -251,15 +251,9 @@ def hash_open(f: BinaryIO, size: int) -> str:
         except (OSError, ValueError):  # cannot map this file (or it is shorter): read it instead
             h = _hasher()
     f.seek(0)
-    buf = bytearray(min(_CHUNK, max(size, 1)))
-    view = memoryview(buf)
-    left = size
-    while left:
-        n = f.readinto(view[:min(left, len(buf))])
-        if not n:
-            raise OSError(errno.EIO, f"file ended {left} bytes before its recorded size {size}")
-        h.update(view[:n])
-        left -= n
+    for chunk in _chunks(f, size, lambda left: OSError(errno.EIO, f"file ended {left} bytes before its "
+                                                                  f"recorded size {size}")):
+        h.update(chunk)
     return h.hexdigest()
 
 
@@ -643,14 +637,22 @@ def _link_same(src: Path, dst: Path, opened: os.stat_result) -> bool:
 
 
 def _copy_bytes(f: BinaryIO, out: BinaryIO, size: int, where: Path) -> None:
+    for chunk in _chunks(f, size, lambda left: IntegrityError(
+            f"{where} ended {left} bytes early while being copied (truncated)")):
+        out.write(chunk)
+
+
+def _chunks(f: BinaryIO, size: int, short: Callable[[int], Exception]) -> Iterator[memoryview]:
+    """The next ``size`` bytes of ``f`` in chunks of at most 8 MiB (one reused buffer: use each
+    chunk before asking for the next); ``short(bytes_left)`` is raised if the file ends first."""
     buf = bytearray(min(_CHUNK, max(size, 1)))
     view = memoryview(buf)
     left = size
     while left:
         n = f.readinto(view[:min(left, len(buf))])
         if not n:
-            raise IntegrityError(f"{where} ended {left} bytes early while being copied (truncated)")
-        out.write(view[:n])
+            raise short(left)
+        yield view[:n]
         left -= n
 
 
