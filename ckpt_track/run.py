@@ -490,7 +490,11 @@ class Run:
                 # that refused a checkpoint gets one more try); another only to sweep what failed
                 # puts left behind in a tracker that is reachable now
                 self._uploader.wait(self._uploader.kick(retry=True))
-                if set(self._dirty) - set(self._deferred):
+                # and a last sweep of every tracker that owes nothing now: an SDK's own retry of a
+                # create whose answer was lost leaves a half-made record no put saw fail
+                owing = {b for p in self._spool.items for b in p.backends}
+                self._dirty |= {b.name for b, _ in self._targets} - owing - set(self._deferred)
+                if self._dirty:
                     self._uploader.wait(self._uploader.kick())
                 self._uploader.stop()
                 pending = list(self._spool.items)
