@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-from .backends.base import Backend, RunInfo, RunSpec, Stored
 from .config import Retention, Settings, load_settings
 from .errors import (
     AuthError,
@@ -27,6 +26,8 @@ from .errors import (
     StateMismatch,
     UnknownBackend,
 )
+from .protocol import Backend
+from .records import Capability, ResumeMode, RunInfo, RunSpec, Stored
 from .refs import Ref, parse_ref
 from .run import CheckpointHandle, Run, init, list_checkpoints, log_checkpoint, restore
 from .state import Restored
@@ -39,6 +40,7 @@ __all__ = [
     "BackendError",
     "BackendNotInstalled",
     "BackendUnavailable",
+    "Capability",
     "CheckpointHandle",
     "CheckpointNotFound",
     "CheckpointWriteError",
@@ -48,6 +50,7 @@ __all__ = [
     "InvalidRef",
     "Ref",
     "Restored",
+    "ResumeMode",
     "Retention",
     "Run",
     "RunInfo",

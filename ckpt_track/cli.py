@@ -43,7 +43,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from . import __version__, tools
-from .backends.base import RunInfo, Stored
+from .records import RunInfo, Stored
 from .config import Settings, load_settings
 from .errors import (
     BackendError,

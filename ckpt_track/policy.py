@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 
 from .config import Retention
-from .backends.base import Stored
+from .records import Stored
 from .errors import CheckpointNotFound
 from .refs import Ref
 

@@ -10,7 +10,8 @@ from typing import Any
 
 from . import network
 from .backends import registry
-from .backends.base import Backend, RunInfo, Stored
+from .protocol import Backend
+from .records import RunInfo, Stored
 from .config import Settings, load_settings
 from .errors import CheckpointNotFound, IntegrityError
 from .format import LocalCheckpoint

@@ -18,7 +18,8 @@ import torch
 from safetensors import SafetensorError
 
 from . import lineage as _lineage
-from .backends.base import Backend, ResumeMode, RunInfo, RunSpec, Stored
+from .protocol import Backend
+from .records import ResumeMode, RunInfo, RunSpec, Stored
 from .backends.local import DEFAULT_ROOT
 from .config import Settings, load_settings
 from .errors import (

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backends.base import Stored
+from .records import Stored
 from .errors import BackendUnavailable, CheckpointNotFound, CheckpointWriteError, IntegrityError
 from .format import TMP_PREFIX, LocalCheckpoint, read_manifest
 

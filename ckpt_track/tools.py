@@ -40,7 +40,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import lineage as _lineage
-from .backends.base import Backend, RunInfo, RunSpec, Stored
+from .protocol import Backend
+from .records import RunInfo, RunSpec, Stored
 from .config import Retention, Settings, load_settings
 from .errors import (
     BackendError,

@@ -28,7 +28,7 @@ from fakes.clearml import FakeClearmlServer, OfflineSession, close_current_task,
 from safetensors.torch import load
 
 import ckpt_track as ct
-from ckpt_track.backends.base import RunSpec
+from ckpt_track.records import RunSpec
 from ckpt_track.backends.clearml import ClearmlBackend
 from ckpt_track.errors import AuthError, BackendError, BackendUnavailable, CheckpointNotFound, ConfigError, InvalidRef
 from ckpt_track.format import MANIFEST, LocalCheckpoint, Manifest, is_blob, read_manifest, verify
@@ -626,7 +626,7 @@ def test_live_round_trip_against_the_configured_server(tmp_path: Path) -> None:
     code = (
         "import os, sys\n"
         "from pathlib import Path\n"
-        "from ckpt_track.backends.base import RunSpec\n"
+        "from ckpt_track.records import RunSpec\n"
         "from ckpt_track.backends.clearml import ClearmlBackend\n"
         "from ckpt_track.format import verify\n"
         "from ckpt_track.testing.contract import make_checkpoint\n"

@@ -25,7 +25,7 @@ import torch
 import xxhash
 
 import ckpt_track as ct
-from ckpt_track.backends.base import RunSpec
+from ckpt_track.records import RunSpec
 from ckpt_track.backends.comet import BLOB_PREFIX, RESUMED_FROM_KEY, STATE_KEY, CometBackend, model_name
 from ckpt_track.errors import AuthError, BackendError, BackendNotInstalled, BackendUnavailable, ConfigError, InvalidRef
 from ckpt_track.format import MANIFEST, LocalCheckpoint, is_blob

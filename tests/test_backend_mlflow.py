@@ -14,7 +14,7 @@ import torch
 from mlflow import MlflowClient
 
 import ckpt_track as ct
-from ckpt_track.backends.base import RunSpec
+from ckpt_track.records import RunSpec
 from ckpt_track.backends.mlflow import BLOBS, MlflowBackend
 from ckpt_track.errors import BackendUnavailable, CheckpointNotFound, InvalidRef
 from ckpt_track.format import MANIFEST, LocalCheckpoint, is_blob, verify

@@ -22,7 +22,7 @@ import wandb
 from fakes.wandb import FAKED, FakeServer, FakeWandb, finished_records, md5_b64
 
 import ckpt_track as ct
-from ckpt_track.backends.base import RunSpec
+from ckpt_track.records import RunSpec
 from ckpt_track.backends.wandb import WandbBackend
 from ckpt_track.errors import AuthError, BackendUnavailable, ConfigError, InvalidRef
 from ckpt_track.format import MANIFEST, STATE, LocalCheckpoint, hash_file, is_blob, load_checkpoint, verify

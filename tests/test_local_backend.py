@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_track.backends.base import RunSpec
+from ckpt_track.records import RunSpec
 from ckpt_track.backends.local import LocalBackend
 from ckpt_track.testing.contract import BackendContract, make_checkpoint
 
@@ -40,7 +40,7 @@ def test_two_processes_write_one_run_without_clobbering(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from ckpt_track.backends.base import RunSpec
+        from ckpt_track.records import RunSpec
         from ckpt_track.backends.local import LocalBackend
         from ckpt_track.testing.contract import make_checkpoint
         be = LocalBackend({{"root": {str(root)!r}}})
@@ -66,7 +66,7 @@ def test_a_held_file_with_the_same_name_but_other_bytes_is_not_linked(tmp_path: 
 
     from safetensors.torch import load_file, save_file
 
-    from ckpt_track.backends.base import RunSpec
+    from ckpt_track.records import RunSpec
     from ckpt_track.format import MANIFEST, FileEntry, LocalCheckpoint, hash_file, is_blob, verify
     from ckpt_track.testing.contract import blob_state, make_blob_checkpoint
 

@@ -1,5 +1,6 @@
 """Tracker backends behind one small Protocol (see :mod:`.base`) and the registry."""
 
-from .base import Backend, RunInfo, RunSpec, Stored
+from ..protocol import Backend
+from ..records import RunInfo, RunSpec, Stored
 
 __all__ = ["Backend", "RunInfo", "RunSpec", "Stored"]

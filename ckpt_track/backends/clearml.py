@@ -61,7 +61,7 @@ from ..errors import (
 )
 from ..format import MANIFEST, LocalCheckpoint, Manifest, is_blob, link_cached, read_manifest, verify
 from ..refs import Ref
-from .base import RunInfo, RunSpec, Stored
+from ..records import RunInfo, RunSpec, Stored
 
 __all__ = ["ClearmlBackend"]
 

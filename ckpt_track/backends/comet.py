@@ -53,7 +53,8 @@ from ..errors import (
 )
 from ..format import MANIFEST, LocalCheckpoint, copy_checkpoint, is_blob, link_cached, read_manifest, verify
 from ..refs import Ref
-from .base import RunInfo, RunSpec, Stored, sdk_errors
+from ..records import RunInfo, RunSpec, Stored
+from ..boundary import sdk_errors
 
 __all__ = ["BLOB_PREFIX", "CometBackend", "model_name"]
 

@@ -39,7 +39,7 @@ from ..errors import (
 )
 from ..format import FileEntry, LocalCheckpoint, Manifest, copy_checkpoint, is_blob, read_manifest
 from ..refs import Ref
-from .base import RunInfo, RunSpec, Stored
+from ..records import RunInfo, RunSpec, Stored
 
 __all__ = ["LocalBackend", "DEFAULT_ROOT"]
 

@@ -48,7 +48,7 @@ from ..errors import (
 )
 from ..format import MANIFEST, LocalCheckpoint, is_blob, link_cached, read_manifest, verify
 from ..refs import Ref
-from .base import RunInfo, RunSpec, Stored
+from ..records import RunInfo, RunSpec, Stored
 
 __all__ = ["MlflowBackend"]
 

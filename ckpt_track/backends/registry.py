@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import BackendError, BackendNotInstalled, UnknownBackend
 from ..refs import Ref
-from .base import Backend
+from ..protocol import Backend
 
 __all__ = ["BackendSpec", "backend_options_table", "create", "get_class", "names", "parse_native", "ref_forms"]
 

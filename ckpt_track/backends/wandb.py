@@ -71,7 +71,8 @@ from ..format import (
     verify,
 )
 from ..refs import Ref
-from .base import RunInfo, RunSpec, Stored, sdk_errors
+from ..records import RunInfo, RunSpec, Stored
+from ..boundary import sdk_errors
 
 __all__ = ["ARTIFACT_PREFIX", "WandbBackend"]
 

@@ -73,7 +73,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import CheckpointIO
 
 import ckpt_track as ct
-from ckpt_track.backends.base import ResumeMode
+from ckpt_track import ResumeMode
 from ckpt_track.config import Settings
 from ckpt_track.errors import CheckpointNotFound, ConfigError, InvalidRef, SerializationError
 from ckpt_track.format import MANIFEST, load_checkpoint, write_checkpoint

@@ -59,7 +59,7 @@ from safetensors.torch import save_file
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 import ckpt_track as ct
-from ckpt_track.backends.base import ResumeMode
+from ckpt_track import ResumeMode
 from ckpt_track.format import STATE, load_checkpoint
 from ckpt_track.resolve import cache_dir, resolve
 from ckpt_track.state import decode_tree

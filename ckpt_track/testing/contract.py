@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 import torch
 
-from ..backends.base import Backend, RunInfo, RunSpec
+from ..protocol import Backend
+from ..records import RunInfo, RunSpec
 from ..errors import CheckpointNotFound, ConfigError
 from ..format import MANIFEST, LocalCheckpoint, verify, write_checkpoint
 from ..policy import select

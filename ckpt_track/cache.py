@@ -1,0 +1,69 @@
+"""The download cache: a checkpoint fetched from a tracker lands in a local cache entry; a
+verified copy already there is reused, and a content-addressed tensor file that another
+cached version of the same run holds is linked instead of fetched again.
+
+Every backend whose checkpoints are not already on local disk implements ``get`` as::
+
+    def get(self, stored, dest):
+        return cache.fetch(dest, own=lambda into: ..., blobs=lambda names, into: ...)
+
+``own(into)`` writes the version's own files (at least ``manifest.json``) into ``into``;
+``blobs(names, into)`` writes the named content-addressed files the version shares with
+others of its run (kept once per run by the tracker).  Where the cache entry goes is decided
+by the core (``resolve.cache_dir``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import CheckpointNotFound, IntegrityError
+from .format import MANIFEST, LocalCheckpoint, hash_file, is_blob, link_cached, read_manifest, staged_dir, \
+    swap_in, verify
+
+__all__ = ["cached", "fetch"]
+
+Own = Callable[[Path], None]
+Blobs = Callable[[Sequence[str], Path], None]
+
+
+def cached(dest: Path, manifest_hash: str | None = None) -> LocalCheckpoint | None:
+    """The verified checkpoint at ``dest``, or None when it is absent, damaged, partial or
+    (``manifest_hash`` given) another version cached under the same path."""
+    dest = Path(dest)
+    if not (dest / MANIFEST).is_file():
+        return None
+    try:
+        if manifest_hash is not None and hash_file(dest / MANIFEST) != manifest_hash:
+            return None
+        return LocalCheckpoint(dest, verify(dest))
+    except (IntegrityError, CheckpointNotFound, OSError):
+        return None
+
+
+def fetch(dest: Path, own: Own, blobs: Blobs | None = None, *, manifest_hash: str | None = None,
+          where: str = "") -> LocalCheckpoint:
+    """Make the checkpoint available at ``dest``: reuse a verified cached copy, else stage a
+    sibling directory, fetch the version's own files, link what the cache already holds, fetch
+    the missing shared files, and swap the result in.  A failure leaves ``dest`` as it was."""
+    dest = Path(dest)
+    hit = cached(dest, manifest_hash)
+    if hit is not None:
+        return hit
+    tmp = staged_dir(dest)
+    try:
+        own(tmp)
+        manifest = read_manifest(tmp)
+        wanted = [f for f in manifest.files if is_blob(f) and not (tmp / f).is_file()]
+        wanted = link_cached(tmp, manifest, wanted, dest)
+        if wanted:
+            if blobs is None:
+                raise IntegrityError(f"{where or dest}: tensor file(s) {', '.join(wanted)} are missing from the "
+                                     "downloaded checkpoint")
+            blobs(wanted, tmp)
+        swap_in(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return LocalCheckpoint(dest, read_manifest(dest))
