@@ -28,7 +28,7 @@ class Store:
     stored: list[ct.Stored]  # oldest version first
 
     def path(self, version: int) -> Path:
-        return Path(self.stored[version - 1].native["path"])
+        return Path(self.stored[version - 1].native.path)
 
 
 @pytest.fixture

@@ -106,7 +106,7 @@ def test_deduplicated_checkpoint_restores_after_predecessors_are_deleted() -> No
             run.log_checkpoint(step, model=model)
     listed = ct.list_checkpoints(run.ref)
     assert [s.step for s in listed] == [4]  # v1-v3 deleted; v4 shares files with them
-    verify(Path(listed[0].native["path"]))
+    verify(Path(listed[0].native.path))
     fresh = _model(seed=9)
     ct.restore(run.ref, model=fresh)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))

@@ -26,7 +26,7 @@ def test_uncommitted_directory_is_never_listed(tmp_path: Path) -> None:
     be = LocalBackend({"root": str(tmp_path)})
     run = be.open_run(RunSpec(project="p"))
     be.put(run, make_checkpoint(tmp_path / "spool", 1), [])
-    half = Path(be.list(run)[0].native["path"]).with_name("v000002")
+    half = Path(be.list(run)[0].native.path).with_name("v000002")
     half.mkdir()
     (half / "state.json").write_text("{}")  # no manifest: a crash mid-write
     assert [s.version for s in be.list(run)] == [1]
@@ -86,5 +86,5 @@ def test_a_held_file_with_the_same_name_but_other_bytes_is_not_linked(tmp_path: 
     b = LocalCheckpoint(b_path, verify(b_path))
     assert b.manifest.files[fname] != a.manifest.files[fname] and isinstance(b.manifest.files[fname], FileEntry)
     stored = be.put(run, b)
-    verify(Path(stored.native["path"]))  # its own bytes, not the held file of the same name
+    verify(Path(stored.native.path))  # its own bytes, not the held file of the same name
     assert stored.uploaded is not None and stored.uploaded >= b.manifest.files[fname].size

@@ -127,7 +127,7 @@ def test_malformed_ref() -> None:
 
 def _stored_file(run: ct.Run, step: int, suffix: str) -> Path:
     stored = next(s for s in ct.list_checkpoints(run.ref) if s.step == step)
-    return next(Path(stored.native["path"]).glob(f"*{suffix}"))
+    return next(Path(stored.native.path).glob(f"*{suffix}"))
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
@@ -159,7 +159,7 @@ def test_tampered_state_json_is_caught(logged) -> None:
 
 def test_half_written_checkpoint_is_never_listed_or_restored(logged) -> None:
     run, _ = logged
-    vdir = Path(ct.list_checkpoints(run.ref)[-1].native["path"])
+    vdir = Path(ct.list_checkpoints(run.ref)[-1].native.path)
     half = vdir.with_name("v000005")
     half.mkdir()
     for f in vdir.iterdir():

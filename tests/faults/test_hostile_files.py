@@ -84,7 +84,7 @@ def _logged(tmp_path: Path) -> tuple[ct.Run, Path]:
     run = ct.init(project="p", name="r", backend="local", settings={"local": {"root": str(tmp_path / "store")}})
     run.log_checkpoint(1, model=_model(), blocking=True)
     run.finish()
-    return run, Path(run.checkpoints()[-1].native["path"])
+    return run, Path(run.checkpoints()[-1].native.path)
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -49,7 +49,7 @@ def _logged(tmp_path: Path, **settings: Any) -> tuple[ct.Run, Path]:
     run.log_checkpoint(3, model=model, optimizer=opt, scheduler=sched, metrics={"val/loss": 0.25}, epoch=1,
                        blocking=True)
     run.finish()
-    return run, Path(run.checkpoints()[-1].native["path"])
+    return run, Path(run.checkpoints()[-1].native.path)
 
 
 def _snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
