@@ -13,7 +13,7 @@ from .errors import CheckpointNotFound, ConfigError
 from .format import Manifest, is_blob
 from .records import RunSpec
 
-__all__ = ["by_name", "files_to_send", "next_version", "resume_decision", "unreferenced"]
+__all__ = ["AliasTable", "by_name", "files_to_send", "next_version", "resume_decision", "unreferenced"]
 
 Decision = Literal["attach", "create"]
 
@@ -62,3 +62,23 @@ def by_name(spec: RunSpec) -> bool:
     """Whether ``open_run`` should look an existing run up by ``spec.name`` (no id given, and
     the user did not ask for a new run)."""
     return spec.run_id is None and spec.name is not None and spec.resume != "never"
+
+
+class AliasTable:
+    """The alias table of a tracker without native aliases (``{"best": 3, "latest": 4}``): each
+    alias names one version, and pointing it at another version moves it."""
+
+    def __init__(self, table: Mapping[str, int] | None = None) -> None:
+        self._table = {str(k): int(v) for k, v in (table or {}).items()}
+
+    def point(self, aliases: Iterable[str], version: int) -> AliasTable:
+        return AliasTable({**self._table, **dict.fromkeys(aliases, version)})
+
+    def without(self, version: int) -> AliasTable:
+        return AliasTable({a: v for a, v in self._table.items() if v != version})
+
+    def of(self, version: int) -> tuple[str, ...]:
+        return tuple(sorted(a for a, v in self._table.items() if v == version))
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self._table)
