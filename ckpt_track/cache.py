@@ -20,8 +20,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import CheckpointNotFound, IntegrityError
-from .format import MANIFEST, LocalCheckpoint, hash_file, is_blob, link_cached, read_manifest, staged_dir, \
-    swap_in, verify
+from .format import (
+    MANIFEST,
+    LocalCheckpoint,
+    hash_file,
+    is_blob,
+    link_cached,
+    read_manifest,
+    staged_dir,
+    swap_in,
+    verify,
+)
 
 __all__ = ["cached", "fetch"]
 

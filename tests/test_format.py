@@ -13,6 +13,9 @@ import xxhash
 from safetensors import safe_open
 
 import ckpt_track.format as fmt
+import ckpt_track.format.files as fmt_files
+import ckpt_track.format.hashing as fmt_hashing
+import ckpt_track.format.write as fmt_write
 from ckpt_track.errors import CheckpointNotFound, IntegrityError
 from ckpt_track.format import (
     FORMAT_VERSION,
@@ -21,8 +24,6 @@ from ckpt_track.format import (
     LocalCheckpoint,
     copy_checkpoint,
     hash_file,
-    is_checkpoint,
-    iter_files,
     load_checkpoint,
     read_manifest,
     verify,
@@ -125,17 +126,11 @@ def test_hash_file_streams_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyP
     p.write_bytes(data)
     whole = xxhash.xxh3_128(data).hexdigest()
     assert hash_file(p) == whole
-    monkeypatch.setattr(fmt, "_CHUNK", 7)
+    monkeypatch.setattr(fmt_files, "CHUNK", 7)  # the chunked reader
+    monkeypatch.setattr(fmt_hashing, "CHUNK", 7)  # and the memory-map threshold
     assert hash_file(p) == whole
     p.write_bytes(b"")
     assert hash_file(p) == xxhash.xxh3_128(b"").hexdigest()
-
-
-def test_iter_files_lists_manifest_last(tmp_path: Path) -> None:
-    ckpt = write(tmp_path, shard_size=100)
-    files = list(iter_files(ckpt))
-    assert files[-1] == (MANIFEST, (ckpt.path / MANIFEST).stat().st_size)
-    assert sorted(f for f, _ in files[:-1]) == sorted(ckpt.manifest.files)
 
 
 # -- sharding ------------------------------------------------------------------------
@@ -172,7 +167,7 @@ def test_one_shard_by_default(tmp_path: Path) -> None:
 # -- atomic publish ---------------------------------------------------------------------
 def test_manifest_is_written_last_into_a_hidden_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     events: list[tuple[str, str]] = []
-    real_save, real_write, real_publish = fmt.save_file, fmt._write_bytes, fmt.publish
+    real_save, real_write, real_publish = fmt_write.save_file, fmt_write._write_bytes, fmt_write.publish
 
     def save_file(tensors: Any, filename: str, metadata: Any = None) -> None:
         assert Path(filename).parent.name.startswith(fmt.TMP_PREFIX)
@@ -194,9 +189,9 @@ def test_manifest_is_written_last_into_a_hidden_tmp_dir(tmp_path: Path, monkeypa
         events.append(("publish", final.name))
         real_publish(tmp, final)
 
-    monkeypatch.setattr(fmt, "save_file", save_file)
-    monkeypatch.setattr(fmt, "_write_bytes", write_bytes)
-    monkeypatch.setattr(fmt, "publish", publish)
+    monkeypatch.setattr(fmt_write, "save_file", save_file)
+    monkeypatch.setattr(fmt_write, "_write_bytes", write_bytes)
+    monkeypatch.setattr(fmt_write, "publish", publish)
     ckpt = write(tmp_path, shard_size=50)
     assert [e for e in events if e[0] == "write"][-1] == ("write", MANIFEST)
     assert events[-2:] == [("write", MANIFEST), ("publish", "ckpt")]
@@ -211,7 +206,7 @@ def _assert_nothing_left(parent: Path) -> None:
 
 
 def test_failure_after_first_shard_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_save = fmt.save_file
+    real_save = fmt_write.save_file
     calls: list[str] = []
 
     def save_file(tensors: Any, filename: str, metadata: Any = None) -> None:
@@ -220,7 +215,7 @@ def test_failure_after_first_shard_leaves_nothing(tmp_path: Path, monkeypatch: p
         calls.append(filename)
         real_save(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(fmt, "save_file", save_file)
+    monkeypatch.setattr(fmt_write, "save_file", save_file)
     with pytest.raises(OSError, match="disk full"):
         write(tmp_path, shard_size=50)
     assert len(calls) == 1 and not Path(calls[0]).exists()
@@ -246,7 +241,7 @@ def test_unserializable_state_leaves_nothing(tmp_path: Path) -> None:
 
 
 def test_interrupt_while_writing_manifest_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_write = fmt._write_bytes
+    real_write = fmt_write._write_bytes
 
     def write_bytes(path: Path, data: bytes) -> None:
         if path.name == MANIFEST:
@@ -254,7 +249,7 @@ def test_interrupt_while_writing_manifest_leaves_nothing(tmp_path: Path, monkeyp
             raise KeyboardInterrupt
         real_write(path, data)
 
-    monkeypatch.setattr(fmt, "_write_bytes", write_bytes)
+    monkeypatch.setattr(fmt_write, "_write_bytes", write_bytes)
     with pytest.raises(KeyboardInterrupt):
         write(tmp_path)
     _assert_nothing_left(tmp_path)
@@ -346,22 +341,11 @@ def test_damaged_manifest(tmp_path: Path, damage: bytes) -> None:
 def test_directory_without_manifest(tmp_path: Path) -> None:
     ckpt = write(tmp_path)
     (ckpt.path / MANIFEST).unlink()  # what a crash before the commit looks like
-    assert not is_checkpoint(ckpt.path)
     for fn in (read_manifest, verify, load_checkpoint):
         with pytest.raises(CheckpointNotFound, match="no manifest.json"):
             fn(ckpt.path)
     with pytest.raises(LookupError):
         read_manifest(tmp_path / "does-not-exist")
-    assert not is_checkpoint(tmp_path / "does-not-exist")
-
-
-def test_is_checkpoint(tmp_path: Path) -> None:
-    ckpt = write(tmp_path)
-    assert is_checkpoint(ckpt.path)
-    hidden = tmp_path / f"{fmt.TMP_PREFIX}half-written"
-    hidden.mkdir()
-    (hidden / MANIFEST).write_bytes((ckpt.path / MANIFEST).read_bytes())
-    assert not is_checkpoint(hidden)
 
 
 def test_future_format_version(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 import ckpt_track as ct
 import ckpt_track.format as fmt
+import ckpt_track.format.read as fmt_read
 from ckpt_track.cli import app
 from ckpt_track.errors import CkptTrackError, IntegrityError
 from ckpt_track.format import MANIFEST, STATE, hash_file, read_manifest, verify
@@ -97,13 +98,13 @@ def reseal_state(vdir: Path, change: Callable[[dict[str, Any]], None]) -> None:
     consistent hostile checkpoint, refused only by the state checks."""
     state = json.loads((vdir / STATE).read_text())
     change(state)
-    raw = fmt._json_bytes(state)
+    raw = fmt.canonical_json(state)
     (vdir / STATE).write_bytes(raw)
     data = json.loads((vdir / MANIFEST).read_text())
     data.pop("manifest_hash")
     data["files"][STATE] = {"size": len(raw), "hash": hash_file(vdir / STATE)}
     data["manifest_hash"] = fmt.manifest_digest(data)
-    (vdir / MANIFEST).write_bytes(fmt._json_bytes(data))
+    (vdir / MANIFEST).write_bytes(fmt.canonical_json(data))
 
 
 def _nested(depth: int) -> Any:
@@ -189,12 +190,12 @@ def test_a_file_the_fast_reader_cannot_map_is_read_before_any_live_tensor(
     (its dtype unmapped here) and fails: no live tensor may have been written by then."""
     run, vdir = _logged(tmp_path, shard_size=1, incremental=False)
     assert len(list(vdir.glob("*.safetensors"))) > 3
-    monkeypatch.setattr(fmt, "_ST_DTYPES", {k: v for k, v in fmt._ST_DTYPES.items() if k != "I64"})
+    monkeypatch.setattr(fmt_read, "_ST_DTYPES", {k: v for k, v in fmt_read._ST_DTYPES.items() if k != "I64"})
 
     def broken(data: bytes) -> dict[str, torch.Tensor]:
         raise SafetensorError("simulated: this file cannot be read")
 
-    monkeypatch.setattr(fmt, "load_safetensors_bytes", broken)
+    monkeypatch.setattr(fmt_read, "load_safetensors_bytes", broken)
     model, opt, sched = _objects(7)
     before = _snapshot(model, opt, sched)
     with pytest.raises(IntegrityError, match="nothing was loaded"):
@@ -206,7 +207,7 @@ def test_a_file_the_fast_reader_cannot_map_is_read_before_any_live_tensor(
 
 def test_an_unmapped_dtype_restores_through_safetensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run, _ = _logged(tmp_path, shard_size=1, incremental=False)
-    monkeypatch.setattr(fmt, "_ST_DTYPES", {k: v for k, v in fmt._ST_DTYPES.items() if k != "I64"})
+    monkeypatch.setattr(fmt_read, "_ST_DTYPES", {k: v for k, v in fmt_read._ST_DTYPES.items() if k != "I64"})
     saved_model, _, _ = _objects(0)
     model, opt, sched = _objects(7)
     ct.restore(run.ref, model=model, optimizer=opt, scheduler=sched, settings=run.settings)
@@ -266,7 +267,7 @@ def test_semantic_edits_of_the_manifest_are_detected(tmp_path: Path, edit: Calla
     _, vdir = _logged(tmp_path)
     data = json.loads((vdir / MANIFEST).read_text())
     edit(data)
-    (vdir / MANIFEST).write_bytes(fmt._json_bytes(data))  # canonical bytes, stale digest
+    (vdir / MANIFEST).write_bytes(fmt.canonical_json(data))  # canonical bytes, stale digest
     with pytest.raises(IntegrityError, match="manifest_hash"):
         read_manifest(vdir)
 
@@ -288,7 +289,7 @@ def test_the_v1_sample_without_a_digest_still_reads() -> None:
 def test_a_re_serialized_manifest_stays_valid(tmp_path: Path) -> None:
     _, vdir = _logged(tmp_path)
     manifest = read_manifest(vdir)
-    (vdir / MANIFEST).write_bytes(fmt._json_bytes(manifest.to_json()))
+    (vdir / MANIFEST).write_bytes(fmt.canonical_json(manifest.to_json()))
     assert read_manifest(vdir) == manifest and read_manifest(vdir).manifest_hash == manifest.manifest_hash
 
 

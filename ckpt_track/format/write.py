@@ -1,0 +1,137 @@
+"""Writing a new checkpoint: tensors, ``state.json``, then the manifest, published atomically.
+
+Every file is fsynced in a hidden staging directory and the manifest, the commit,
+is written last; the directory is then renamed into place.  A crash or an error at
+any point leaves no directory that looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+from safetensors.torch import save_file
+
+from .atomic import now_iso, publish, staging
+from .copy import copy_one, reusable
+from .hashing import PACK_SIZE, blob_groups, blob_name, content_digest, hash_file
+from .manifest import MANIFEST, STATE, FileEntry, LocalCheckpoint, Manifest, canonical_json, parse_manifest
+
+
+def write_checkpoint(
+    parent: Path,
+    name: str,
+    tensors: Mapping[str, torch.Tensor],
+    state: Mapping[str, Any],
+    *,
+    step: int,
+    epoch: int | None = None,
+    metrics: Mapping[str, float] | None = None,
+    lineage: Mapping[str, Any] | None = None,
+    shard_size: int = 2 * 1024**3,
+    blobs: bool = False,
+    pack_size: int = PACK_SIZE,
+    reuse: Iterable[LocalCheckpoint] = (),
+) -> LocalCheckpoint:
+    """Write a checkpoint to ``parent/name`` atomically and return it.
+
+    ``tensors`` must be contiguous CPU tensors that share no memory.  Fails with
+    ``FileExistsError`` if ``parent/name`` already exists (never clobbers).
+
+    With ``blobs=True`` tensors go to content-addressed files (see the package
+    docstring); a file whose name is already in one of the ``reuse`` checkpoints
+    is hard-linked (or copied) from there instead of serialized again.
+    """
+    reuse = list(reuse)
+    with staging(parent, name) as (tmp, final):
+        if blobs:
+            files = _write_blobs(tmp, tensors, pack_size, reuse)
+        else:
+            files = _write_shards(tmp, tensors, shard_size)
+        files[STATE] = _write_state(tmp, state)
+        manifest = Manifest(step=step, epoch=epoch, created=now_iso(), metrics=dict(metrics or {}),
+                            lineage=dict(lineage or {}), files=files)
+        manifest = _write_manifest(tmp, final, manifest)
+        publish(tmp, final)
+    return LocalCheckpoint(final, manifest)
+
+
+def _write_blobs(tmp: Path, tensors: Mapping[str, torch.Tensor], pack_size: int,
+                 reuse: Iterable[LocalCheckpoint]) -> dict[str, FileEntry]:
+    """One content-addressed file per tensor group, linked from a ``reuse`` checkpoint that
+    already holds it (an unchanged group), else serialized."""
+    files: dict[str, FileEntry] = {}
+    for group in blob_groups(tensors, pack_size):
+        fname = blob_name(content_digest(tensors, group))
+        if fname in files:
+            continue  # cannot happen for distinct names; kept for safety
+        found = reusable(fname, reuse)
+        if found is not None:
+            copy_one(found[0], tmp / fname, link=True, expected=found[1].size)
+            files[fname] = found[1]
+        else:
+            files[fname] = _save(tmp / fname, {k: tensors[k] for k in group})
+    return files
+
+
+def _write_shards(tmp: Path, tensors: Mapping[str, torch.Tensor], shard_size: int) -> dict[str, FileEntry]:
+    """Tensors in ``tensors-<i>-of-<n>.safetensors`` shards of about ``shard_size`` bytes."""
+    files: dict[str, FileEntry] = {}
+    shards = _shards(tensors, shard_size)
+    for i, shard in enumerate(shards, 1):
+        fname = f"tensors-{i:05d}-of-{len(shards):05d}.safetensors"
+        files[fname] = _save(tmp / fname, dict(shard))
+    return files
+
+
+def _shards(tensors: Mapping[str, torch.Tensor], shard_size: int) -> list[dict[str, torch.Tensor]]:
+    """Greedy sharding in key order; a tensor larger than the limit gets its own shard."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    used = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and used + nbytes > shard_size:
+            shards.append({})
+            used = 0
+        shards[-1][name] = t
+        used += nbytes
+    return shards if shards[0] else []
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor]) -> FileEntry:
+    """Serialize tensors to a safetensors file, fsync it, and describe it for the manifest."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    _fsync_file(path)
+    return FileEntry(path.stat().st_size, hash_file(path))
+
+
+def _write_state(tmp: Path, state: Mapping[str, Any]) -> FileEntry:
+    data = canonical_json(state)
+    _write_bytes(tmp / STATE, data)
+    return FileEntry(len(data), xxhash.xxh3_128(data).hexdigest())
+
+
+def _write_manifest(tmp: Path, final: Path, manifest: Manifest) -> Manifest:
+    """Write the manifest (the commit) and return it as a reader will get it back, digest
+    included: parsed from the very bytes written."""
+    raw = canonical_json(manifest.to_json())
+    manifest = parse_manifest(raw, str(final / MANIFEST))
+    _write_bytes(tmp / MANIFEST, raw)
+    return manifest
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
