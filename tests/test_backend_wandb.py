@@ -22,10 +22,10 @@ import wandb
 from fakes.wandb import FAKED, FakeServer, FakeWandb, finished_records, md5_b64
 
 import ckpt_track as ct
-from ckpt_track.records import RunSpec
 from ckpt_track.backends.wandb import WandbBackend
 from ckpt_track.errors import AuthError, BackendUnavailable, ConfigError, InvalidRef
 from ckpt_track.format import MANIFEST, STATE, LocalCheckpoint, hash_file, is_blob, load_checkpoint, verify
+from ckpt_track.records import RunSpec
 from ckpt_track.refs import Ref
 from ckpt_track.testing.contract import BackendContract, blob_state, make_blob_checkpoint, make_checkpoint
 
@@ -84,7 +84,15 @@ def _offline(tmp_path: Path) -> dict[str, Any]:
 
 
 # -- the contract, three ways -----------------------------------------------------------------------
-class TestWandbContract(BackendContract):
+class _WandbRefs:
+    """The contract's per-backend data: the web-UI and SDK forms of :data:`REFS`."""
+
+    @pytest.fixture
+    def ui_refs(self) -> list[tuple[str, Ref]]:
+        return [(text, ref) for text, ref, _, _ in REFS if not text.startswith("wandb://")]
+
+
+class TestWandbContract(_WandbRefs, BackendContract):
     """Online: the real SDK builds and logs every artifact; the fake server serves the reads."""
 
     @pytest.fixture
@@ -96,7 +104,7 @@ class TestWandbContract(BackendContract):
         return {"backend": "wandb", "wandb": {"mode": "online", "dir": str(tmp_path / "wb")}}
 
 
-class TestWandbOfflineContract(BackendContract):
+class TestWandbOfflineContract(_WandbRefs, BackendContract):
     """Offline: all real; reads come from the store next to the offline runs."""
 
     @pytest.fixture
@@ -108,7 +116,7 @@ class TestWandbOfflineContract(BackendContract):
         return _offline(tmp_path)
 
 
-class TestWandbDisabledContract(BackendContract):
+class TestWandbDisabledContract(_WandbRefs, BackendContract):
     """Disabled: W&B is never called; checkpoints stay restorable from the store."""
 
     @pytest.fixture
@@ -211,6 +219,29 @@ def test_offline_run_synced_then_restored_online(tmp_path: Path, fake: FakeWandb
     assert latest.step == 3 and torch.equal(fresh.weight, model.weight)
 
 
+def test_offline_store_written_by_the_previous_release_still_reads(tmp_path: Path) -> None:
+    """That release kept the version list, the high-water mark and the alias table in run.json."""
+    rdir = tmp_path / "wb" / "wandb" / "ckpt_track" / "resnet" / RUN
+    for version in (1, 2):  # v3 was deleted: its number is never given out again
+        src = make_checkpoint(tmp_path / "spool", version * 10)
+        shutil.copytree(src.path, rdir / f"v{version:06d}")
+    (rdir / "run.json").write_text(json.dumps({
+        "run_id": RUN, "project": "resnet", "created": "2026-01-01T00:00:00.000+00:00", "config": {"lr": 0.1},
+        "next_version": 4, "versions": [1, 2], "aliases": {"latest": 2, "best": 1, "step-10": 1},
+        "name": "old-run", "entity": "", "mode": "offline"}))
+    be = WandbBackend({"mode": "disabled", "dir": str(tmp_path / "wb")})
+    run = be.find_run(Ref("wandb", f"resnet/{RUN}"))
+    assert run.name == "old-run"
+    assert [(s.version, s.step, s.aliases) for s in be.list(run)] == \
+        [(1, 10, ("best", "step-10")), (2, 20, ("latest",))]
+    assert be.get(be.list(run)[0], tmp_path / "unused").step == 10
+    again = be.open_run(RunSpec(project="resnet", run_id=RUN))
+    assert again.resumed and again.name == "old-run"
+    new = be.put(again, make_checkpoint(tmp_path / "spool", 30), ["latest"])
+    assert new.version == 4
+    assert [(s.version, s.aliases) for s in be.list(again)] == [(1, ("best", "step-10")), (2, ()), (4, ("latest",))]
+
+
 # -- incremental checkpoints: W&B's digest dedup -----------------------------------------------------
 def _blob_versions(spool: Path) -> list[LocalCheckpoint]:
     """Three checkpoints in the incremental layout: w1 changes from the first to the second,
@@ -254,7 +285,7 @@ def test_offline_record_log_keeps_unchanged_tensor_files_identical_across_versio
     assert stored[1].uploaded == src[1].manifest.files[new].size + _small(src[1])
     assert stored[2].uploaded == _small(src[2])  # no tensor bytes
     # on disk, the store keeps each unchanged file once (hard links), and each version whole
-    v1, v2 = (Path(s.native["path"]) for s in stored[:2])
+    v1, v2 = (Path(s.native.path) for s in stored[:2])
     assert all((v1 / f).samefile(v2 / f) for f in kept)
     be.delete(stored[0])
     assert verify(v2).step == 2
@@ -295,7 +326,7 @@ def test_online_resume_uses_the_artifact_and_registry_links_best(tmp_path: Path,
     used = server.runs[("acme", "resnet", second.run_id)].used
     assert [(v.collection[2], v.index) for v in used] == [(f"ckpt-{RUN}", 0)]
     assert server.links == [("wandb-registry-model/resnet", f"acme/resnet/ckpt-{RUN}:v0", ["best"])]
-    assert a.native["artifact"] == f"acme/resnet/ckpt-{RUN}:v0" and str(a.ref) == f"wandb://acme/resnet/{RUN}:v1"
+    assert a.native.artifact == f"acme/resnet/ckpt-{RUN}:v0" and str(a.ref) == f"wandb://acme/resnet/{RUN}:v1"
 
 
 def test_self_hosted_base_url_round_trips_in_refs(tmp_path: Path, fake: FakeWandb) -> None:
@@ -514,6 +545,17 @@ def test_importing_the_backend_does_not_import_the_sdk() -> None:
     code = "import sys, ckpt_track, ckpt_track.backends.wandb as w; w.WandbBackend.parse_ref('acme/p/ckpt-x:v0'); " \
            "sys.exit('wandb' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False, timeout=120).returncode == 0
+
+
+def test_compat_shims_match_the_installed_sdk() -> None:
+    """The SDK internals the backend relies on without a public API (``_compat``) still hold."""
+    from ckpt_track.backends.wandb import _compat
+
+    assert _compat.problems() == []
+    with pytest.raises(_compat.RunNotFoundError):
+        raise wandb.apis.public.runs.RunNotFoundError("x")
+    assert _compat.is_missing_project(ValueError("Could not find project resnet"))
+    assert not _compat.is_missing_project(ValueError("something else"))
 
 
 # -- the fakes match the installed SDK ---------------------------------------------------------------------

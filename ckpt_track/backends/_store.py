@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointNotFound, CheckpointWriteError, ConfigError, IntegrityError
+from ..errors import CheckpointNotFound, CheckpointWriteError, CkptTrackError, ConfigError, IntegrityError
 from ..format import TMP_PREFIX, FileEntry, LocalCheckpoint, Manifest, free_space, is_blob, now_iso, read_manifest
 from ..plan import next_version
 from ..storage import LOCAL, LocalStorage
@@ -174,6 +174,8 @@ class RunDir:
                 self.write_meta({**meta, "last_version": number})
                 table = {**self.aliases(), **dict.fromkeys(aliases, number)}
                 self._write_aliases(table)
+        except CkptTrackError:
+            raise  # a tracker's own error from on_commit (BackendUnavailable is an OSError too)
         except OSError as exc:
             raise CheckpointWriteError(
                 f"could not store checkpoint step {ckpt.step} under {self.path} ({free_space(self.path)}): "
