@@ -28,10 +28,11 @@ from fakes.clearml import FakeClearmlServer, OfflineSession, close_current_task,
 from safetensors.torch import load
 
 import ckpt_track as ct
-from ckpt_track.records import RunSpec
-from ckpt_track.backends.clearml import ClearmlBackend
+from ckpt_track.backends.clearml import ClearmlBackend, ClearmlCheckpoint, ClearmlRun, _compat
+from ckpt_track.backends.clearml.online import Online
 from ckpt_track.errors import AuthError, BackendError, BackendUnavailable, CheckpointNotFound, ConfigError, InvalidRef
 from ckpt_track.format import MANIFEST, LocalCheckpoint, Manifest, is_blob, read_manifest, verify
+from ckpt_track.records import RunSpec
 from ckpt_track.testing.contract import BackendContract, blob_state, make_blob_checkpoint, make_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +81,10 @@ class TestClearmlContract(BackendContract):
     @pytest.fixture
     def settings_overrides(self, clearml: FakeClearmlServer) -> dict[str, Any]:
         return {"backend": "clearml"}
+
+    @pytest.fixture
+    def ui_refs(self) -> list[tuple[str, ct.Ref]]:
+        return [(text, ref) for text, ref in REFS if text.startswith("http")]
 
 
 def _model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -170,7 +175,7 @@ def test_offline_aliases_move_and_deletes_never_reuse_a_version(clearml: FakeCle
     a = be.put(run, make_checkpoint(tmp_path / "spool", 1), ["best", "step-1"])
     b = be.put(run, make_checkpoint(tmp_path / "spool", 2), ["latest", "step-2"])
     # the SDK internal the backend trims on delete (else the next upload re-adds the deleted artifact)
-    assert isinstance(be._open[run.run_id].task._artifacts_manager._task_artifact_list, list)
+    assert _compat.problems(be.tasks.open[run.run_id].task) == []
     be.set_aliases(b, ["best"])
     assert [s.aliases for s in be.list(run)] == [("step-1",), ("best", "latest", "step-2")]
     be.delete(b)
@@ -317,8 +322,8 @@ def test_online_checkpoints_are_native_clearml_models(clearml: FakeClearmlServer
     assert verify(folder).step == 20
     # the links ckpt_track hands out open the same run and checkpoint again
     stored = ct.list_checkpoints(run.ref, ct.load_settings({"backend": "clearml"}))
-    assert ct.parse_ref(stored[1].native["url"]) == ct.Ref("clearml", f"models/{models['20']['id']}")
-    assert ct.parse_ref(run._targets[0][1].native["url"]) == run.ref
+    assert ct.parse_ref(stored[1].native.url) == ct.Ref("clearml", f"models/{models['20']['id']}")
+    assert ct.parse_ref(run._targets[0][1].native.url) == run.ref
 
 
 def test_logs_into_the_users_own_task_and_leaves_it_open(clearml: FakeClearmlServer) -> None:
@@ -342,7 +347,7 @@ def test_resume_from_another_run_connects_an_input_model(clearml: FakeClearmlSer
         child.log_checkpoint(4, model=_small_model())
     src = ct.list_checkpoints(parent.ref, ct.load_settings(settings))[0]
     task = clearml.tasks[child.id]
-    assert [e["model"] for e in task["models"]["input"]] == [src.native["key"]]
+    assert [e["model"] for e in task["models"]["input"]] == [src.native.key]
     assert task["hyperparams"]["properties"]["ckpt_track_resumed_from"]["value"] == str(src.ref)
     mine = ct.list_checkpoints(child.ref, ct.load_settings(settings))[0]
     assert mine.lineage["resumed_from"] == str(src.ref)
@@ -492,8 +497,9 @@ def logged(clearml_server: FakeClearmlServer, tmp_path_factory: pytest.TempPathF
     be.finish_run(run)
     forget_master_process()
     listed = be.list(run)
-    return {"tid": run.native["task_id"], "pid": clearml_server.tasks[run.native["task_id"]]["project"],
-            "mid2": listed[1].native["key"], "url2": listed[1].native["url"], "run_url": run.native["url"],
+    assert isinstance(run.native, ClearmlRun) and isinstance(listed[1].native, ClearmlCheckpoint)
+    return {"tid": run.native.task_id, "pid": clearml_server.tasks[run.native.task_id]["project"],
+            "mid2": listed[1].native.key, "url2": listed[1].native.url, "run_url": run.native.url,
             "manifests": weights}
 
 
@@ -576,6 +582,26 @@ def test_unknown_option_is_a_config_error() -> None:
         ClearmlBackend({"output_url": "s3://x"})
     with pytest.raises(ConfigError, match="offline"):
         ClearmlBackend({"offline": "maybe"})
+
+
+# -- the SDK internals the backend relies on ----------------------------------------------------------------
+def test_sdk_internals_the_backend_relies_on_are_still_there() -> None:
+    """``ckpt_track/backends/clearml/_compat.py`` uses private parts of the SDK where it has no public
+    API; an SDK update that moves or renames one must fail here, not silently in a user's run."""
+    from clearml import Task
+    from clearml.backend_api import Session
+
+    assert _compat.problems() == []
+    before = _compat.default_seed()
+    Task.set_random_seed(99)
+    try:
+        assert _compat.default_seed() == 99
+    finally:
+        Task.set_random_seed(before)
+    assert _compat.default_seed() == before
+    session = Session.__new__(Session)  # not connected: only the timeouts are set
+    _compat.set_request_timeout(session, 7.0)
+    assert session._session_initial_timeout == session._session_timeout == (7.0, 7.0)
 
 
 # -- the fake and the SDK agree ---------------------------------------------------------------------------
@@ -688,13 +714,13 @@ def test_get_links_tensor_files_an_earlier_download_holds(clearml: FakeClearmlSe
     stored = [be.put(run, c) for c in ckpts]
     be.finish_run(run)
     fetched: list[str] = []
-    real = ClearmlBackend._fetch_blobs
+    real = Online.fetch_blobs
 
     def counting(self, st, names, into):  # type: ignore[no-untyped-def]
         fetched.extend(names)
         return real(self, st, names, into)
 
-    monkeypatch.setattr(ClearmlBackend, "_fetch_blobs", counting)
+    monkeypatch.setattr(Online, "fetch_blobs", counting)
     cache = tmp_path / "cache"  # the core's layout: one folder per version of the run
     be.get(stored[0], cache / "v1")
     assert len(fetched) == 5
