@@ -1,30 +1,46 @@
-"""From a reference to a backend, a run, one stored version, and its files."""
+"""From a reference to a backend, a run, one stored version, and its files.
+
+This is the one place that turns a reference into a :class:`Stored` (:func:`resolve`, or a
+:class:`Resolver` for many references) and decides where a download lands in the cache
+(:func:`cache_path`): the library, the working tools (``ckpt_track.ops``) and the CLI all go
+through it, so a reference means the same checkpoint everywhere.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from . import network
 from .backends import registry
-from .protocol import Backend
-from .records import RunInfo, Stored
 from .config import Settings, load_settings
 from .errors import CheckpointNotFound, IntegrityError
-from .format import LocalCheckpoint
+from .format import LocalCheckpoint, verify
 from .policy import select
+from .protocol import Backend
+from .records import RunInfo, Stored
 from .refs import Ref, parse_ref
 
-__all__ = ["Resolved", "cache_dir", "canonical", "open_backend", "resolve", "list_stored"]
+__all__ = ["Resolved", "Resolver", "RunListing", "cache_dir", "cache_path", "canonical", "list_stored",
+           "open_backend", "resolve"]
 
 
 def cache_dir() -> Path:
     """Where checkpoints downloaded from remote trackers are kept."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "ckpt_track"
+
+
+def cache_path(run_ref: Ref, version: int) -> Path:
+    """The cache entry of version ``version`` of the run ``run_ref``.
+
+    The run's whole reference (entity, server, ...) keys the entry, so two runs that share
+    a project and id on different servers never share a slot."""
+    where = hashlib.sha256(str(run_ref.params).encode()).hexdigest()[:10] if run_ref.params else "default"
+    return cache_dir() / run_ref.backend / where / Path(*run_ref.segments) / f"v{version}"
 
 
 def open_backend(name: str, settings: Settings, ref: Ref | None = None) -> Backend:
@@ -48,39 +64,86 @@ def open_backend(name: str, settings: Settings, ref: Ref | None = None) -> Backe
 
 @dataclass(frozen=True)
 class Resolved:
+    """One stored version, with the backend and run it belongs to."""
+
     backend: Backend
     run: RunInfo
     stored: Stored
 
     def fetch(self) -> LocalCheckpoint:
         """The checkpoint on local disk; remote backends download into the cache."""
-        run_ref = self.run.ref
-        # the run's whole reference (entity, server, ...) keys the cache, so two runs that share
-        # a project and id on different servers never share a slot
-        where = hashlib.sha256(str(run_ref.params).encode()).hexdigest()[:10] if run_ref.params else "default"
-        dest = cache_dir() / run_ref.backend / where / Path(*run_ref.segments) / f"v{self.stored.version}"
-        return self.backend.get(self.stored, dest)
+        return self.backend.get(self.stored, cache_path(self.run.ref, self.stored.version))
+
+    def fetch_verified(self) -> LocalCheckpoint:
+        """The checkpoint on local disk, every file re-hashed against its manifest first: for
+        work that reads the files' contents (diff, average, copy), where a cached copy that
+        rotted since it was fetched must not pass unnoticed."""
+        ckpt = self.fetch()
+        return LocalCheckpoint(ckpt.path, verify(ckpt.path))
 
 
-def _settings(settings: Settings | None) -> Settings:
-    return settings if settings is not None else load_settings()
+@dataclass(frozen=True)
+class RunListing:
+    """A run a reference points into: its backend, its record, its checkpoints (oldest version
+    first) and the reference in canonical form (``<run>`` plus the selector, if any)."""
+
+    backend: Backend
+    run: RunInfo
+    stored: tuple[Stored, ...]
+    ref: Ref
+
+
+class Resolver:
+    """Resolve many references under one set of settings, opening each backend and listing each
+    run once: a lineage walk or a diff visits one run many times, and listing a remote run is a
+    round trip (its damaged-version warnings would repeat too).
+
+    ``skip_damaged=True`` selects among the intact versions only, as the working tools
+    (``ckpt_track.ops``) always have: a damaged version a reference means is then skipped with
+    the listing's warning instead of raising :class:`IntegrityError` as :func:`resolve` does."""
+
+    def __init__(self, settings: Settings | None = None, *, skip_damaged: bool = False) -> None:
+        self.settings = settings if settings is not None else load_settings()
+        self.skip_damaged = skip_damaged
+        self._backends: dict[tuple[str, tuple[tuple[str, str], ...]], Backend] = {}
+        self._runs: dict[tuple[str, tuple[tuple[str, str], ...], str], RunListing] = {}
+
+    def backend(self, ref: Ref) -> Backend:
+        """The backend ``ref`` names, configured by the settings and the reference's parameters."""
+        key = (ref.backend, ref.params)
+        if key not in self._backends:
+            self._backends[key] = open_backend(ref.backend, self.settings, ref)
+        return self._backends[key]
+
+    def run(self, ref: str | Ref) -> RunListing:
+        """The run a reference points into; a selector, if any, is kept in ``.ref`` unapplied."""
+        parsed = parse_ref(ref)
+        backend = self.backend(parsed)
+        canon = canonical(backend, parsed)  # logged-model / registry refs -> <run>:vN
+        key = (canon.backend, canon.params, canon.path)
+        if key not in self._runs:
+            info = backend.find_run(canon)
+            self._runs[key] = RunListing(backend, info, tuple(sorted(backend.list(info), key=lambda s: s.version)),
+                                         canon)
+        return replace(self._runs[key], ref=canon)  # the run is listed once; the selector is this ref's
+
+    def resolve(self, ref: str | Ref) -> Resolved:
+        """The stored checkpoint a reference selects; a damaged version it means is an error."""
+        listing = self.run(ref)
+        try:
+            found: Stored | None = select(listing.stored, listing.ref)
+        except CheckpointNotFound as exc:
+            found, missing = None, exc
+        if not self.skip_damaged:
+            _refuse_damaged(listing.backend, listing.run, listing.ref, found)
+        if found is None:
+            raise missing
+        return Resolved(listing.backend, listing.run, found)
 
 
 def resolve(ref: str | Ref, settings: Settings | None = None) -> Resolved:
     """Find the stored checkpoint a reference selects."""
-    r = parse_ref(ref)
-    backend = open_backend(r.backend, _settings(settings), r)
-    r = canonical(backend, r)
-    run = backend.find_run(r)
-    stored = backend.list(run)
-    try:
-        found: Stored | None = select(stored, r)
-    except CheckpointNotFound as exc:
-        found, missing = None, exc
-    _refuse_damaged(backend, run, r, found)
-    if found is None:
-        raise missing
-    return Resolved(backend, run, found)
+    return Resolver(settings).resolve(ref)
 
 
 def _refuse_damaged(backend: Backend, run: RunInfo, ref: Ref, found: Stored | None) -> None:
@@ -105,6 +168,4 @@ def canonical(backend: Backend, ref: Ref) -> Ref:
 
 def list_stored(ref: str | Ref, settings: Settings | None = None) -> list[Stored]:
     """Every checkpoint of the run a reference points into, oldest version first."""
-    r = parse_ref(ref)
-    backend = open_backend(r.backend, _settings(settings), r)
-    return backend.list(backend.find_run(canonical(backend, r)))
+    return list(Resolver(settings).run(ref).stored)

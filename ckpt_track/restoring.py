@@ -1,6 +1,8 @@
-"""Restore a stored checkpoint into live training objects: all or nothing.
+"""Restore a stored checkpoint: into live training objects (:func:`restore_from`), or its
+files into a directory of their own (:func:`restore_into`, behind ``ckpt-track restore``).
+Both are all or nothing.
 
-Order of work, so that a checkpoint that cannot be applied changes nothing:
+Into live objects, the order of work, so that a checkpoint that cannot be applied changes nothing:
 
 1. every file the manifest lists is opened (regular files only, never through a
    link) and those open files are hashed against the manifest;
@@ -16,22 +18,33 @@ Order of work, so that a checkpoint that cannot be applied changes nothing:
 What remains possible is a failure of step 5 itself: the disk failing, or a file
 being changed in place (same inode) between its hashing in step 1 and its read in
 step 5; that raises :class:`IntegrityError` asking to restore again.
+
+Into a directory, the files are copied into a hidden sibling of the destination and renamed
+into place, so the destination never holds a partial checkpoint.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import IntegrityError
+from .errors import ConfigError, IntegrityError
 from .format import (
+    MANIFEST,
     STATE,
+    LocalCheckpoint,
     TensorInfo,
     _fits,
+    copy_checkpoint,
+    fsync_dir,
     load_into,
     open_verified,
     read_manifest,
@@ -44,7 +57,7 @@ from .state import Restored, apply, live_tensors, prepare
 if TYPE_CHECKING:
     from .resolve import Resolved
 
-__all__ = ["restore_from"]
+__all__ = ["check_destination", "restore_from", "restore_into"]
 
 _NOTHING_CHANGED = "nothing was loaded into the live objects: restore again once the file is intact"
 
@@ -91,3 +104,72 @@ def _split(index: Mapping[str, TensorInfo],
 def _meta(index: Mapping[str, TensorInfo]) -> dict[str, torch.Tensor]:
     """Shape-and-dtype stand-ins for tensors not read yet (every one of them has a dtype)."""
     return {name: torch.empty(i.shape, dtype=i.dtype, device="meta") for name, i in index.items()}
+
+
+# --------------------------------------------------------------------------- into a directory
+
+
+def _absolute(dest: Path) -> Path:
+    """``dest`` made absolute; a symlink is followed so the rename replaces its target, not the link."""
+    dest = Path(os.path.abspath(dest.expanduser()))
+    return dest.resolve() if dest.is_symlink() else dest
+
+
+def check_destination(dest: Path, force: bool) -> bool:
+    """Raise unless ``dest`` may receive a checkpoint; True when an old one is to be replaced.
+
+    Called before anything is downloaded or hashed too, so that a bad destination fails fast."""
+    dest = _absolute(dest)
+    if not dest.name:
+        raise ConfigError(f"cannot restore into {dest}; give a directory below it")
+    if not dest.exists():
+        return False
+    if not dest.is_dir():
+        raise ConfigError(f"{dest} exists and is not a directory; pick another --output")
+    if not any(dest.iterdir()):
+        return False
+    if not force:
+        raise ConfigError(
+            f"{dest} is not empty; pick an empty or new directory, or pass --force to replace "
+            "a checkpoint restored there before"
+        )
+    if not (dest / MANIFEST).is_file():
+        # --force must never become `rm -rf` of an arbitrary directory given by mistake
+        raise ConfigError(
+            f"{dest} is not empty and holds no checkpoint ({MANIFEST}); --force only replaces a "
+            "previously restored checkpoint, so empty it yourself or pick another --output"
+        )
+    return True
+
+
+def restore_into(ckpt: LocalCheckpoint, dest: Path, *, force: bool = False,
+                 progress: Callable[[int], None] | None = None) -> LocalCheckpoint:
+    """Copy a verified checkpoint's files and manifest so they sit directly in ``dest``.
+
+    ``dest`` must not exist or be empty; with ``force`` a directory holding an
+    earlier checkpoint is replaced.  The copy is staged in a hidden sibling and
+    renamed into place, so ``dest`` never holds a partial checkpoint.
+    """
+    dest = _absolute(dest)
+    replace_old = check_destination(dest, force)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    staged = copy_checkpoint(ckpt, dest.parent, f".{dest.name}.restoring-{tag}", link=False, progress=progress)
+    old = dest.parent / f".{dest.name}.replaced-{tag}"
+    try:
+        if replace_old:
+            os.rename(dest, old)
+            try:
+                os.rename(staged.path, dest)
+            except OSError:
+                os.rename(old, dest)  # put the previous checkpoint back
+                raise
+        else:
+            os.rename(staged.path, dest)  # POSIX replaces an empty directory atomically
+    except BaseException:
+        shutil.rmtree(staged.path, ignore_errors=True)
+        raise
+    fsync_dir(dest.parent)
+    if replace_old:
+        shutil.rmtree(old, ignore_errors=True)
+    return LocalCheckpoint(dest, ckpt.manifest)

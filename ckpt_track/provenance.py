@@ -1,4 +1,7 @@
-"""Where a checkpoint came from: run, parent, resumed-from, code, config, environment."""
+"""Provenance capture: where a checkpoint came from (code, config, environment).
+
+What is captured here goes into each manifest's ``lineage`` next to the run, parent and
+resumed-from edges; walking those edges into a tree is :mod:`ckpt_track.ops.lineage`."""
 
 from __future__ import annotations
 
