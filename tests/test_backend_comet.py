@@ -25,10 +25,11 @@ import torch
 import xxhash
 
 import ckpt_track as ct
-from ckpt_track.records import RunSpec
 from ckpt_track.backends.comet import BLOB_PREFIX, RESUMED_FROM_KEY, STATE_KEY, CometBackend, model_name
+from ckpt_track.backends.comet.sdk import CometSdk
 from ckpt_track.errors import AuthError, BackendError, BackendNotInstalled, BackendUnavailable, ConfigError, InvalidRef
 from ckpt_track.format import MANIFEST, LocalCheckpoint, is_blob
+from ckpt_track.records import RunSpec
 from ckpt_track.refs import Ref, parse_ref
 from ckpt_track.resolve import resolve
 from ckpt_track.testing.contract import BackendContract, blob_state, make_blob_checkpoint, make_checkpoint
@@ -100,6 +101,10 @@ class TestCometContract(BackendContract):
     def settings_overrides(self, comet_env: FakeComet) -> dict[str, Any]:
         return _settings()
 
+    @pytest.fixture
+    def ui_refs(self) -> list[tuple[str, Ref]]:
+        return _ui_refs()
+
 
 class TestCometOfflineContract(BackendContract):
     """Offline: OfflineExperiment writes the zip; the offline store answers reads."""
@@ -117,6 +122,15 @@ class TestCometOfflineContract(BackendContract):
     @pytest.fixture
     def settings_overrides(self, comet_env: FakeComet, tmp_path: Path) -> dict[str, Any]:
         return _settings(online=False, offline_directory=str(tmp_path / "off"))
+
+    @pytest.fixture
+    def ui_refs(self) -> list[tuple[str, Ref]]:
+        return _ui_refs()
+
+
+def _ui_refs() -> list[tuple[str, Ref]]:
+    """The contract's per-backend data: experiment pages and the SDK's model URIs."""
+    return [(text, ref) for text, ref, _ in REF_FORMS if not text.startswith("comet://")]
 
 
 def _messages(archive: Path) -> tuple[list[dict[str, Any]], zipfile.ZipFile]:
@@ -149,7 +163,7 @@ def test_offline_log_path_records_every_checkpoint_in_the_archive(comet_env: Fak
                 model.weight.add_(1.0)
             stored.append(run.log_checkpoint(step, model=model, metrics={"val/loss": loss}, epoch=step // 10,
                                              blocking=True).wait())
-    key = run.info.native["key"]
+    key = run.info.native.key
     archives = sorted(offline.glob(f"{key}*.zip"))
     assert [a.name for a in archives] == [f"{key}.zip"]
     messages, z = _messages(archives[0])
@@ -165,7 +179,7 @@ def test_offline_log_path_records_every_checkpoint_in_the_archive(comet_env: Fak
             files = {p["additional_params"]["fileName"]: z.read(p["file_path"]) for p in mine}
             assert files and not any(is_blob(f) for f in files)  # tensors are shared experiment assets
             files |= {f: blobs[f] for f in mine[0]["metadata"]["blobs"]}
-            ckpt = Path(s.native["path"])
+            ckpt = Path(s.native.path)
             manifest = json.loads((ckpt / MANIFEST).read_bytes())
             assert files == {f: (ckpt / f).read_bytes() for f in [*manifest["files"], MANIFEST]}
             for fname, entry in manifest["files"].items():  # the archive's bytes are the committed ones
@@ -211,7 +225,7 @@ def test_comet_upload_makes_offline_checkpoints_restorable_online(comet_env: Fak
             with torch.no_grad():
                 model.weight.mul_(2.0)
             run.log_checkpoint(step, model=model, metrics={"val/loss": loss})
-    archive = offline / f"{run.info.native['key']}.zip"
+    archive = offline / f"{run.info.native.key}.zip"
     assert upload_single_offline_experiment(str(archive), API_KEY, force_upload=False)
     online = ct.load_settings(_settings())
     listed = ct.list_checkpoints(run.ref, settings=online)
@@ -219,6 +233,36 @@ def test_comet_upload_makes_offline_checkpoints_restorable_online(comet_env: Fak
     fresh = torch.nn.Linear(4, 2)
     restored = ct.restore(str(run.ref) + "@latest", model=fresh, settings=online)
     assert restored.step == 2 and torch.equal(fresh.weight, model.weight)
+
+
+def test_offline_store_of_the_previous_release_still_reads(comet_env: FakeComet, tmp_path: Path) -> None:
+    """The earlier layout: versions and run.json as now, the alias table, high-water mark and
+    tombstones in state.json.  It lists, keeps its aliases and never reuses a version number."""
+    from ckpt_track.format import copy_checkpoint
+
+    mirror = tmp_path / "off" / "ckpt_track" / KEY
+    mirror.mkdir(parents=True)
+    (mirror / "run.json").write_text(json.dumps({
+        "key": KEY, "workspace": "ws", "project": "old", "name": "old-run", "run_id": None,
+        "created": "2024-05-01T10:00:00.000000+00:00", "config": {"lr": 0.1}}))
+    for version, step in ((1, 10), (2, 20)):
+        copy_checkpoint(make_checkpoint(tmp_path / "spool", step), mirror, f"v{version:06d}")
+    (mirror / "state.json").write_text(json.dumps(  # v3 was deleted
+        {"aliases": {"best": 1, "latest": 2, "step-10": 1, "step-20": 2}, "last_version": 3, "deleted": [3]}))
+    be = CometBackend({"workspace": "ws", "online": False, "offline_directory": str(tmp_path / "off")})
+    run = be.find_run(Ref("comet", "ws/old/old-run"))
+    assert run.native.key == KEY and run.name == "old-run"
+    assert [(s.version, s.step, s.aliases) for s in be.list(run)] == [
+        (1, 10, ("best", "step-10")), (2, 20, ("latest", "step-20"))]
+    attached = be.open_run(RunSpec(project="old", run_id=KEY))
+    assert attached.resumed
+    new = be.put(attached, make_checkpoint(tmp_path / "spool", 30), ["latest"])
+    assert new.version == 4 and new.aliases == ("latest",)
+    be.close()
+    got = ct.restore(Ref("comet", "ws/old/old-run", alias="best"),
+                     settings=ct.load_settings(_settings(online=False, offline_directory=str(tmp_path / "off"))))
+    assert got.step == 10
+    assert comet_env.requests == []
 
 
 # -- incremental checkpoints --------------------------------------------------------------------
@@ -247,7 +291,7 @@ def test_offline_archive_holds_each_tensor_file_once(comet_env: FakeComet, tmp_p
     c = make_blob_checkpoint(tmp_path / "spool", 3, blob_state(0, changed=("w1",)))  # b again
     stored = [be.put(run, ckpt) for ckpt in (a, b, c)]
     be.finish_run(run)
-    messages, z = _messages(tmp_path / "off" / f"{run.native['key']}.zip")
+    messages, z = _messages(tmp_path / "off" / f"{run.native.key}.zip")
     with z:
         blobs = _blob_uploads(messages, z)  # each tensor file once in the whole archive
         sent: dict[int, set[str]] = {}
@@ -277,7 +321,7 @@ def test_online_blobs_are_found_again_on_resume_and_deleted_when_unreferenced(co
     be.put(run, a)
     be.put(run, b)
     be.close()
-    exp = comet_env.experiment(run.native["key"])
+    exp = comet_env.experiment(run.native.key)
 
     def held() -> list[str]:
         return sorted(x.file_name[len(BLOB_PREFIX):] for x in exp.assets.values() if x.type == "asset")
@@ -286,7 +330,7 @@ def test_online_blobs_are_found_again_on_resume_and_deleted_when_unreferenced(co
     # another process attaches: the blobs the experiment holds are read from Comet, not sent again
     other = CometBackend({"workspace": "ws", "register_as": "inc-ckpt"})
     run2 = other.open_run(RunSpec(project="inc", run_id="inc-run"))
-    assert run2.resumed and run2.native["key"] == run.native["key"]
+    assert run2.resumed and run2.native.key == run.native.key
     c_src = make_blob_checkpoint(spool, 3, blob_state(0, changed=("w1",)))
     assert other.put(run2, c_src).uploaded == _json_sizes(c_src)
     sa, sb, sc = other.list(run2)
@@ -324,7 +368,7 @@ def test_checkpoints_stored_whole_by_earlier_versions_still_work(comet_env: Fake
     got = be.get(first, tmp_path / "dl-old")
     assert all((got.path / f).read_bytes() == (old.path / f).read_bytes() for f in [*m.files, MANIFEST])
     be.delete(first)  # its model elements go; the blobs v2 logged stay
-    assert model_name(1, 1) not in comet_env.experiment(run.native["key"]).models()
+    assert model_name(1, 1) not in comet_env.experiment(run.native.key).models()
     got = be.get(second, tmp_path / "dl-new")
     assert all((got.path / f).read_bytes() == (new_src.path / f).read_bytes() for f in new_src.manifest.files)
     be.close()
@@ -415,7 +459,7 @@ def test_resume_lineage_and_retention_online(comet_env: FakeComet) -> None:
     with ct.init(project="lin", name="first", settings=settings) as first:
         for step in (4, 5):
             first.log_checkpoint(step, model=model)
-    key = first.info.native["key"]
+    key = first.info.native.key
     assets = comet_env.experiment(key).assets.values()
     assert {a.model for a in assets if a.type == "model-element"} == {model_name(2, 5)}  # v1 deleted
     kept = json.loads(next(a.metadata for a in assets if a.model) or "{}")["blobs"]
@@ -425,7 +469,7 @@ def test_resume_lineage_and_retention_online(comet_env: FakeComet) -> None:
     with ct.init(project="lin", name="second", settings=settings) as second:
         assert second.resume(model=fresh, ref=first.ref.select(step=5)) == 6
         second.log_checkpoint(6, model=fresh)
-    exp = comet_env.experiment(second.info.native["key"])
+    exp = comet_env.experiment(second.info.native.key)
     source = str(first.ref.select(version=2))
     assert exp.others[RESUMED_FROM_KEY] == source  # the tracker-side lineage
     meta = json.loads(next(a.metadata for a in exp.assets.values() if a.model) or "{}")
@@ -440,7 +484,7 @@ def test_checkpoints_go_into_the_experiment_the_user_started(comet_env: FakeCome
     offline = tmp_path / "off"
     user = comet_ml.OfflineExperiment(project_name="mine", workspace="ws", offline_directory=str(offline))
     with ct.init(project="ignored", settings=_settings(online=False, offline_directory=str(offline))) as run:
-        assert run.info.native["key"] == user.get_key() and run.project == "mine"
+        assert run.info.native.key == user.get_key() and run.project == "mine"
         run.log_checkpoint(1, model=torch.nn.Linear(2, 2))
     assert not user.ended  # the user's experiment stays theirs to end
     user.end()
@@ -501,11 +545,16 @@ def test_module_needs_no_sdk_to_import_or_parse(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setitem(sys.modules, "comet_ml", None)  # as if comet_ml were not installed
     name = "ckpt_track.backends._comet_without_sdk"
-    spec = importlib.util.spec_from_file_location(name, mod.__file__)
+    spec = importlib.util.spec_from_file_location(name, mod.__file__,
+                                                  submodule_search_locations=[str(Path(mod.__file__).parent)])
     assert spec is not None and spec.loader is not None
     fresh = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, fresh)
-    spec.loader.exec_module(fresh)  # would raise ImportError if the SDK were imported at module level
+    try:
+        spec.loader.exec_module(fresh)  # would raise ImportError if the SDK were imported at module level
+    finally:
+        for sub in [m for m in sys.modules if m.startswith(name + ".")]:
+            del sys.modules[sub]
     assert fresh.CometBackend.parse_ref("registry://acme/m:1.0.0") == Ref("comet", "registry/acme/m", alias="1.0.0")
     assert parse_ref(f"https://www.comet.com/acme/resnet/{KEY}").backend == "comet"
     with pytest.raises(BackendNotInstalled, match=r"ckpt-track\[comet\]"):
@@ -528,6 +577,7 @@ def test_sdk_calls_we_rely_on_keep_their_signatures() -> None:
         comet_ml.ExistingOfflineExperiment.__init__: {"workspace", "project_name", "experiment_key",
                                                       "offline_directory"},
         comet_ml.API.__init__: {"api_key", "cache"},
+        comet_ml.config.get_api_key: {"api_key", "config"},
         comet_ml.API.get_experiment: {"workspace", "project_name", "experiment"},
         comet_ml.API.get_registry_model_details: {"workspace", "registry_name"},
         comet_ml.APIExperiment.get_model_asset_list: {"model_name"},
@@ -600,13 +650,13 @@ def test_get_links_tensor_files_an_earlier_download_holds(comet_env: FakeComet, 
     b = make_blob_checkpoint(tmp_path / "spool", 2, blob_state(0, changed=("w1",)))
     sa, sb = be.put(run, a), be.put(run, b)
     downloaded: list[str] = []
-    real = CometBackend._download_asset
+    real = CometSdk.download_asset
 
     def counting(exp, asset_id, target):  # type: ignore[no-untyped-def]
         downloaded.append(target.name)
         return real(exp, asset_id, target)
 
-    monkeypatch.setattr(CometBackend, "_download_asset", staticmethod(counting))
+    monkeypatch.setattr(CometSdk, "download_asset", staticmethod(counting))
     cache = tmp_path / "cache"  # the core's layout: one folder per version of the run
     be.get(sa, cache / "v1")
     assert len([f for f in downloaded if is_blob(f)]) == 5
