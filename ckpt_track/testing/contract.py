@@ -14,7 +14,9 @@ fixture (a fresh, empty backend instance) and ``settings_overrides`` (what
             return {"backend": "mine", "mine": {"root": str(tmp_path)}}
 
 Optional behaviour is switched by the backend's ``capabilities`` flags
-(``"delete"``, ``"concurrent_writers"``), never by its name.
+(:class:`ckpt_track.Capability`), never by its name.  Per-backend data goes in fixtures:
+``ui_refs`` (URLs pasted from the tracker's UI and the ``Ref`` each parses to) and
+``missing_run_ref``.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from typing import Any
 import pytest
 import torch
 
-from ..protocol import Backend
-from ..records import RunInfo, RunSpec
 from ..errors import CheckpointNotFound, ConfigError
 from ..format import MANIFEST, LocalCheckpoint, verify, write_checkpoint
 from ..policy import select
+from ..protocol import Backend
+from ..records import RunInfo, RunSpec
 from ..refs import Ref, parse_ref
 from ..state import capture
 from ..writer import snapshot_tensors
@@ -73,7 +75,7 @@ def _tensor_file_size(ckpt: LocalCheckpoint, name: str) -> int:
     for fname, entry in ckpt.manifest.files.items():
         if fname.endswith(".safetensors"):
             with safe_open(str(ckpt.path / fname), framework="pt") as f:
-                if name in f.keys():
+                if name in f.keys():  # noqa: SIM118 - safe_open has no __contains__
                     return entry.size
     raise KeyError(name)
 
@@ -112,6 +114,12 @@ class BackendContract:
     @pytest.fixture
     def spool(self, tmp_path: Path) -> Path:
         return tmp_path / "spool"
+
+    @pytest.fixture
+    def ui_refs(self) -> list[tuple[str, Ref]]:
+        """Per-backend data: text pasted from the tracker's web UI (or its SDK's own reference
+        forms) and the ``Ref`` it must parse to; empty for a tracker without a UI."""
+        return []
 
     # -- runs ------------------------------------------------------------------------
     def test_open_run_creates_then_attaches(self, backend: Backend, project: str) -> None:
@@ -212,6 +220,14 @@ class BackendContract:
         stored = backend.put(run, make_checkpoint(spool, 4), [])
         assert parse_ref(str(stored.ref)) == stored.ref
         assert parse_ref(str(run.ref)) == run.ref
+
+    def test_ui_refs_parse(self, backend: Backend, ui_refs: list[tuple[str, Ref]]) -> None:
+        if not ui_refs:
+            pytest.skip("no web-UI reference forms given for this backend")
+        for text, want in ui_refs:
+            assert type(backend).parse_ref(text) == want, text
+            assert parse_ref(text) == want, text  # also through the registry, as users paste it
+            assert parse_ref(str(want)) == want
 
     # -- incremental (content-addressed tensor files) ---------------------------------------
     def test_dedup_sends_only_changed_files(self, backend: Backend, run: RunInfo, spool: Path,

@@ -42,7 +42,7 @@ def test_the_example_is_one_small_file() -> None:
 
 def test_readme_shows_the_tested_code() -> None:
     readme = (ROOT / "backends" / "README.md").read_text()
-    blocks = re.findall(r"```python\n# examples/plugin_backend/(\S+)\n(.*?)```", readme, re.S)
+    blocks = re.findall(r"```python\n# examples/plugin_backend/(\S+)\n(.*?)```", readme, re.DOTALL)
     shown = {name: body for name, body in blocks}
     assert set(shown) == {"ckpt_track_tiny.py"}
     assert shown["ckpt_track_tiny.py"] == (EXAMPLE / "ckpt_track_tiny.py").read_text()
