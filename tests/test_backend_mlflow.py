@@ -14,10 +14,10 @@ import torch
 from mlflow import MlflowClient
 
 import ckpt_track as ct
-from ckpt_track.records import RunSpec
-from ckpt_track.backends.mlflow import BLOBS, MlflowBackend
+from ckpt_track.backends.mlflow import BLOBS, MlflowBackend, MlflowModel, MlflowRun
 from ckpt_track.errors import BackendUnavailable, CheckpointNotFound, InvalidRef
 from ckpt_track.format import MANIFEST, LocalCheckpoint, is_blob, verify
+from ckpt_track.records import RunSpec
 from ckpt_track.refs import Ref, parse_ref
 from ckpt_track.testing.contract import BackendContract, blob_state, make_blob_checkpoint
 
@@ -34,6 +34,10 @@ class TestMlflowServerContract(BackendContract):
     def settings_overrides(self, mlflow_env) -> dict:
         return {"backend": "mlflow", "mlflow": {"tracking_uri": mlflow_env.uri}}
 
+    @pytest.fixture
+    def ui_refs(self) -> list[tuple[str, Ref]]:
+        return [(text, ref) for text, ref in REFS if "://" not in text or text.startswith("http")]
+
 
 class TestMlflowSqliteContract(BackendContract):
     """Second tier: no server, a sqlite store and a local artifact root in tmp_path."""
@@ -47,6 +51,10 @@ class TestMlflowSqliteContract(BackendContract):
     def settings_overrides(self, tmp_path: Path) -> dict:
         return {"backend": "mlflow", "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
                                                 "artifact_location": str(tmp_path / "mlruns")}}
+
+    @pytest.fixture
+    def ui_refs(self) -> list[tuple[str, Ref]]:
+        return [(text, ref) for text, ref in REFS if "://" not in text or text.startswith("http")]
 
 
 # -- references ------------------------------------------------------------------------------
@@ -117,8 +125,8 @@ def test_every_reference_form_restores_the_same_checkpoint(mlflow_env) -> None:
     stored = {s.step: s for s in ct.list_checkpoints(run.ref, ct.load_settings(settings))}
     best = stored[20]
     exp = client.get_run(run.id).info.experiment_id
-    mid = best.native["model_id"]
-    v = best.native["registered_version"]
+    mid = best.native.model_id
+    v = best.native.registered_version
     forms = [  # (reference, step it must restore)
         (f"mlflow://{run.id}@best", 20), (f"mlflow://{run.id}@step=20", 20), (f"mlflow://{run.id}:v2", 20),
         (f"runs:/{run.id}/best", 20), (f"models:/{mid}", 20), (f"models:/refs-ckpt/{v}", 20),
@@ -148,7 +156,8 @@ def test_plain_mlflow_client_sees_logged_models(tmp_path: Path, mlflow_env) -> N
     env.update(CKPT_TRACK_BACKEND="mlflow", CKPT_TRACK_MLFLOW__TRACKING_URI=mlflow_env.uri, RUN_NAME="plain",
                CKPT_TRACK_LOCAL__ROOT=str(tmp_path / "spool"))
     done = subprocess.run([sys.executable, str(script), "--steps", "12", "--every", "5", "--out", "w.safetensors"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
     assert done.returncode == 0, done.stderr
     client = MlflowClient(mlflow_env.uri)
     exp = client.get_experiment_by_name("resume-test")
@@ -181,7 +190,8 @@ def test_bit_identical_resume_through_the_server(tmp_path: Path, mlflow_env) -> 
 
     def train(name: str, out: str, *extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, str(script), "--steps", "30", "--out", out, *extra], cwd=tmp_path,
-                              env={**env, "RUN_NAME": name}, capture_output=True, text=True, timeout=300)
+                              env={**env, "RUN_NAME": name}, capture_output=True, text=True, timeout=300,
+                              check=False)
 
     assert train("full", "full.safetensors").returncode == 0
     assert train("cut", "x.safetensors", "--stop-after", "13").returncode == 3
@@ -208,7 +218,7 @@ def test_resume_from_another_run_records_lineage(mlflow_env) -> None:
     client = MlflowClient(mlflow_env.uri)
     src = ct.list_checkpoints(parent.ref, ct.load_settings(settings))[0]
     inputs = client.get_run(child.id).inputs.model_inputs
-    assert [i.model_id for i in inputs] == [src.native["model_id"]]
+    assert [i.model_id for i in inputs] == [src.native.model_id]
     mine = ct.list_checkpoints(child.ref, ct.load_settings(settings))[0]
     assert mine.lineage["resumed_from"] == str(src.ref) and mine.lineage["parent"] == str(src.ref)
 
@@ -246,14 +256,14 @@ def test_each_tensor_file_is_stored_once_per_run_on_the_server(tmp_path: Path, m
     only that tensor's file, an unchanged one adds none; deleting keeps what others still name."""
     backend = MlflowBackend({"tracking_uri": mlflow_env.uri})
     run = backend.open_run(RunSpec(project=f"dedup-{uuid.uuid4().hex[:6]}", name="d"))
-    art = mlflow_env.root / "artifacts" / run.native["experiment_id"]
+    art = mlflow_env.root / "artifacts" / run.native.experiment_id
     blobs = art / run.run_id / "artifacts" / BLOBS
 
     def on_disk() -> dict[str, tuple[int, int]]:  # blob file -> (size, mtime): rewritten files show
         return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in blobs.iterdir()}
 
     def model_files(stored) -> set[str]:
-        return {p.name for p in (art / "models" / stored.native["model_id"] / "artifacts").iterdir()}
+        return {p.name for p in (art / "models" / stored.native.model_id / "artifacts").iterdir()}
 
     srcs = [make_blob_checkpoint(tmp_path, 1, blob_state(0)),
             make_blob_checkpoint(tmp_path, 2, blob_state(0, changed=("w1",))),
@@ -293,11 +303,11 @@ def test_checkpoints_logged_with_every_file_in_the_model_still_restore(tmp_path:
     backend = MlflowBackend({"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
                              "artifact_location": str(tmp_path / "mlruns")})
     run = backend.open_run(RunSpec(project="old-layout"))
-    blobs = Path(run.native["artifact_uri"]) / BLOBS
+    blobs = Path(run.native.artifact_uri) / BLOBS
     old_src = make_blob_checkpoint(tmp_path / "spool", 1, blob_state(5))
     old = backend.put(run, old_src)
     for p in blobs.iterdir():  # what an earlier version stored: every file in the model's artifacts
-        shutil.move(p, Path(old.native["artifact_location"]) / p.name)
+        shutil.move(p, Path(old.native.artifact_location) / p.name)
     new_src = make_blob_checkpoint(tmp_path / "spool", 2, blob_state(5, changed=("w2",)))
     new = backend.put(run, new_src)
     assert new.uploaded is not None and new.uploaded > 4 * 128 * 1024  # the run held none of them yet
@@ -383,8 +393,8 @@ def test_several_backends_at_once_and_one_down(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     dead = {"backend": ["local", "mlflow"], "mlflow": {"tracking_uri": mlflow_env.uri}}
     run2 = ct.init(project="multi", name="half", settings=dead)
-    run2._targets[1][0].tracking_uri = f"http://127.0.0.1:{free_port()}"  # the server "goes away"
-    run2._targets[1][0]._client_obj = None
+    run2._targets[1][0].sdk.tracking_uri = f"http://127.0.0.1:{free_port()}"  # the server "goes away"
+    run2._targets[1][0].sdk._client_obj = None
     run2.log_checkpoint(5, model=_model(5)).wait()  # does not raise: local got it, MLflow is owed it
     assert [c.step for c in ct.list_checkpoints(run2._targets[0][1].ref, s)] == [5]
     with pytest.raises(ct.CheckpointWriteError, match="mlflow"):
@@ -404,7 +414,7 @@ def test_comet_sdk_patches_do_not_copy_checkpoints_elsewhere(tmp_path: Path, mlf
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CKPT_TRACK_", "COMET_"))}
     env.update(COMET_OFFLINE_DIRECTORY=str(tmp_path / "comet-offline"), CKPT_TRACK_LOCAL__ROOT=str(tmp_path / "s"))
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "1"
     leftovers = [p for p in tmp_path.rglob("*") if "comet" in p.name.lower() and p.is_dir()]
@@ -439,3 +449,68 @@ def test_restore_links_tensor_files_an_earlier_download_holds(tmp_path: Path, mo
     ct.restore(run.ref.select(step=2), model=fresh, settings=resolved)
     assert len(downloaded) == 1  # only the changed weight
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+# -- the SDK boundary, without a server ---------------------------------------------------------
+def test_compat_shim_matches_the_installed_sdk() -> None:
+    """The one SDK name outside MLflow's documented API (``_compat``): fails loudly when an
+    MLflow release moves ``get_artifact_repository`` or changes what ckpt_track calls on a
+    repository."""
+    import inspect
+
+    from mlflow.store.artifact.artifact_repo import ArtifactRepository
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    from ckpt_track.backends.mlflow import _compat
+
+    assert "tracking_uri" in inspect.signature(get_artifact_repository).parameters
+    for method, params in _compat.REPOSITORY_CALLS.items():
+        found = inspect.signature(getattr(ArtifactRepository, method)).parameters
+        assert all(p in found for p in params), f"ArtifactRepository.{method}{tuple(found)}: ckpt_track passes {params}"
+    repo = _compat.artifact_repository("file:///tmp/ckpt-track-compat-check", None)
+    assert isinstance(repo, ArtifactRepository)
+
+
+def test_handles_are_typed_and_frozen(tmp_path: Path) -> None:
+    import dataclasses
+
+    backend = MlflowBackend({"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                             "artifact_location": str(tmp_path / "mlruns")})
+    run = backend.open_run(RunSpec(project="handles"))
+    assert isinstance(run.native, MlflowRun) and run.native.artifact_uri
+    stored = backend.put(run, make_blob_checkpoint(tmp_path / "spool", 1, blob_state(0)), aliases=("latest",))
+    assert isinstance(stored.native, MlflowModel) and stored.native.model_id.startswith("m-")
+    assert stored.native.registered_version is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stored.native.model_id = "m-0"  # type: ignore[misc]
+
+
+def test_error_table() -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2 as pb
+
+    from ckpt_track.backends.mlflow import MlflowSdk
+    from ckpt_track.errors import AuthError, BackendError
+
+    sdk = MlflowSdk("http://127.0.0.1:40329", None)
+    cases = [
+        (MlflowException("gone", error_code=pb.RESOURCE_DOES_NOT_EXIST), CheckpointNotFound, "tracking URI"),
+        (MlflowException("no", error_code=pb.PERMISSION_DENIED), AuthError, "MLFLOW_TRACKING_TOKEN"),
+        (MlflowException("API request failed with error code 401 != 200"), AuthError, "credentials"),
+        (MlflowException("bad", error_code=pb.INVALID_PARAMETER_VALUE), BackendError, "rejected"),
+        (MlflowException("at http://127.0.0.1:40329: 503"), BackendUnavailable, "unreachable or failing"),
+        (ConnectionRefusedError("refused"), BackendUnavailable, "cannot reach"),
+    ]
+    for exc, kind, text in cases:
+        got = sdk.translate(exc, "doing it")
+        assert type(got) is kind and text in str(got), (exc, got)
+    with pytest.raises(CheckpointNotFound) as info, sdk.errors("looking"):
+        raise MlflowException("gone", error_code=pb.RESOURCE_DOES_NOT_EXIST)
+    assert isinstance(info.value.__cause__, MlflowException)
+
+
+def test_unknown_option_names_the_known_ones() -> None:
+    from ckpt_track.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['tracking_url'\].*Did you mean 'tracking_uri'"):
+        MlflowBackend({"tracking_url": "http://x"})
