@@ -31,6 +31,17 @@ from .records import Capability, ResumeMode, RunInfo, RunSpec, Stored
 from .refs import Ref, parse_ref
 from .run import CheckpointHandle, Run, init, list_checkpoints, log_checkpoint, restore
 from .state import Restored
+from .state_codec import is_storable
+from .state_io import (
+    CheckpointState,
+    FetchedCheckpoint,
+    cache_dir,
+    fetch_checkpoint,
+    find_checkpoint,
+    is_checkpoint_dir,
+    save_checkpoint,
+)
+from .state_rng import apply_rng, capture_rng
 
 __version__ = "0.1.0"
 
@@ -43,9 +54,11 @@ __all__ = [
     "Capability",
     "CheckpointHandle",
     "CheckpointNotFound",
+    "CheckpointState",
     "CheckpointWriteError",
     "CkptTrackError",
     "ConfigError",
+    "FetchedCheckpoint",
     "IntegrityError",
     "InvalidRef",
     "Ref",
@@ -60,10 +73,18 @@ __all__ = [
     "StateMismatch",
     "Stored",
     "UnknownBackend",
+    "apply_rng",
+    "cache_dir",
+    "capture_rng",
+    "fetch_checkpoint",
+    "find_checkpoint",
     "init",
+    "is_checkpoint_dir",
+    "is_storable",
     "list_checkpoints",
     "load_settings",
     "log_checkpoint",
     "parse_ref",
     "restore",
+    "save_checkpoint",
 ]

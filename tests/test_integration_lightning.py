@@ -8,6 +8,7 @@ Run as a script, this file is the interrupted training job:
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -350,6 +351,46 @@ def test_bad_arguments_fail_at_once(tmp_path: Path) -> None:
         CkptTrackCallback(run, monitor="train_loss")
     assert CkptTrackCallback(run).every_n_epochs == 1  # the default: every epoch
     run.finish()
+
+
+# -- Lightning internals: all in one shim, which fails here when Lightning changes them ----------
+LIGHTNING_PKG = Path(ct.__file__).parent / "integrations" / "lightning"
+
+
+def test_the_compat_shim_matches_the_installed_lightning(tmp_path: Path) -> None:
+    """The one private Lightning internal ckpt_track relies on (the fit loop's data fetcher) is
+    still there and behaves as the mid-epoch replay needs; a Lightning update that changes it
+    must fail here, not replay the wrong data order silently."""
+    from ckpt_track.integrations.lightning import _compat
+
+    assert _compat.problems() == [], f"Lightning {pl.__version__} changed what _compat.py relies on"
+
+    seen: dict[str, Any] = {}
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            seen["plain"] = _compat.plain_fetcher(trainer) is not None
+            seen["ahead"] = _compat.prefetched(trainer)
+
+    trainer(tmp_path, [Probe()], max_steps=1, limit_val_batches=0).fit(Tiny())
+    assert seen == {"plain": True, "ahead": 0}
+
+
+def test_only_the_shim_touches_private_lightning_names() -> None:
+    """Private Lightning imports and private attributes of anything but our own objects stay in _compat.py."""
+    bad = []
+    for path in sorted(LIGHTNING_PKG.glob("*.py")):
+        if path.name == "_compat.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lightning"):
+                bad += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+                if "._" in (node.module or ""):
+                    bad.append(f"{path.name}: {node.module}")
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                    and not (isinstance(node.value, ast.Name) and node.value.id == "self"):
+                bad.append(f"{path.name}:{node.lineno} .{node.attr}")
+    assert not bad, bad
 
 
 def _main() -> int:

@@ -231,3 +231,25 @@ def test_example_runs(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "weights identical to uninterrupted training: True" in done.stdout
     assert "restored the best checkpoint" in done.stdout
+
+
+def test_the_trainer_layout_matches_the_installed_transformers() -> None:
+    """``checkpoint_dir`` writes what the Trainer reads back with private methods
+    (``_load_rng_state`` and friends); their file names and the RNG file's keys must still be
+    the ones the integration writes, or a resume would silently skip them."""
+    import inspect
+
+    import transformers.trainer as trainer_module
+    from transformers import Trainer
+    from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
+
+    from ckpt_track.integrations import transformers as integration
+
+    assert (integration.WEIGHTS, integration.CONFIG) == (SAFE_WEIGHTS_NAME, CONFIG_NAME)
+    assert (integration.TRAINER_STATE, integration.OPTIMIZER, integration.SCHEDULER, integration.SCALER) == (
+        trainer_module.TRAINER_STATE_NAME, trainer_module.OPTIMIZER_NAME, trainer_module.SCHEDULER_NAME,
+        trainer_module.SCALER_NAME)
+    load_rng = inspect.getsource(Trainer._load_rng_state)
+    assert f'"{integration.RNG}"' in load_rng
+    for key in ("python", "numpy", "cpu"):  # (the resume tests check that they restore bit-identically)
+        assert f'checkpoint_rng_state["{key}"]' in load_rng, key

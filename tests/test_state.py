@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from ckpt_track.errors import SerializationError, StateMismatch
+import ckpt_track as ct
+from ckpt_track.errors import IntegrityError, SerializationError, StateMismatch
 from ckpt_track.format import load_checkpoint, tensor_files, write_checkpoint
 from ckpt_track.state import Restored, apply, capture, decode_tree, encode_tree
 from ckpt_track.writer import snapshot_tensors
-
 
 # -- helpers ---------------------------------------------------------------------
 _counter = iter(range(1_000_000))
@@ -483,6 +483,99 @@ def test_checkpoint_without_rng_leaves_generators_alone(tmp_path: Path) -> None:
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
     apply(state, tensors, rng=True)
     assert_same(expected, _draw())
+
+
+def test_public_rng_capture_and_apply_round_trip_through_a_checkpoint(tmp_path: Path) -> None:
+    """What integrations keep in their own state (the RNG at an epoch's start) is the record
+    a checkpoint stores, and sets the generators back exactly, also after the JSON codec."""
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    random.gauss(0, 1), np.random.randn()
+    saved = ct.capture_rng()
+    first = _draw()
+    state, tensors, _ = roundtrip(tmp_path, extra={"rng_at_start": saved}, rng=False)
+    assert set(saved) >= {"python", "torch", "numpy"}
+    ct.apply_rng(saved)
+    assert_same(first, _draw(), "draws after apply_rng")
+    ct.apply_rng(apply(state, tensors, rng=False).extra["rng_at_start"])
+    assert_same(first, _draw(), "draws after apply_rng of the stored record")
+    # the same record log_checkpoint stores under "rng"
+    captured = capture(step=0)
+    assert_same(decode_tree(captured.tree["rng"], captured.tensors), ct.capture_rng())
+
+
+def test_apply_rng_refuses_a_malformed_record_and_changes_nothing() -> None:
+    good = ct.capture_rng()
+    bad = {**good, "numpy": ["MT19937", [0] * 3, 0, 0, 0.0]}  # python and torch fine, numpy broken
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    expected = _draw()
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    with pytest.raises(IntegrityError, match="numpy"):
+        ct.apply_rng(bad)
+    assert_same(expected, _draw())  # python's and torch's generators were not set either
+    with pytest.raises(IntegrityError):
+        ct.apply_rng("not a record")  # type: ignore[arg-type]
+
+
+def test_is_storable_matches_what_capture_accepts() -> None:
+    assert ct.is_storable({"betas": (0.9, 0.99), 1: torch.ones(2), "x": np.float32(1.5), "n": None})
+    for bad in (object(), {1, 2}, torch.eye(2).to_sparse(), np.array(["a"]), Path(".")):
+        assert not ct.is_storable(bad)
+        with pytest.raises(SerializationError):
+            capture(step=0, extra={"v": bad}, rng=False)
+
+
+def test_save_checkpoint_and_read_it_back_without_live_objects(tmp_path: Path) -> None:
+    """The integration API: a directory written outside any run, verified and decoded."""
+    model = make_mlp(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for x, y in batches(0, 2):
+        train_step(model, opt, x, y)
+    target = tmp_path / "ckpts" / "last.ckpt"
+    target.parent.mkdir()
+    for step in (1, 2):  # the second replaces the first whole
+        assert ct.save_checkpoint(target, step=step, epoch=0, model=model, optimizer=opt,
+                                  extra={"k": {1: (2, 3)}}) == target
+    assert ct.is_checkpoint_dir(target) and not ct.is_checkpoint_dir(tmp_path)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
+    found = ct.fetch_checkpoint(target)
+    assert (found.step, found.epoch, found.ref, found.stored) == (2, 0, None, None)
+    assert found.state_hash == load_checkpoint(target)[0].files["state.json"].hash
+    state = found.read()
+    assert state.step == 2 and state.extra == {"k": {1: (2, 3)}} and state.scheduler is None
+    for k, v in model.state_dict().items():
+        assert_tensor_same(v, state.model[k], k)
+    assert_same(opt.state_dict(), state.optimizer, "optimizer")
+    assert set(state.rng) >= {"python", "torch"}
+
+
+def test_read_names_the_keys_of_tied_tensors(tmp_path: Path) -> None:
+    """A reader that writes each tensor once (save_pretrained's layout) keeps the key the tied
+    tensor was stored under, whatever order the keys come back in."""
+    model = TiedLM()
+    state = ct.fetch_checkpoint(ct.save_checkpoint(tmp_path / "c", step=1, model=model, rng=False)).read()
+    assert state.model_aliases == {"out.weight": "emb.weight"}
+    assert state.model is not None and state.model["out.weight"] is state.model["emb.weight"]
+
+
+def test_read_refuses_a_damaged_checkpoint(tmp_path: Path) -> None:
+    target = ct.save_checkpoint(tmp_path / "c", step=1, model=make_mlp(0))
+    shard = next(p for p in target.iterdir() if p.suffix == ".safetensors")
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError):
+        ct.fetch_checkpoint(target).read()
+
+
+def test_find_checkpoint_is_none_for_a_run_without_checkpoints(tmp_path: Path) -> None:
+    assert ct.find_checkpoint(f"local://p/nothing-yet?root={tmp_path}") is None
+    run = ct.init(project="p", name="r", settings={"local": {"root": str(tmp_path)}})
+    run.log_checkpoint(5, model=make_mlp(0), blocking=True)
+    run.finish()
+    found = ct.find_checkpoint(f"local://p/r?root={tmp_path}")
+    assert found is not None and found.step == 5
+    with pytest.raises(ct.CheckpointNotFound, match="no checkpoint matches"):
+        ct.find_checkpoint(f"local://p/r@step=6?root={tmp_path}")
 
 
 # -- step, epoch, extra ------------------------------------------------------------------

@@ -33,6 +33,9 @@ exactly the layout the installed Trainer reads back (``_load_from_checkpoint``,
 The pickled files in it are written with ``torch.save`` for the Trainer, which loads
 them itself (with ``weights_only=True``); ckpt_track never reads them.  Resuming through
 that directory is bit-identical to an uninterrupted run (tested), mid-epoch included.
+Nothing here calls a private transformers API; the layout those private loaders read (file
+names, the RNG file's keys) is checked against the installed transformers by
+``tests/test_integration_transformers.py``, so a change there fails a test, not a resume.
 
 Limits: only the world-process-zero state is recorded (single-process training; the
 Trainer's per-rank RNG files of distributed runs are not reproduced), the mixed-precision
@@ -60,9 +63,6 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 import ckpt_track as ct
 from ckpt_track import ResumeMode
-from ckpt_track.format import STATE, load_checkpoint
-from ckpt_track.resolve import cache_dir, resolve
-from ckpt_track.state import decode_tree
 
 __all__ = ["CkptTrackCallback", "checkpoint_dir"]
 
@@ -249,33 +249,41 @@ def checkpoint_dir(
     >>> path = checkpoint_dir("mlflow://0f1e2d3c4b5a69788796a5b4c3d2e1f0@step=3000")  # doctest: +SKIP
     >>> trainer.train(resume_from_checkpoint=str(path))                               # doctest: +SKIP
     """
-    found = resolve(ref, _as_settings(settings))
-    ckpt = found.fetch()
-    source = {"ref": str(found.stored.ref), "state_hash": ckpt.manifest.files[STATE].hash}
+    found = ct.fetch_checkpoint(ct.parse_ref(ref), settings=_as_settings(settings))
+    stored = found.stored
+    assert stored is not None  # a reference, not a directory
+    source = {"ref": str(stored.ref), "state_hash": found.state_hash}
     if dest is None:
-        run = found.run
-        target = (cache_dir() / EXTRA_KEY / run.backend / run.project / run.run_id
-                  / f"v{found.stored.version}" / f"checkpoint-{found.stored.step}")
+        run = stored.run
+        target = (ct.cache_dir() / EXTRA_KEY / run.backend / run.project / run.run_id
+                  / f"v{stored.version}" / f"checkpoint-{stored.step}")
     else:
         target = Path(dest)
     if _holds(target, source):
         return target
     if dest is not None and target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise FileExistsError(f"{target} is not empty; give a new or empty directory")
-    _, tensors, tree = load_checkpoint(ckpt.path)
-    hf = decode_tree((tree.get("extra") or {}).get(EXTRA_KEY) or {}, tensors)
-    if "model" not in tree or not isinstance(hf, Mapping) or "trainer_state" not in hf:
+    state = found.read()
+    hf = state.extra.get(EXTRA_KEY) or {}
+    if state.model is None or not isinstance(hf, Mapping) or "trainer_state" not in hf:
         raise ct.StateMismatch(
-            f"{found.stored.ref} was not logged by CkptTrackCallback (it holds no Trainer state), so a "
+            f"{stored.ref} was not logged by CkptTrackCallback (it holds no Trainer state), so a "
             "Trainer cannot resume from it; load its weights with ct.restore(ref, model=model) instead"
         )
+    return _publish(target, source, state, hf, replace_stale=dest is None)
+
+
+def _publish(target: Path, source: Mapping[str, str], state: ct.CheckpointState, hf: Mapping[str, Any], *,
+             replace_stale: bool) -> Path:
+    """Write the directory beside ``target`` and rename it into place, so that a Trainer never
+    reads half of one; a concurrent maker of the same directory wins without an error."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        _write_trainer_files(tmp, tree, tensors, hf)
+        _write_trainer_files(tmp, state, hf)
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
-        if target.exists() and dest is None:  # a stale cache entry: ours to replace
+        if target.exists() and replace_stale:  # a stale cache entry: ours to replace
             shutil.rmtree(target)
         elif target.exists():  # an empty dest (checked above)
             target.rmdir()
@@ -298,14 +306,13 @@ def _holds(path: Path, source: Mapping[str, str]) -> bool:
         return False
 
 
-def _write_trainer_files(out: Path, tree: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
-                         hf: Mapping[str, Any]) -> None:
+def _write_trainer_files(out: Path, state: ct.CheckpointState, hf: Mapping[str, Any]) -> None:
     """Write the files of a Trainer checkpoint, each in the form the Trainer loads it."""
-    weights = decode_tree(tree["model"], tensors)
+    assert state.model is not None
     # a tied tensor (e.g. lm_head tied to the embeddings) is stored once, under the first key
     # of the state dict; like save_pretrained, keep only that key so safetensors accepts the file
-    owned = {k: v.contiguous() for k, v in weights.items()
-             if isinstance(v, torch.Tensor) and f"model/{k}" in tensors}
+    owned = {k: v.contiguous() for k, v in state.model.items()
+             if isinstance(v, torch.Tensor) and k not in state.model_aliases}
     save_file(owned, str(out / WEIGHTS), metadata={"format": "pt"})
 
     # same serialisation as TrainerState.save_to_json, so the file is byte-identical
@@ -315,13 +322,13 @@ def _write_trainer_files(out: Path, tree: Mapping[str, Any], tensors: Mapping[st
         (out / CONFIG).write_text(json.dumps(hf["model_config"], indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     # the Trainer loads optimizer and scheduler only when both files are there
-    if "optimizer" in tree and "scheduler" in tree:
-        torch.save(decode_tree(tree["optimizer"], tensors), out / OPTIMIZER)
-        torch.save(decode_tree(tree["scheduler"], tensors), out / SCHEDULER)
-    if "scaler" in tree:
-        torch.save(decode_tree(tree["scaler"], tensors), out / SCALER)
-    if "rng" in tree:
-        rng = _trainer_rng(decode_tree(tree["rng"], tensors))
+    if state.optimizer is not None and state.scheduler is not None:
+        torch.save(state.optimizer, out / OPTIMIZER)
+        torch.save(state.scheduler, out / SCHEDULER)
+    if state.scaler is not None:
+        torch.save(state.scaler, out / SCALER)
+    if state.rng is not None:
+        rng = _trainer_rng(state.rng)
         if rng is not None:
             torch.save(rng, out / RNG)
 
