@@ -183,11 +183,11 @@ def describe() -> str:
     with _lock:
         ours, kept = dict(_ours), dict(_kept)
     lines = [
-        f"tracker calls fail after about {p.timeout:g} s (timeout / CKPT_TRACK_TIMEOUT): "
-        f"{p.retries + 1} attempt(s) of {p.attempt_timeout:.3g} s connect/read timeout each, "
-        f"backoff factor {p.backoff_factor} (retries / CKPT_TRACK_RETRIES = {p.retries})",
-        "retry jitter forced to 0 (it would draw from the global random generator); "
-        "SDK telemetry and error reporting off unless you turned it on",
+        (f"tracker calls fail after about {p.timeout:g} s (timeout / CKPT_TRACK_TIMEOUT): "
+         f"{p.retries + 1} attempt(s) of {p.attempt_timeout:.3g} s connect/read timeout each, "
+         f"backoff factor {p.backoff_factor} (retries / CKPT_TRACK_RETRIES = {p.retries})"),
+        ("retry jitter forced to 0 (it would draw from the global random generator); "
+         "SDK telemetry and error reporting off unless you turned it on"),
     ]
     if ours:
         lines.append("set: " + ", ".join(f"{k}={v}" for k, v in sorted(ours.items())))

@@ -7,8 +7,8 @@ import math
 from collections.abc import Sequence
 
 from .config import Retention
-from .records import Stored
 from .errors import CheckpointNotFound
+from .records import Stored
 from .refs import Ref
 
 __all__ = ["best_of", "is_improvement", "retention_plan", "select"]

@@ -16,20 +16,23 @@ Examples::
 
 Backends add their own forms (web-UI URLs, native SDK references) through
 ``parse_ref`` hooks collected by the backend registry; they all normalise to a
-``Ref``.
+``Ref``.  This module knows nothing of backends: the registry installs itself as the source
+of those forms (:func:`use_native_refs`) when it is imported, so the core never imports the
+backends to parse a reference (and ``refs`` <-> ``registry`` is no import cycle).
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 from urllib.parse import parse_qsl, quote, urlencode
 
 from .errors import InvalidRef
 
-__all__ = ["Ref", "parse_ref", "CANONICAL_FORMS"]
+__all__ = ["CANONICAL_FORMS", "NativeRefs", "Ref", "parse_ref", "use_native_refs"]
 
 _SEGMENT = r"[A-Za-z0-9_.\-]+"
 _ALIAS = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -181,9 +184,34 @@ def _screen(text: str) -> str:
     return text
 
 
-def parse_ref(text: str | Ref) -> Ref:
+class NativeRefs(Protocol):
+    """Where the reference forms of the backends come from (the backend registry module)."""
+
+    def names(self) -> Sequence[str]:
+        """Every backend name (a scheme that is one is parsed canonically first)."""
+
+    def parse_native(self, text: str) -> Ref | None:
+        """The reference a backend recognises in ``text`` (UI URL, native form), or None."""
+
+    def ref_forms(self) -> tuple[str, ...]:
+        """Human-readable forms the backends accept, for error messages."""
+
+
+_native: NativeRefs | None = None
+
+
+def use_native_refs(source: NativeRefs | None) -> None:
+    """Install where :func:`parse_ref` finds the backends' own forms.  The backend registry
+    calls this when it is imported (``ckpt_track`` imports it), so parsing needs no import of
+    the backends from here; None leaves only the canonical grammar."""
+    global _native
+    _native = source
+
+
+def parse_ref(text: str | Ref, native: NativeRefs | None = None) -> Ref:
     """Parse any reference: canonical ``backend://...`` forms, or a form a backend
-    recognises (a tracker web-UI URL, a native SDK reference).
+    recognises (a tracker web-UI URL, a native SDK reference).  ``native`` overrides the
+    installed source of backend forms (:func:`use_native_refs`).
 
     Raises :class:`InvalidRef` listing the accepted forms.
 
@@ -196,7 +224,7 @@ def parse_ref(text: str | Ref) -> Ref:
         raise InvalidRef(_bad(repr(text) if not isinstance(text, str) else text))
     text = _screen(text)
     try:
-        ref = _parse(text)
+        ref = _parse(text, native if native is not None else _native)
         str(ref)  # what is returned can always be printed and parsed back
         return ref
     except InvalidRef:
@@ -206,20 +234,20 @@ def parse_ref(text: str | Ref) -> Ref:
         raise InvalidRef(f"cannot parse checkpoint reference {shown!r}: {exc}") from exc
 
 
-def _parse(text: str) -> Ref:
-    from .backends import registry  # late: the registry imports this module
-
+def _parse(text: str, native: NativeRefs | None) -> Ref:
+    if native is None:  # no backends installed: the canonical grammar only
+        return Ref.parse(text)
     scheme = text.split("://", 1)[0] if "://" in text else None
-    if scheme in registry.names():
+    if scheme in native.names():
         try:
             return Ref.parse(text)
         except InvalidRef:
             # a backend may also own URLs under its own scheme (e.g. richer native forms)
-            ref = registry.parse_native(text)
+            ref = native.parse_native(text)
             if ref is not None:
                 return ref
             raise
-    ref = registry.parse_native(text)
+    ref = native.parse_native(text)
     if ref is not None:
         return ref
-    raise InvalidRef(_bad(text, registry.ref_forms()))
+    raise InvalidRef(_bad(text, native.ref_forms()))

@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .records import Stored
 from .errors import BackendUnavailable, CheckpointNotFound, CheckpointWriteError, IntegrityError
 from .format import TMP_PREFIX, LocalCheckpoint, read_manifest
+from .records import Stored
 
-__all__ = ["Pending", "Spool", "DrainResult"]
+__all__ = ["DrainResult", "Pending", "Spool"]
 
 log = logging.getLogger("ckpt_track")
 _SIDECAR = ".pending.json"
@@ -137,6 +137,22 @@ class DrainResult:
     failures: list[tuple[str, BaseException]] = field(default_factory=list)
 
 
+def _read_sidecar(ckpt: LocalCheckpoint) -> Pending | None:
+    """The queue item a checkpoint's sidecar records, or None when it has none or it is
+    unreadable (a write cut short).  A backend that refused it in an earlier process is owed it
+    again: it gets another try now."""
+    sidecar = ckpt.path.with_name(ckpt.path.name + _SIDECAR)
+    if not sidecar.exists():
+        return None
+    try:
+        meta = json.loads(sidecar.read_text())
+        item = Pending(ckpt, tuple(meta["aliases"]), list(meta["backends"]))
+        item.backends += [b for b in meta.get("failed", []) if b not in item.backends]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return item
+
+
 def _order(item: Pending) -> tuple[int, str]:
     return item.ckpt.step, item.ckpt.manifest.created
 
@@ -207,66 +223,71 @@ class Spool:
 
     # -- recovery -----------------------------------------------------------------------------
     def _recover(self) -> list[Pending]:
+        """Rebuild the queue from the disk (the owner, once): what a dead process left half-done
+        is removed, each committed checkpoint is queued for the backends still owed it, and of
+        those stored everywhere only the newest is kept (the source of unchanged files)."""
         found: list[Pending] = []
         kept: list[LocalCheckpoint] = []
         for path in sorted(self.root.iterdir()):
-            name = path.name
-            if self._is_my_tmp(name):  # half-written or half-removed by a dead process
-                shutil.rmtree(path, ignore_errors=True)
+            if self._remove_leftover(path) or not self._is_mine(path.name) or not path.is_dir():
                 continue
-            if name.endswith(_KEPT) and self._is_mine(name[: -len(_KEPT)]) and not path.with_name(
-                    name[: -len(_KEPT)]).is_dir():
-                path.unlink(missing_ok=True)  # its checkpoint is gone
-                continue
-            if name.endswith(_SIDECAR) and self._is_mine(name[: -len(_SIDECAR)]) and not path.with_name(
-                    name[: -len(_SIDECAR)]).is_dir():
-                path.unlink(missing_ok=True)
-                continue
-            if name.startswith(_DEFERRED) and name.endswith(".tmp") and any(
-                    name.startswith(f"{_DEFERRED}{p}json.") for p in self._prefixes):
-                path.unlink(missing_ok=True)  # a deferred record's write cut short
-                continue
-            if (m := _SIDECAR_TMP.fullmatch(name)) and self._is_mine(m.group(1)):
-                path.unlink(missing_ok=True)  # a sidecar write cut short
-                continue
-            if not self._is_mine(name) or not path.is_dir():
-                continue
-            try:
-                ckpt = LocalCheckpoint(path, read_manifest(path))
-            except (CheckpointNotFound, IntegrityError, OSError) as exc:
-                # never committed (killed before the manifest) or damaged: nothing to upload
-                log.warning("ckpt_track: removing an uncommitted spool directory %s (%s)", path, exc)
-                self._drop_path(path)
-                continue
-            sidecar = path.with_name(name + _SIDECAR)
-            meta: dict[str, Any] | None = None
-            if sidecar.exists():
-                try:
-                    meta = json.loads(sidecar.read_text())
-                    item = Pending(ckpt, tuple(meta["aliases"]), list(meta["backends"]))
-                    # a backend that refused it in an earlier process gets another try now
-                    item.backends += [b for b in meta.get("failed", []) if b not in item.backends]
-                except (OSError, ValueError, KeyError, TypeError):
-                    meta = None
-            if meta is None:
-                if path.with_name(name + _KEPT).exists():
-                    kept.append(ckpt)
-                    continue
-                # committed, but the process died before the sidecar: owed to every backend
-                item = Pending(ckpt, (), list(self._backends))
-            if item.backends:
-                item.backends = [b for b in item.backends if b in self._backends] or list(self._backends)
-                item.save()
-                found.append(item)
-            else:  # stored everywhere; the process died before it was marked kept
-                path.with_name(name + _KEPT).touch()
-                sidecar.unlink(missing_ok=True)
-                kept.append(ckpt)
+            recovered = self._recover_dir(path)
+            if isinstance(recovered, Pending):
+                found.append(recovered)
+            elif recovered is not None:
+                kept.append(recovered)
         kept.sort(key=lambda c: (c.step, c.manifest.created))
         for old in kept[:-1]:
             self._drop(old)
         self.kept = kept[-1] if kept else None
         return sorted(found, key=_order)
+
+    def _remove_leftover(self, path: Path) -> bool:
+        """Remove ``path`` when it is something of this run a dead process left half-done: a
+        half-written or half-removed directory, a marker or sidecar whose checkpoint is gone, a
+        record or sidecar write cut short.  True when it was one."""
+        name = path.name
+        if self._is_my_tmp(name):  # half-written or half-removed by a dead process
+            shutil.rmtree(path, ignore_errors=True)
+            return True
+        for suffix in (_KEPT, _SIDECAR):  # the marker of a checkpoint that is gone
+            if name.endswith(suffix) and self._is_mine(name[: -len(suffix)]) and not path.with_name(
+                    name[: -len(suffix)]).is_dir():
+                path.unlink(missing_ok=True)
+                return True
+        deferred_tmp = name.startswith(_DEFERRED) and name.endswith(".tmp") and any(
+            name.startswith(f"{_DEFERRED}{p}json.") for p in self._prefixes)  # a deferred record's write cut short
+        sidecar_tmp = (m := _SIDECAR_TMP.fullmatch(name)) is not None and self._is_mine(m.group(1))
+        if deferred_tmp or sidecar_tmp:
+            path.unlink(missing_ok=True)
+            return True
+        return False
+
+    def _recover_dir(self, path: Path) -> Pending | LocalCheckpoint | None:
+        """One of this run's checkpoint directories: the queue item it still is, the checkpoint
+        when it is stored everywhere, or None when it was never committed (then removed)."""
+        try:
+            ckpt = LocalCheckpoint(path, read_manifest(path))
+        except (CheckpointNotFound, IntegrityError, OSError) as exc:
+            # never committed (killed before the manifest) or damaged: nothing to upload
+            log.warning("ckpt_track: removing an uncommitted spool directory %s (%s)", path, exc)
+            self._drop_path(path)
+            return None
+        kept = path.with_name(path.name + _KEPT)
+        item = _read_sidecar(ckpt)
+        if item is None:
+            if kept.exists():
+                return ckpt
+            # committed, but the process died before the sidecar: owed to every backend
+            item = Pending(ckpt, (), list(self._backends))
+        if item.backends:
+            item.backends = [b for b in item.backends if b in self._backends] or list(self._backends)
+            item.save()
+            return item
+        # stored everywhere; the process died before it was marked kept
+        kept.touch()
+        item.sidecar.unlink(missing_ok=True)
+        return ckpt
 
     # -- queue --------------------------------------------------------------------------------
     def add(self, ckpt: LocalCheckpoint, aliases: Sequence[str], backends: Sequence[str]) -> Pending:
@@ -306,7 +327,7 @@ class Spool:
         for item in queue:
             try:
                 self._drain_one(item, put, down, result)
-            except Exception as exc:  # bookkeeping on a full disk, say: never stop the queue
+            except Exception as exc:  # noqa: BLE001 - bookkeeping on a full disk, say: never stop the queue
                 log.error("ckpt_track: uploading %s failed: %s", item.ckpt.path, exc)
                 item.settle(error=CheckpointWriteError(f"checkpoint at step {item.ckpt.step}: {exc}"))
         return result
@@ -324,7 +345,7 @@ class Spool:
                 down.add(name)
                 result.deferred.append(f"{name}: {exc}")
                 continue
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a refusal: kept, reported, retried by the next process
                 with self._mutex:
                     item.backends.remove(name)
                     item.failed.append(name)

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .writer import _lower_priority
+from .writer import lower_priority
 
 __all__ = ["Uploader", "backoff_schedule"]
 
@@ -65,7 +65,7 @@ class Uploader:
         self._thread.join()
 
     def _loop(self) -> None:
-        _lower_priority()
+        lower_priority()
         attempt = 0
         while True:
             with self._cv:
@@ -80,7 +80,7 @@ class Uploader:
                 ticket, retry, self._retry = self._requested, self._retry, False
             try:
                 result = self._drain(retry)
-            except BaseException as exc:  # never let the thread die: report, retry later
+            except BaseException as exc:  # noqa: BLE001 - never let the thread die: report, retry later
                 log.error("ckpt_track: uploading spooled checkpoints failed: %s", exc)
                 result = None
                 attempt += 1

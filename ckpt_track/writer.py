@@ -20,7 +20,7 @@ import torch
 
 from .errors import CheckpointWriteError
 
-__all__ = ["Writer", "snapshot_tensors", "wait_staged"]
+__all__ = ["StagedTensors", "Writer", "lower_priority", "snapshot_tensors", "wait_staged"]
 
 T = TypeVar("T")
 S = TypeVar("S")
@@ -31,8 +31,19 @@ def _owned(t: torch.Tensor) -> bool:
             and t.untyped_storage().nbytes() == t.numel() * t.element_size() and t.storage_offset() == 0)
 
 
+class StagedTensors(dict[str, torch.Tensor]):
+    """What :func:`snapshot_tensors` returns: the tensors, and the CUDA event at which their
+    device-to-host copies are complete (``copied``; None when nothing is in flight).
+
+    The event travels with the tensors it guards, so waiting on them needs no table on the
+    side (one keyed by ``id()`` could hand a dead snapshot's event to a new one at the same
+    address, and kept the events of snapshots nobody waited for)."""
+
+    copied: Any = None  # torch.cuda.Event
+
+
 def snapshot_tensors(tensors: Mapping[str, torch.Tensor], *, copy: bool,
-                     buffers: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                     buffers: dict[str, torch.Tensor] | None = None) -> StagedTensors:
     """Contiguous CPU tensors that share no memory (what safetensors needs).
 
     With ``copy=True`` every tensor is copied, so the caller may keep training
@@ -40,11 +51,12 @@ def snapshot_tensors(tensors: Mapping[str, torch.Tensor], *, copy: bool,
     ``buffers`` is a staging set reused across calls: a buffer whose shape and
     dtype still match is overwritten instead of allocating a new one (pinned
     memory for CUDA sources).  CUDA copies are issued on a side stream that the
-    caller's stream then waits on, so the host never blocks on them here; the
-    writer thread waits for them before reading (:func:`wait_staged`).
+    caller's stream then waits on; with ``copy=True`` the host never blocks on them
+    here and the writer thread waits for them before reading (:func:`wait_staged`),
+    with ``copy=False`` (a save that writes at once) they are waited for here.
     """
     buffers = {} if buffers is None else buffers
-    out: dict[str, torch.Tensor] = {}
+    out = StagedTensors()
     side = None
     for name, t in tensors.items():
         t = t.detach()
@@ -68,25 +80,25 @@ def snapshot_tensors(tensors: Mapping[str, torch.Tensor], *, copy: bool,
     for name in set(buffers) - set(tensors):
         del buffers[name]  # tensors that went away: free their staging memory
     if side is not None:
-        _pending_copies[id(out)] = side.record_event()
+        out.copied = side.record_event()
         torch.cuda.current_stream(side.device).wait_stream(side)  # later GPU writes wait for the copies
+        if not copy:  # a synchronous save writes these at once: the host copies must be complete
+            wait_staged(out)
     return out
 
 
-_pending_copies: dict[int, Any] = {}
-
-
 def wait_staged(staged: Mapping[str, torch.Tensor]) -> None:
-    """Block until the device-to-host copies into ``staged`` have finished (writer thread)."""
-    event = _pending_copies.pop(id(staged), None)
-    if event is not None:
-        event.synchronize()
+    """Block until the device-to-host copies into ``staged`` have finished (the writer thread,
+    or a blocking save, before anything reads the host copies)."""
+    if isinstance(staged, StagedTensors) and staged.copied is not None:
+        staged.copied.synchronize()
+        staged.copied = None
 
 
 WRITER_NICENESS = 10
 
 
-def _lower_priority() -> None:
+def lower_priority() -> None:
     """Run the writer thread at a lower CPU priority than training (Linux: per thread), so on
     a machine with few cores hashing and serializing yield to the training loop's compute."""
     if not sys.platform.startswith("linux"):
@@ -102,7 +114,7 @@ class Writer:
 
     def __init__(self, max_in_flight: int = 1) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt_track-writer",
-                                        initializer=_lower_priority)
+                                        initializer=lower_priority)
         self._slots = threading.BoundedSemaphore(max(1, max_in_flight))
         # one reusable staging set per slot: a set is never overwritten while its job runs
         self._staging: list[dict[str, torch.Tensor]] = [{} for _ in range(max(1, max_in_flight))]
@@ -178,8 +190,8 @@ class Writer:
             for fut in pending:
                 try:
                     fut.result()
-                except BaseException:
-                    pass  # collected by _done, raised below
+                except BaseException:  # noqa: BLE001, S110 - collected by _done, raised below
+                    pass
         self.raise_errors()
 
     def close(self) -> None:

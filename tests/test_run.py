@@ -306,7 +306,7 @@ def test_lineage_in_manifest(logged, tmp_path: Path) -> None:
 
 
 def test_git_commit_and_dirty_flag_recorded(tmp_path: Path) -> None:
-    from ckpt_track import lineage
+    from ckpt_track import provenance as lineage
 
     repo = tmp_path / "repo"
     repo.mkdir()

@@ -59,18 +59,18 @@ def test_snapshot_is_isolated_from_later_training(gated) -> None:
 @pytest.fixture
 def gated_write(monkeypatch: pytest.MonkeyPatch):
     """Writing a checkpoint to the spool (the disk part of a save) waits for the test's gate."""
-    import ckpt_track.run as run_module
+    import ckpt_track.checkpointing as save_module  # where Run's commit to the spool writes
 
     gate = threading.Event()
     entered = threading.Event()
-    real = run_module.write_checkpoint
+    real = save_module.write_checkpoint
 
     def write(*args, **kwargs):
         entered.set()
         assert gate.wait(60), "test never opened the gate"
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(run_module, "write_checkpoint", write)
+    monkeypatch.setattr(save_module, "write_checkpoint", write)
     yield gate, entered
     gate.set()
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..config import DEFAULT_ROOT  # the core owns it: the spool lives under the same root
 from ..errors import CheckpointNotFound, ConfigError, InvalidRef
 from ..format import LocalCheckpoint
 from ..options import option_names, parse_options
@@ -30,7 +31,6 @@ from ._store import DirStore, RunDir, Version, check_segment
 
 __all__ = ["DEFAULT_ROOT", "LocalBackend", "LocalHandle"]
 
-DEFAULT_ROOT = "ckpt_runs"
 _NAME_MAX = 255  # bytes of one file name (ext4, APFS, NTFS)
 _ROOT_MAX = 3400  # bytes: room under PATH_MAX (4096) for <project>/<run>/checkpoints/v000001/<file>
 _FIX = "free disk space or set [local] root to a larger disk"

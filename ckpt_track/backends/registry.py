@@ -7,12 +7,17 @@ entry-point group ``ckpt_track.backends``::
     mytracker = "my_pkg.backend:MyTrackerBackend"
 
 A plugin that fails to load is reported with a warning, never a crash.
+
+Importing this module installs it as the source of the backends' own reference forms in
+:func:`ckpt_track.refs.parse_ref` (:func:`ckpt_track.refs.use_native_refs`): the registry
+depends on the core, never the other way round.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,8 +26,8 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from ..errors import BackendError, BackendNotInstalled, UnknownBackend
-from ..refs import Ref
 from ..protocol import Backend
+from ..refs import Ref, use_native_refs
 
 __all__ = ["BackendSpec", "backend_options_table", "create", "get_class", "names", "parse_native", "ref_forms"]
 
@@ -54,7 +59,7 @@ def _plugins() -> dict[str, BackendSpec]:
     found: dict[str, BackendSpec] = {}
     try:
         eps = entry_points(group=ENTRY_POINT_GROUP)
-    except Exception as exc:  # a broken installation must not break the built-ins
+    except Exception as exc:  # noqa: BLE001 - a broken installation must not break the built-ins
         warnings.warn(f"cannot read entry points {ENTRY_POINT_GROUP!r}: {exc}", stacklevel=2)
         return found
     for ep in eps:
@@ -136,7 +141,7 @@ def backend_options_table() -> dict[str, frozenset[str]]:
             continue
         try:
             table[name] = frozenset(getattr(_import(spec), "options", frozenset()))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a broken plugin is skipped with a warning, never a crash
             if name in BUILTIN:
                 table[name] = frozenset()  # not in this release: the name stays known
             else:
@@ -151,7 +156,7 @@ def _ref_classes() -> list[type[Backend]]:
             continue
         try:
             classes.append(_import(spec))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a broken plugin is skipped with a warning, never a crash
             if spec.name not in BUILTIN:
                 warnings.warn(f"backend plugin {spec.name!r} is broken and was skipped: {exc}", stacklevel=2)
     return classes
@@ -174,3 +179,7 @@ def ref_forms() -> tuple[str, ...]:
     for cls in _ref_classes():
         forms.extend(getattr(cls, "ref_forms", lambda: ())())
     return tuple(forms)
+
+
+# looked up by attribute at each parse, so a patched or extended registry is what is asked
+use_native_refs(sys.modules[__name__])
