@@ -29,7 +29,6 @@ is validated: a typo is an error with a suggestion, never silently ignored.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import sys
@@ -41,7 +40,7 @@ from typing import Any
 
 from .config_values import RETENTION, RETENTION_FIELDS, SOURCE_KWARG, TOP_FIELDS, coerce, where
 from .errors import ConfigError, UnknownBackend
-from .options import did_you_mean
+from .options import close_matches, did_you_mean
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -296,9 +295,9 @@ def _unknown_env(name: str, sections: _Sections) -> ConfigError:
         known += [f"{section}__{k}".upper() for k in keys]
     known += [n[len(ENV_PREFIX) :] for n in NON_SETTING_ENV]
     # compare without the shared prefix, which would make every name look similar; the hint
-    # names the variable whole and unquoted, as a shell spells it (hence not did_you_mean)
+    # names the variable whole and unquoted, as a shell spells it
     rest = name[len(ENV_PREFIX) :].upper()
-    matches = difflib.get_close_matches(rest, sorted(known), n=2, cutoff=0.6)
+    matches = close_matches(rest, known)
     hint = f" Did you mean {' or '.join(ENV_PREFIX + m for m in matches)}?" if matches else ""
     return ConfigError(
         f"unknown environment variable {name}.{hint} Settings are {ENV_PREFIX}<KEY> for "

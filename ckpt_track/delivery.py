@@ -19,6 +19,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import DEFAULT_ROOT, Settings
@@ -59,12 +60,17 @@ def open_targets(settings: Settings, spec: RunSpec) -> tuple[list[Target], dict[
     return targets, deferred
 
 
+@dataclass(frozen=True)
+class Provisional:
+    """``RunInfo.native`` of a run its tracker has not opened yet (no backend reads it)."""
+
+
 def provisional(backend: str, spec: RunSpec) -> RunInfo:
     """A stand-in for a run its tracker could not open yet (the id the user chose, or a fresh
     ``deferred-*`` one)."""
     run_id = spec.run_id or f"deferred-{uuid.uuid4().hex[:12]}"
     return RunInfo(backend=backend, project=spec.project, run_id=run_id, name=spec.name or run_id,
-                   ref=Ref(backend, run_id), resumed=False, native={"deferred": True})
+                   ref=Ref(backend, run_id), resumed=False, native=Provisional())
 
 
 def open_spool(settings: Settings, spec: RunSpec, targets: Sequence[Target], deferred: bool) -> Spool:

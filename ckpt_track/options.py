@@ -26,16 +26,21 @@ from typing import Any, TypeVar
 
 from .errors import ConfigError
 
-__all__ = ["did_you_mean", "option_names", "parse_bool", "parse_options"]
+__all__ = ["check_unknown", "close_matches", "did_you_mean", "option_names", "parse_bool", "parse_options"]
 
 T = TypeVar("T")
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
 
+def close_matches(word: str, candidates: Iterable[str]) -> list[str]:
+    """The (at most two) candidates closest to a mistyped ``word``."""
+    return difflib.get_close_matches(word, sorted(candidates), n=2, cutoff=0.6)
+
+
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """`` Did you mean 'x'?`` for the closest candidates, or an empty string."""
-    matches = difflib.get_close_matches(word, sorted(candidates), n=2, cutoff=0.6)
+    matches = close_matches(word, candidates)
     return f" Did you mean {' or '.join(map(repr, matches))}?" if matches else ""
 
 

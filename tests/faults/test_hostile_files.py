@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import mlp
 from typer.testing import CliRunner
 
 import ckpt_track as ct
@@ -51,8 +52,7 @@ def _watchdog() -> Iterator[None]:
 
 # -- helpers -------------------------------------------------------------------------
 def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    return mlp((4, 3), seed, norm=True)
 
 
 def _write(parent: Path) -> fmt.LocalCheckpoint:

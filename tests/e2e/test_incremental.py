@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import mlp
 
 import ckpt_track as ct
 from ckpt_track.errors import StateMismatch
@@ -27,9 +28,8 @@ MiB = 1024 * 1024
 
 
 def _model(seed: int = 0) -> torch.nn.Sequential:
-    torch.manual_seed(seed)
     # four 1 MiB weights (one file each) and small biases (packed together)
-    return torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)])
+    return mlp((512,) * 5, seed)
 
 
 def _store_files(run: ct.Run, version: int) -> dict[str, os.stat_result]:

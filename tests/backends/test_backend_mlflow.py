@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import mlp
 from mlflow import MlflowClient
 
 import ckpt_track as ct
@@ -105,8 +106,7 @@ def test_malformed_mlflow_refs(text: str) -> None:
 
 # -- end to end through the server -------------------------------------------------------------
 def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 2))
+    return mlp((6, 4, 2), seed)
 
 
 def _settings(server) -> dict:
@@ -151,7 +151,7 @@ def test_ui_url_supplies_the_tracking_uri_when_none_is_configured(mlflow_env) ->
 
 def test_plain_mlflow_client_sees_logged_models(tmp_path: Path, mlflow_env) -> None:
     """A training script configured only by environment; read back with MLflow's own client."""
-    script = Path(__file__).parents[1] / "examples" / "resume_after_crash.py"
+    script = Path(__file__).parents[2] / "examples" / "resume_after_crash.py"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CKPT_TRACK_")}
     env.update(CKPT_TRACK_BACKEND="mlflow", CKPT_TRACK_MLFLOW__TRACKING_URI=mlflow_env.uri, RUN_NAME="plain",
                CKPT_TRACK_LOCAL__ROOT=str(tmp_path / "spool"))
@@ -183,7 +183,7 @@ def test_plain_mlflow_client_sees_logged_models(tmp_path: Path, mlflow_env) -> N
 def test_bit_identical_resume_through_the_server(tmp_path: Path, mlflow_env) -> None:
     from safetensors.torch import load_file
 
-    script = Path(__file__).parents[1] / "examples" / "resume_after_crash.py"
+    script = Path(__file__).parents[2] / "examples" / "resume_after_crash.py"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CKPT_TRACK_")}
     env.update(CKPT_TRACK_BACKEND="mlflow", CKPT_TRACK_MLFLOW__TRACKING_URI=mlflow_env.uri,
                CKPT_TRACK_LOCAL__ROOT=str(tmp_path / "spool"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-SCRIPT = Path(__file__).parents[1] / "examples" / "resume_after_crash.py"
+SCRIPT = Path(__file__).parents[2] / "examples" / "resume_after_crash.py"
 
 
 def _train(tmp_path: Path, run_name: str, out: str, *extra: str) -> subprocess.CompletedProcess[str]:

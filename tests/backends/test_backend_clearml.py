@@ -35,7 +35,7 @@ from ckpt_track.format import MANIFEST, LocalCheckpoint, Manifest, is_blob, read
 from ckpt_track.records import RunSpec
 from ckpt_track.testing.contract import BackendContract, blob_state, make_blob_checkpoint, make_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # -- fixtures -------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_cli_error
 from typer.testing import CliRunner, Result
 
 import ckpt_track as ct
@@ -56,15 +57,7 @@ def invoke(*args: str) -> Result:
     return CliRunner().invoke(app, list(args))
 
 
-def assert_one_line_error(result: Result, code: int) -> str:
-    """The error contract: exit ``code``, ``error: ...`` first, only indented lines after, no traceback."""
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.splitlines()
-    assert lines and lines[0].startswith("error: "), result.stderr
-    assert all(line.startswith("  ") for line in lines[1:]), result.stderr
-    assert "Traceback" not in result.output
-    assert result.stdout == ""
-    return result.stderr
+assert_one_line_error = assert_cli_error
 
 
 # --------------------------------------------------------------------------- ls

@@ -16,7 +16,7 @@ import pytest
 from fakes.clearml import CONFIG_FILE, OfflineSession
 from fakes.wandb import finished_records
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "switch_backend.py"
+EXAMPLE = Path(__file__).parents[2] / "examples" / "switch_backend.py"
 STEPS = [4, 8, 12]
 
 

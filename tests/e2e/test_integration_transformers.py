@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from ckpt_track.integrations.transformers import CkptTrackCallback
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "hf_trainer_example.py"
+EXAMPLE = Path(__file__).parents[2] / "examples" / "hf_trainer_example.py"
 # 48 samples / batch 8 = 6 steps an epoch: resuming at step 4 is mid-epoch and crosses an epoch end
 STEPS, EVERY, RESUME_AT = 8, 4, 4
 

@@ -36,7 +36,7 @@ from ckpt_track.integrations.lightning import (
 
 EPOCHS, BATCHES, EVERY = 4, 6, 4  # 24 steps; checkpoints at 4, 8, 12 (an epoch's end), 16, 20, 24
 STOP = 16  # the interrupted fit dies here: mid-epoch, 4 batches into the third epoch
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lightning_example.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lightning_example.py"
 _ENV_KEYS = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG")
 
 

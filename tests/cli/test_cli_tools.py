@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_cli_error
 from mlflow_server import MlflowServer
 from typer.testing import CliRunner, Result
 
@@ -34,11 +35,7 @@ def ok_json(*args: str) -> object:
     return json.loads(result.stdout)
 
 
-def failed(result: Result, code: int) -> str:
-    """The CLI error contract: exit ``code``, one ``error:`` line, no traceback."""
-    assert result.exit_code == code, (result.exit_code, result.output)
-    assert result.stderr.startswith("error: ") and "Traceback" not in result.output, result.output
-    return result.stderr
+failed = assert_cli_error
 
 
 class Net(torch.nn.Module):

@@ -23,7 +23,7 @@ from torch import nn
 from ckpt_track.format import FORMAT_VERSION, hash_file, load_checkpoint, read_manifest, verify
 from ckpt_track.state import apply
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 SAMPLE_DIR = DATA / "format_v1"
 SAMPLE = SAMPLE_DIR / "sample"
 EXPECTED: dict[str, Any] = json.loads((SAMPLE_DIR / "expected.json").read_text())

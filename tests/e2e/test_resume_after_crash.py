@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "resume_after_crash.py"
+EXAMPLE = Path(__file__).parents[2] / "examples" / "resume_after_crash.py"
 STEPS = 40
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import mlp
 
 import ckpt_track as ct
 from ckpt_track.errors import (
@@ -27,8 +28,7 @@ LOSSES = {10: 0.9, 20: 0.4, 30: 0.6, 40: 0.5}
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 2))
+    return mlp((6, 5, 2), seed, norm=True)
 
 
 @pytest.fixture
