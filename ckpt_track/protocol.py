@@ -92,6 +92,9 @@ class Backend(Protocol):
     # - ``check_configured(self) -> None`` raises ConfigError before a reference is resolved
     #   when the backend would otherwise fall back to a default that has side effects (a store
     #   created in the working directory, a vendor's public host).
+    # - ``damaged(self, run) -> {version: (aliases, why)}`` names the versions ``list`` left out
+    #   because they are damaged, so that a reference meaning one of them is refused, never
+    #   answered with another version (stores that keep files on local disk).
     # - ``sweep(self, run) -> None`` removes what an upload cut short (a killed process, a
     #   failed put) left half-created in the tracker; called from the upload thread, once per
     #   process for a resumed run and after a put failed part way.  One writer per run.

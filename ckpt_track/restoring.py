@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -55,14 +55,25 @@ from .format import (
 from .state import Restored, apply, live_tensors, prepare
 
 if TYPE_CHECKING:
-    from .resolve import Resolved
+    from .records import Stored
 
 __all__ = ["check_destination", "restore_from", "restore_into"]
 
 _NOTHING_CHANGED = "nothing was loaded into the live objects: restore again once the file is intact"
 
 
-def restore_from(found: Resolved, *, model: torch.nn.Module | None = None,
+class Fetchable(Protocol):
+    """What a restore reads of the checkpoint it restores: its ``Stored`` (for the ref it
+    reports) and ``fetch()`` (the checkpoint on local disk): a resolved reference, or a
+    checkpoint still in the spool."""
+
+    @property
+    def stored(self) -> Stored: ...
+
+    def fetch(self) -> LocalCheckpoint: ...
+
+
+def restore_from(found: Fetchable, *, model: torch.nn.Module | None = None,
                  optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, scaler: Any = None,
                  strict: bool = True, rng: bool = True) -> Restored:
     """Restore the checkpoint ``found`` into the given objects, or change none of them."""

@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -253,7 +253,7 @@ class Run:
         stored = Stored(ref=self.ref.select(step=ckpt.step), run=self.info, version=0, step=ckpt.step,
                         metrics=dict(ckpt.manifest.metrics), created=ckpt.manifest.created)
         with self._spool.reusing():  # not dropped by the upload thread while it is read
-            restored = restore_from(cast("Resolved", _Spooled(stored, ckpt)), **targets)
+            restored = restore_from(_Spooled(stored, ckpt), **targets)
         log.info("ckpt_track: resumed from step %d, spooled at %s (not uploaded yet)", ckpt.step, ckpt.path)
         self._chain.resumed(stored.ref)
         return restored.step + 1

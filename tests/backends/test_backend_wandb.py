@@ -620,3 +620,16 @@ def test_live_round_trip_against_wandb(tmp_path: Path, monkeypatch: pytest.Monke
         assert torch.equal(fresh.weight, model.weight)
     finally:
         wandb.Api().run(run.ref.path).delete(delete_artifacts=True)
+
+
+def test_offline_sweep_removes_what_a_killed_writer_left(tmp_path: Path) -> None:
+    """A copy a killed process left in the offline store's ``.incoming`` is removed by the sweep
+    the core runs before a resumed process's first upload; a live writer's copy is kept."""
+    be = WandbBackend({"mode": "disabled", "dir": str(tmp_path / "wb")})
+    run = be.open_run(RunSpec(project="p", name="s"))
+    incoming = tmp_path / "wb" / "wandb" / "ckpt_track" / "p" / run.run_id / ".incoming"
+    dead, alive = incoming / "999999999-abc", incoming / f"{os.getpid()}-def"
+    for d in (dead, alive):
+        d.mkdir(parents=True)
+    be.sweep(run)
+    assert not dead.exists() and alive.exists()

@@ -330,30 +330,45 @@ def test_cli_prints_one_line_for_a_nul_byte_in_a_path(tmp_path: Path, monkeypatc
 def test_cli_guard_turns_errors_into_one_line(error: BaseException, capsys: pytest.CaptureFixture[str]) -> None:
     import typer
 
-    from ckpt_track import cli
+    from ckpt_track.cli.application import guard
 
-    with pytest.raises(typer.Exit) as info:
-        with cli._guard():
-            raise error
+    with pytest.raises(typer.Exit) as info, guard():
+        raise error
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert info.value.exit_code == {ValueError: 2, RecursionError: 2, IntegrityError: 4, OSError: 1}[type(error)]
 
 
-def test_a_damaged_manifest_is_an_integrity_error_through_the_api_never_another_version(tmp_path: Path) -> None:
+# every store that keeps versions on local disk: the local backend, W&B's offline store (its
+# "disabled" mode uses it without the SDK's record log) and Comet's offline mirror
+STORES = {
+    "local": ({}, "ckpt_runs/p/*/checkpoints/v000002"),
+    "wandb": ({"backend": "wandb", "wandb": {"mode": "disabled", "dir": "wb"}}, "wb/wandb/ckpt_track/p/*/v000002"),
+    "comet": ({"backend": "comet", "comet": {"online": False, "offline_directory": "off", "workspace": "ws"}},
+              "off/ckpt_track/*/v000002"),
+}
+
+
+@pytest.mark.parametrize("store", sorted(STORES))
+def test_a_damaged_manifest_is_an_integrity_error_through_the_api_never_another_version(
+        store: str, tmp_path: Path) -> None:
     """``@latest`` (or no selector, or ``:v2``) on a run whose newest manifest was damaged raises
     IntegrityError; it never silently restores the older intact version instead."""
     from ckpt_track.errors import IntegrityError as Damaged
 
-    with ct.init(project="p", name="dm", monitor=None) as run:
+    if store != "local":
+        pytest.importorskip({"wandb": "wandb", "comet": "comet_ml"}[store])
+    settings, pattern = STORES[store]
+    with ct.init(project="p", name="dm", monitor=None, settings=settings) as run:
         for step in (1, 2):
             run.log_checkpoint(step, model=torch.nn.Linear(3, 3))
-    v2 = next(Path("ckpt_runs/p").glob("*/checkpoints/v000002"))
+    v2 = next(Path().glob(pattern))
     raw = bytearray((v2 / "manifest.json").read_bytes())
     raw[raw.index(b'"step": 2') + 8] = ord("7")  # the step edited: 2 -> 7
     (v2 / "manifest.json").write_bytes(bytes(raw))
+    loaded = ct.load_settings(settings)
     for ref in (run.ref, run.ref.select(alias="latest"), run.ref.select(version=2)):
         with pytest.warns(UserWarning, match="damaged"), pytest.raises(Damaged, match="v2 of this run is damaged"):
-            ct.restore(ref, model=torch.nn.Linear(3, 3))
+            ct.restore(ref, model=torch.nn.Linear(3, 3), settings=loaded)
     with pytest.warns(UserWarning, match="damaged"):
-        assert ct.restore(run.ref.select(version=1), model=torch.nn.Linear(3, 3)).step == 1  # the intact one
+        assert ct.restore(run.ref.select(version=1), model=torch.nn.Linear(3, 3), settings=loaded).step == 1

@@ -13,6 +13,7 @@ from typing import Any
 
 from ...errors import IntegrityError
 from ...format import MANIFEST, LocalCheckpoint, is_blob
+from ...plan import AliasTable
 from ...records import RunInfo, Stored
 
 __all__ = ["BLOB_PREFIX", "RESUMED_FROM_KEY", "RUN_ID_KEY", "STATE_KEY", "AliasState", "CometCopy", "CometModel",
@@ -104,16 +105,16 @@ class AliasState:
                           sort_keys=True)
 
     def point(self, aliases: Sequence[str], version: int) -> AliasState:
-        return AliasState({**self.aliases, **dict.fromkeys(aliases, version)}, max(self.last_version, version),
-                          list(self.deleted))
+        table = AliasTable(self.aliases).point(aliases, version)
+        return AliasState(table.as_dict(), max(self.last_version, version), list(self.deleted))
 
     def tombstone(self, version: int) -> AliasState:
         """``version`` deleted: its aliases go, its number is never given out again."""
-        return AliasState({a: v for a, v in self.aliases.items() if v != version},
-                          max(self.last_version, version), sorted({*self.deleted, version}))
+        table = AliasTable(self.aliases).without(version)
+        return AliasState(table.as_dict(), max(self.last_version, version), sorted({*self.deleted, version}))
 
     def aliases_of(self, version: int) -> tuple[str, ...]:
-        return tuple(sorted(a for a, v in self.aliases.items() if v == version))
+        return AliasTable(self.aliases).of(version)
 
 
 def checkpoint_meta(version: int, ckpt: LocalCheckpoint, aliases: Sequence[str]) -> dict[str, Any]:

@@ -92,6 +92,10 @@ class Mode(ABC):
     def list(self, run: RunInfo) -> list[Stored]:
         """Every complete, not deleted checkpoint of an experiment, oldest first."""
 
+    def damaged(self, run: RunInfo) -> dict[int, tuple[tuple[str, ...], str]]:
+        """Versions left out of :meth:`list` because their local copy is damaged."""
+        return {}
+
     @abstractmethod
     def get(self, stored: Stored, dest: Path) -> LocalCheckpoint:
         """The checkpoint on local disk."""

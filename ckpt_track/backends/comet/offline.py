@@ -159,6 +159,13 @@ class OfflineMode(Mode):
         return replace(make_stored(run, version.number, metas[0], version.aliases, native),
                        uploaded=uploaded_bytes(metas[0], new_blobs))
 
+    def damaged(self, run: RunInfo) -> dict[int, tuple[tuple[str, ...], str]]:
+        """The store's versions whose manifest is damaged: a reference meaning one of them is
+        refused by the core, never answered with another version."""
+        rdir = self._rdir(run.native.key)
+        deleted = set(self._state(rdir).deleted)
+        return {v: d for v, d in rdir.read()[1].items() if v not in deleted}
+
     def list(self, run: RunInfo) -> list[Stored]:
         key = run.native.key
         rdir = self._rdir(key)

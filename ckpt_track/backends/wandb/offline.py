@@ -136,8 +136,16 @@ class OfflineMode:
         return (ckpt.path / MANIFEST).stat().st_size + sent_bytes(files, held)
 
     def list(self, run: RunInfo) -> list[Stored]:
-        versions, _ = self._rdir(run.project, run.run_id).read()  # damaged ones: skipped with a warning
+        versions, _ = self._rdir(run.project, run.run_id).read()  # damaged ones: see damaged()
         return [to_stored(run, v.number, _metadata(v.manifest), v.aliases, path=str(v.path)) for v in versions]
+
+    def damaged(self, run: RunInfo) -> dict[int, tuple[tuple[str, ...], str]]:
+        """The store's versions whose manifest is damaged: a reference meaning one of them is
+        refused by the core, never answered with another version."""
+        return self._rdir(run.project, run.run_id).read()[1]
+
+    def sweep(self, run: RunInfo) -> None:
+        self._rdir(run.project, run.run_id).sweep()
 
     def get(self, stored: Stored, dest: Path) -> LocalCheckpoint:
         return self.store.storage.open_checkpoint(Path(stored.native.path))  # already on local disk

@@ -101,6 +101,12 @@ class OnlineMode:
                 out.append(to_stored(run, int(index.lstrip("v")) + 1, meta, list(art.aliases)))
         return sorted(out, key=lambda s: s.version)
 
+    def damaged(self, run: RunInfo) -> dict[int, tuple[tuple[str, ...], str]]:
+        return {}  # W&B verifies its own artifacts; the core verifies every download
+
+    def sweep(self, run: RunInfo) -> None:
+        return None  # W&B commits an artifact version whole: nothing half-made to remove
+
     def get(self, stored: Stored, dest: Path) -> LocalCheckpoint:
         handle: WandbVersion = stored.native
 
