@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
@@ -48,6 +49,8 @@ def parse_bool(value: Any, what: str) -> bool:
     """A boolean from a TOML bool or an environment word; ``ConfigError`` naming ``what``."""
     if isinstance(value, bool):
         return value
+    if isinstance(value, int) and value in (0, 1):  # TOML `offline = 1`
+        return bool(value)
     if isinstance(value, str):
         word = value.strip().lower()
         if word in TRUE_WORDS:
@@ -90,6 +93,8 @@ def _coerce(value: Any, hint: Any, what: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{what} must be a number, got {value!r}") from None
     if base is str:
+        if isinstance(value, os.PathLike):  # a directory given as a Path
+            return os.fspath(value)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{what} must be a string, got {value!r}")

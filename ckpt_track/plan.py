@@ -27,8 +27,9 @@ def next_version(versions: Iterable[int], high_water: int = 0) -> int:
 def files_to_send(manifest: Manifest, held: Mapping[str, int | None]) -> list[str]:
     """The files of ``manifest`` a put must send, in manifest order: every file that is not
     content-addressed, and each content-addressed one (:func:`ckpt_track.format.is_blob`) the
-    run does not hold yet at that size (``held``: file name -> size, None when unknown)."""
-    return [f for f, e in manifest.files.items() if not is_blob(f) or held.get(f, -1) not in (e.size, None)]
+    run does not hold yet at that size (``held``: file name -> size; a file whose size the
+    tracker does not report is sent again: a partial upload must never be taken as held)."""
+    return [f for f, e in manifest.files.items() if not is_blob(f) or held.get(f) != e.size]
 
 
 def unreferenced(held: Iterable[str], still_named: Iterable[Iterable[str]]) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +49,13 @@ class Storage(Protocol):
     def remove(self, path: Path) -> None:
         """Remove a directory so that a half-removed one is never taken for a checkpoint."""
 
+    def trash(self, path: Path) -> Path | None:
+        """Rename a directory out of the way at once (it is no longer a checkpoint), to be
+        removed later with :meth:`remove_now`; None when it does not exist."""
+
+    def remove_now(self, path: Path) -> None:
+        """Remove what no reader can mistake for a checkpoint (temporary copies, trash)."""
+
     def lock(self, directory: Path) -> Any:
         """A context manager holding the exclusive lock of ``directory``."""
 
@@ -75,8 +83,14 @@ class LocalStorage:
     def remove(self, path: Path) -> None:
         remove_dir(path)
 
+    def trash(self, path: Path) -> Path | None:
+        if not path.exists():
+            return None
+        target = path.with_name(f".deleting-{path.name}-{uuid.uuid4().hex[:8]}")
+        os.rename(path, target)
+        return target
+
     def remove_now(self, path: Path) -> None:
-        """Remove what no reader can mistake for a checkpoint (temporary copies)."""
         shutil.rmtree(path, ignore_errors=True)
 
     @contextmanager

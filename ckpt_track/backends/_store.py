@@ -206,7 +206,9 @@ class RunDir:
         """Remove a version and the aliases pointing at it."""
         with self.lock():
             self._write_aliases({a: v for a, v in self.aliases().items() if v != number})
-            self.storage.remove(self.version_path(number))
+            trash = self.storage.trash(self.version_path(number))  # no longer a version from here on
+        if trash is not None:  # the slow part outside the lock: other writers go on
+            self.storage.remove_now(trash)
 
     def sweep(self) -> None:
         """Remove what killed writers left: copies in ``.incoming`` of processes that are gone
@@ -289,6 +291,8 @@ class DirStore:
                 run_id = new_run_id()
         rdir = self.run(project, check_segment(run_id, "run id"))
         rdir.versions_dir.mkdir(parents=True, exist_ok=True)
+        if "name" in meta and not meta["name"]:
+            meta = {**meta, "name": run_id}  # an unnamed run is called by its id, written once
         rdir.write_meta({"run_id": run_id, "project": project, "created": now_iso(), **meta})
         return rdir
 

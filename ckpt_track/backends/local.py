@@ -105,8 +105,6 @@ class LocalBackend:
                 return self._info(spec.project, found, resumed=True)
             rdir = self.store.create(spec.project, spec.run_id,
                                      {"name": spec.name or spec.run_id, "config": dict(spec.config)})
-            if spec.name is None and spec.run_id is None:
-                rdir.update_meta(lambda m: {**m, "name": m["run_id"]})
             return self._info(spec.project, rdir.path.name, resumed=False)
 
     def _no_run_message(self, project: str, wanted: str) -> str:

@@ -222,7 +222,7 @@ def test_offline_run_synced_then_restored_online(tmp_path: Path, fake: FakeWandb
 def test_offline_store_written_by_the_previous_release_still_reads(tmp_path: Path) -> None:
     """That release kept the version list, the high-water mark and the alias table in run.json."""
     rdir = tmp_path / "wb" / "wandb" / "ckpt_track" / "resnet" / RUN
-    for version in (1, 2):  # v3 was deleted: its number is never given out again
+    for version in (1, 2, 3):  # v3 was being deleted when that release was killed: not listed
         src = make_checkpoint(tmp_path / "spool", version * 10)
         shutil.copytree(src.path, rdir / f"v{version:06d}")
     (rdir / "run.json").write_text(json.dumps({
@@ -233,7 +233,8 @@ def test_offline_store_written_by_the_previous_release_still_reads(tmp_path: Pat
     run = be.find_run(Ref("wandb", f"resnet/{RUN}"))
     assert run.name == "old-run"
     assert [(s.version, s.step, s.aliases) for s in be.list(run)] == \
-        [(1, 10, ("best", "step-10")), (2, 20, ("latest",))]
+        [(1, 10, ("best", "step-10")), (2, 20, ("latest",))]  # the unlisted v3 is not a version
+    assert not (rdir / "v000003").exists()
     assert be.get(be.list(run)[0], tmp_path / "unused").step == 10
     again = be.open_run(RunSpec(project="resnet", run_id=RUN))
     assert again.resumed and again.name == "old-run"

@@ -88,3 +88,30 @@ def test_a_held_file_with_the_same_name_but_other_bytes_is_not_linked(tmp_path: 
     stored = be.put(run, b)
     verify(Path(stored.native.path))  # its own bytes, not the held file of the same name
     assert stored.uploaded is not None and stored.uploaded >= b.manifest.files[fname].size
+
+
+def test_delete_removes_files_outside_the_run_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large version is renamed away under the run's lock and its files removed after the
+    lock is released, so other writers of the run never wait on the removal."""
+    from filelock import FileLock, Timeout
+
+    from ckpt_track.storage import LocalStorage
+
+    be = LocalBackend({"root": str(tmp_path / "store")})
+    run = be.open_run(RunSpec(project="p"))
+    stored = be.put(run, make_checkpoint(tmp_path / "spool", 1), ["latest"])
+    seen: list[bool] = []
+    real = LocalStorage.remove_now
+
+    def remove_now(self, path: Path) -> None:  # type: ignore[no-untyped-def]
+        try:
+            with FileLock(str(Path(run.native.path) / ".lock"), timeout=0):
+                seen.append(True)  # free: another writer could go on
+        except Timeout:
+            seen.append(False)
+        real(self, path)
+
+    monkeypatch.setattr(LocalStorage, "remove_now", remove_now)
+    be.delete(stored)
+    assert seen == [True] and be.list(run) == []
+    assert not list(Path(run.native.path, "checkpoints").glob(".deleting-*"))  # the trash is gone too

@@ -11,8 +11,6 @@ import ast
 import sys
 from pathlib import Path
 
-import pytest
-
 PKG = Path(__file__).resolve().parents[2] / "ckpt_track"
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60
@@ -77,46 +75,6 @@ def _graph() -> dict[str, set[str]]:
     for name, path in mods.items():
         graph[name] = {m for m in _imports(name, path) if m in mods and m != name}
     return graph
-
-
-def _top_level_graph() -> dict[str, set[str]]:
-    """Imports made when a module is imported (module level only, not inside functions)."""
-    mods = _modules()
-    graph: dict[str, set[str]] = {}
-    for name, path in mods.items():
-        tree = _tree(path)
-        body = ast.Module(body=[n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))
-                                or isinstance(n, ast.ClassDef)], type_ignores=[])
-        tmp = path.with_name(f".arch-{path.name}")
-        del tmp
-        found = set()
-        for node in body.body:
-            for sub in ast.walk(node):
-                if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    break
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                found |= _imports_of_node(name, path, node)
-        graph[name] = {m for m in found if m in mods and m != name}
-    return graph
-
-
-def _imports_of_node(name: str, path: Path, node: ast.AST) -> set[str]:
-    is_pkg = path.name == "__init__.py"
-    package = name if is_pkg else name.rpartition(".")[0]
-    out: set[str] = set()
-    if isinstance(node, ast.Import):
-        out.update(a.name for a in node.names if a.name.startswith("ckpt_track"))
-    elif isinstance(node, ast.ImportFrom):
-        if node.level:
-            base = package.split(".")
-            base = base[: len(base) - node.level + 1]
-            mod = ".".join(base + ([node.module] if node.module else []))
-        else:
-            mod = node.module or ""
-        if mod.startswith("ckpt_track"):
-            out.add(mod)
-            out.update(f"{mod}.{a.name}" for a in node.names)
-    return out
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:

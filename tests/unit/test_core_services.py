@@ -41,8 +41,8 @@ def test_files_to_send_skips_only_blobs_the_run_holds_at_that_size(tmp_path: Pat
     assert files_to_send(ckpt.manifest, held) == others  # state.json is always sent
     held[blobs[0]] += 1  # held at another size: damaged or another file, send again
     assert files_to_send(ckpt.manifest, held) == [f for f in ckpt.manifest.files if f not in blobs[1:]]
-    held[blobs[0]] = None  # size unknown to the tracker: taken as held
-    assert files_to_send(ckpt.manifest, held) == others
+    held[blobs[0]] = None  # size unknown to the tracker: sent again (a partial upload is never "held")
+    assert files_to_send(ckpt.manifest, held) == [f for f in ckpt.manifest.files if f not in blobs[1:]]
 
 
 def test_unreferenced_keeps_every_file_a_remaining_version_names() -> None:
@@ -168,3 +168,12 @@ def test_fetch_without_a_way_to_get_shared_files_names_them(tmp_path: Path) -> N
     a = _blob_ckpt(tmp_path / "src", "a")
     with pytest.raises(IntegrityError, match="missing from the downloaded checkpoint"):
         fetch(tmp_path / "cache" / "v1", _Tracker(a).own(0), None, where="demo://run:v1")
+
+
+def test_a_directory_option_may_be_a_path_and_a_boolean_may_be_0_or_1() -> None:
+    @dataclass(frozen=True)
+    class Dirs:
+        root: str | None = None
+        offline: bool = False
+
+    assert parse_options(Dirs, {"root": Path("/data/ckpts"), "offline": 1}, backend="demo") == Dirs("/data/ckpts", True)

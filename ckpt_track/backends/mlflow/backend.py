@@ -300,13 +300,20 @@ class MlflowBackend:
 
     def get(self, stored: Stored, dest: Path) -> LocalCheckpoint:
         model: MlflowModel = stored.native
-        with self.sdk.errors(f"downloading checkpoint {stored.ref}"):
+        what = f"downloading checkpoint {stored.ref}"
+
+        def own(into: Path) -> None:
+            with self.sdk.errors(what):
+                self.sdk.repo(model.artifact_location).download_artifacts("", dst_path=str(into))
+
+        def blobs(names: Sequence[str], into: Path) -> None:
             # blobs the model does not hold itself are in the run (earlier versions put every file in the model)
-            return cache.fetch(
-                Path(dest), where=f"checkpoint {stored.ref}",
-                own=lambda into: self.sdk.repo(model.artifact_location).download_artifacts("", dst_path=str(into)),
-                blobs=lambda names, into: self._download_blobs(stored, names, into),
-            )
+            with self.sdk.errors(what):
+                self._download_blobs(stored, names, into)
+
+        # the cache's own file work (staging, links, swap) is outside the SDK boundary: a full
+        # cache disk is an OSError, not "cannot reach MLflow"
+        return cache.fetch(Path(dest), own, blobs, where=f"checkpoint {stored.ref}")
 
     def _download_blobs(self, stored: Stored, names: Sequence[str], dest: Path) -> None:
         run_repo = self.sdk.repo(self._handle(stored.run).artifact_uri)

@@ -40,19 +40,28 @@ def _metadata(m: Manifest) -> dict[str, Any]:
 
 def _adopt_legacy_aliases(rdir: RunDir) -> None:
     """The previous release kept a run's alias table in ``run.json`` (``"aliases"``, next to
-    ``"next_version"`` and ``"versions"``); the store keeps it in ``aliases.json``.  Move it
-    there once, so that a store written by that release reads the same."""
+    ``"next_version"`` and ``"versions"``, the list of committed versions); the store keeps the
+    table in ``aliases.json`` and takes every version directory on disk as committed.  Once per
+    store: move the table, and put aside a directory that release never listed (a put or delete
+    it was killed in), so that a store written by it reads the same."""
     table = rdir.path / "aliases.json"
-    if table.exists() or not rdir.exists() or not rdir.meta().get("aliases"):
+    if table.exists() or not rdir.exists() or "versions" not in rdir.meta():
         return
     with rdir.lock():
-        legacy = rdir.meta().get("aliases")
-        if table.exists() or not isinstance(legacy, dict):
+        meta = rdir.meta()
+        legacy, listed = meta.get("aliases") or {}, meta.get("versions")
+        if table.exists() or not isinstance(legacy, dict) or not isinstance(listed, list):
             return
         try:
-            rdir.storage.write_json(table, {str(a): int(v) for a, v in legacy.items()}, fix=rdir.fix)
+            aliases = {str(a): int(v) for a, v in legacy.items()}
+            committed = {int(v) for v in listed}
         except (TypeError, ValueError) as exc:
             raise IntegrityError(f"{rdir.path / 'run.json'} is damaged: {exc}") from exc
+        for number in set(rdir.numbers()) - committed:
+            trash = rdir.storage.trash(rdir.version_path(number))
+            if trash is not None:
+                rdir.storage.remove_now(trash)
+        rdir.storage.write_json(table, aliases, fix=rdir.fix)
 
 
 class OfflineMode:
