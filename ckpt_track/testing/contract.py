@@ -15,8 +15,8 @@ fixture (a fresh, empty backend instance) and ``settings_overrides`` (what
 
 Optional behaviour is switched by the backend's ``capabilities`` flags
 (:class:`ckpt_track.Capability`), never by its name.  Per-backend data goes in fixtures:
-``ui_refs`` (URLs pasted from the tracker's UI and the ``Ref`` each parses to) and
-``missing_run_ref``.
+``ui_refs`` (URLs pasted from the tracker's UI and the ``Ref`` each parses to),
+``malformed_refs`` (near-misses that must be an ``InvalidRef``) and ``missing_run_ref``.
 """
 
 from __future__ import annotations
@@ -220,6 +220,20 @@ class BackendContract:
         stored = backend.put(run, make_checkpoint(spool, 4), [])
         assert parse_ref(str(stored.ref)) == stored.ref
         assert parse_ref(str(run.ref)) == run.ref
+
+    @pytest.fixture
+    def malformed_refs(self) -> list[str]:
+        """Per-backend data: near-misses of this backend's reference forms, each an InvalidRef."""
+        return []
+
+    def test_malformed_refs_are_invalid(self, malformed_refs: list[str]) -> None:
+        from ..errors import InvalidRef
+
+        if not malformed_refs:
+            pytest.skip("no malformed reference forms given for this backend")
+        for text in malformed_refs:
+            with pytest.raises(InvalidRef):
+                parse_ref(text)
 
     def test_ui_refs_parse(self, backend: Backend, ui_refs: list[tuple[str, Ref]]) -> None:
         if not ui_refs:

@@ -88,6 +88,10 @@ class _WandbRefs:
     """The contract's per-backend data: the web-UI and SDK forms of :data:`REFS`."""
 
     @pytest.fixture
+    def malformed_refs(self) -> list[str]:
+        return MALFORMED_REFS
+
+    @pytest.fixture
     def ui_refs(self) -> list[tuple[str, Ref]]:
         return [(text, ref) for text, ref, _, _ in REFS if not text.startswith("wandb://")]
 
@@ -448,7 +452,7 @@ def test_reference_form_parses_and_restores(text: str, expected: Ref, index: int
     assert torch.equal(model.weight, _model(step).weight)
 
 
-@pytest.mark.parametrize("text", [
+MALFORMED_REFS = [  # run through the contract (malformed_refs)
     "https://wandb.ai/acme/resnet/runs/",
     f"https://wandb.ai/acme/runs/{RUN}",
     f"https://wandb.ai/acme/resnet/runs/{RUN}%21",
@@ -464,10 +468,7 @@ def test_reference_form_parses_and_restores(text: str, expected: Ref, index: int
     f"wandb://acme/resnet/{RUN}:v0",
     f"wandb://acme/resnet/{RUN}@step=-1",
     f"wandb://acme/resnet/{RUN}@step=abc",
-])
-def test_malformed_references_are_invalid(text: str) -> None:
-    with pytest.raises(InvalidRef):
-        ct.parse_ref(text)
+]
 
 
 def test_find_run_rejects_paths_of_the_wrong_shape(tmp_path: Path) -> None:

@@ -7,12 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_track.records import RunSpec
 from ckpt_track.backends.local import LocalBackend
+from ckpt_track.records import RunSpec
 from ckpt_track.testing.contract import BackendContract, make_checkpoint
 
 
 class TestLocalContract(BackendContract):
+    @pytest.fixture
+    def malformed_refs(self) -> list[str]:
+        return ["local://p/r@step=abc", "local://p//r", "local://p/r:v0", "local://p/r@step=-1", "local:/p/r",
+                "local://p/r@"]
+
     @pytest.fixture
     def backend(self, tmp_path: Path) -> LocalBackend:
         return LocalBackend({"root": str(tmp_path / "store")})
@@ -66,8 +71,8 @@ def test_a_held_file_with_the_same_name_but_other_bytes_is_not_linked(tmp_path: 
 
     from safetensors.torch import load_file, save_file
 
-    from ckpt_track.records import RunSpec
     from ckpt_track.format import MANIFEST, FileEntry, LocalCheckpoint, hash_file, is_blob, verify
+    from ckpt_track.records import RunSpec
     from ckpt_track.testing.contract import blob_state, make_blob_checkpoint
 
     be = LocalBackend({"root": str(tmp_path / "store")})

@@ -34,6 +34,10 @@ class TestTinyPluginContract(BackendContract):
     def settings_overrides(self, tmp_path: Path) -> dict:
         return {"backend": "tiny", "tiny": {"root": str(tmp_path / "tracker")}}
 
+    @pytest.fixture
+    def malformed_refs(self) -> list[str]:
+        return ["tiny://r@step=x", "tiny://r:v0", "tiny:/r"]
+
 
 def test_the_example_is_one_small_file() -> None:
     lines = (EXAMPLE / "ckpt_track_tiny.py").read_text().splitlines()
