@@ -42,8 +42,8 @@ from .format import (
     STATE,
     LocalCheckpoint,
     TensorInfo,
-    _fits,
     copy_checkpoint,
+    fits,
     fsync_dir,
     load_into,
     open_verified,
@@ -105,7 +105,7 @@ def _split(index: Mapping[str, TensorInfo],
     fresh: dict[str, TensorInfo] = {}
     inplace: dict[str, TensorInfo] = {}
     for name, info in index.items():
-        if info.file not in unmapped and _fits(live.get(name), info):
+        if info.file not in unmapped and fits(live.get(name), info):
             inplace[name] = info
         else:
             fresh[name] = info

@@ -85,8 +85,6 @@ from .read import (
 )
 from .write import write_checkpoint
 
-_fits = fits  # the name ckpt_track.restoring imports
-
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
