@@ -35,7 +35,7 @@ them itself (with ``weights_only=True``); ckpt_track never reads them.  Resuming
 that directory is bit-identical to an uninterrupted run (tested), mid-epoch included.
 Nothing here calls a private transformers API; the layout those private loaders read (file
 names, the RNG file's keys) is checked against the installed transformers by
-``tests/test_integration_transformers.py``, so a change there fails a test, not a resume.
+``tests/e2e/test_integration_transformers.py``, so a change there fails a test, not a resume.
 
 Limits: only the world-process-zero state is recorded (single-process training; the
 Trainer's per-rank RNG files of distributed runs are not reproduced), the mixed-precision

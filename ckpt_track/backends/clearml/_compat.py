@@ -14,7 +14,7 @@ API for what is needed: all of them here, nowhere else in the package.
   drop it from the list too.
 
 Each accessor degrades to doing nothing when the SDK changed (a user's training must not fail
-on it), and :func:`problems` says what is missing: ``tests/test_backend_clearml.py`` asserts it
+on it), and :func:`problems` says what is missing: ``tests/backends/test_backend_clearml.py`` asserts it
 is empty against the installed SDK, so an SDK update that moves one fails there, loudly.
 """
 

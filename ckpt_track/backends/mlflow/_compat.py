@@ -10,7 +10,7 @@ because
 - the client has no way to delete one artifact file, which ``delete`` needs to remove a
   tensor file no remaining checkpoint names.
 
-``tests/test_backend_mlflow.py::test_compat_shim_matches_the_installed_sdk`` fails loudly when
+``tests/backends/test_backend_mlflow.py::test_compat_shim_matches_the_installed_sdk`` fails loudly when
 an MLflow release moves the function or changes what ckpt_track calls on a repository.
 """
 

@@ -1,7 +1,7 @@
 """The W&B SDK internals the backend relies on, where the SDK has no public API for them.
 
 Each one breaks silently when the SDK changes, so they live here, and
-``tests/test_backend_wandb.py::test_compat_shims_match_the_installed_sdk`` fails loudly
+``tests/backends/test_backend_wandb.py::test_compat_shims_match_the_installed_sdk`` fails loudly
 (:func:`problems`) when one of them no longer holds:
 
 - ``wandb.sdk.lib.retry`` draws its backoff jitter from the module-level ``random``; there is

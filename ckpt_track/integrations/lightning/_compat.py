@@ -4,7 +4,7 @@ Lightning offers no public way to draw batches from the fit loop's train iterato
 loop does, yet that is what replaying an interrupted epoch's data order takes (see
 :mod:`.data_order`).  So this module, and only this one, reaches into the fit loop's data
 fetcher.  :func:`problems` lists what of it the installed Lightning no longer has; the test
-suite fails on any (``tests/test_integration_lightning.py``), so an update that changes
+suite fails on any (``tests/e2e/test_integration_lightning.py``), so an update that changes
 these internals breaks loudly instead of silently replaying the wrong order.
 
 What is relied on (Lightning 2.x, checked with 2.6):
