@@ -117,6 +117,12 @@ class Settings:
     # ckpt_track.network); uploads are retried on top of that by the upload thread, off the loop
     timeout: float = 10.0
     retries: int = 2
+    # under torch.distributed: "auto" makes init/log_checkpoint/resume collective when a process
+    # group of more than one rank is initialized, "off" keeps this rank a single process (code
+    # that logs from rank 0 only), "on" requires every rank (see ckpt_track.distributed)
+    distributed: str = "auto"
+    # seconds a collective step (every rank joining init, a save, a resume) may wait for a rank
+    collective_timeout: float = 300.0
     retention: Retention = field(default_factory=Retention)
     # mappings are unhashable, so they stay out of __hash__ (but count for ==)
     backends: Mapping[str, Mapping[str, Any]] = field(default_factory=_empty_proxy, hash=False)

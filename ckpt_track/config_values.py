@@ -92,6 +92,16 @@ def _as_mode(value: Any, from_env: bool) -> str:
     raise Invalid("'min' or 'max'")
 
 
+def _as_distributed(value: Any, from_env: bool) -> str:
+    """``auto`` (collective when a process group is initialized), ``on``, ``off``; a bool too."""
+    if isinstance(value, str) and value.strip().lower() in ("auto", "on", "off"):
+        return value.strip().lower()
+    try:
+        return "on" if parse_bool(value, "") else "off"
+    except ConfigError:
+        raise Invalid("'auto', 'on' or 'off' (or a boolean)") from None
+
+
 def _as_opt_mode(value: Any, from_env: bool) -> str | None:
     if value is None or is_none_word(value):
         return None
@@ -180,6 +190,8 @@ TOP_FIELDS: dict[str, Coercer] = {
     "incremental": _as_bool,
     "timeout": _as_seconds,
     "retries": _as_count,
+    "distributed": _as_distributed,
+    "collective_timeout": _as_seconds,
 }
 RETENTION_FIELDS: dict[str, Coercer] = {
     "keep_last": _as_opt_pos_int,

@@ -13,6 +13,7 @@ style code keeps working::
     ├── StateMismatch (ValueError)
     ├── SerializationError (TypeError)
     ├── CheckpointWriteError            -- a background save failed
+    ├── DistributedError                -- a collective step (torch.distributed) failed
     └── BackendError
         ├── BackendNotInstalled (ImportError)
         ├── BackendUnavailable (ConnectionError)
@@ -35,6 +36,7 @@ __all__ = [
     "CheckpointWriteError",
     "CkptTrackError",
     "ConfigError",
+    "DistributedError",
     "IntegrityError",
     "InvalidRef",
     "SerializationError",
@@ -91,6 +93,11 @@ class SerializationError(CkptTrackError, TypeError):
 
 class CheckpointWriteError(CkptTrackError):
     """A checkpoint saved in the background could not be written or uploaded."""
+
+
+class DistributedError(CkptTrackError):
+    """A collective step under torch.distributed failed: a rank did not take part within
+    ``collective_timeout``, or another rank failed (the message names the rank and why)."""
 
 
 class BackendError(CkptTrackError):

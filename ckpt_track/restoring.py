@@ -79,6 +79,14 @@ def restore_from(found: Fetchable, *, model: torch.nn.Module | None = None,
     """Restore the checkpoint ``found`` into the given objects, or change none of them."""
     targets = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     ckpt = found.fetch()
+    if ckpt.manifest.sharded or _sharded_model(model):
+        # written by several ranks, or a model whose parameters are shards (FSDP2, tensor
+        # parallel): through DCP's load planner, resharded to this process
+        from .distributed.comm import rank_and_world
+        from .distributed.restore import restore_dir
+
+        restored = restore_dir(ckpt.path, rank=rank_and_world()[0], strict=strict, rng=rng, **targets)
+        return replace(restored, ref=str(found.stored.ref))
     with ExitStack() as stack:
         manifest = read_manifest(ckpt.path)
         files = open_verified(ckpt.path, manifest, stack)  # nothing is loaded unless every file matches
@@ -95,6 +103,11 @@ def restore_from(found: Fetchable, *, model: torch.nn.Module | None = None,
         tensors = {**fresh, **load_into(ckpt.path, tensor_fds, inplace_index, live)}
     restored = apply(tree, tensors, rng=rng, strict=strict, **targets)
     return replace(restored, metrics=dict(manifest.metrics), ref=str(found.stored.ref))
+
+
+def _sharded_model(model: torch.nn.Module | None) -> bool:
+    """True when the model's parameters are DTensors (FSDP2, tensor parallel)."""
+    return model is not None and any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
 def _split(index: Mapping[str, TensorInfo],

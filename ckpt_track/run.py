@@ -52,7 +52,7 @@ __all__ = ["CheckpointHandle", "Run", "init", "list_checkpoints", "log_checkpoin
 
 log = logging.getLogger("ckpt_track")
 _UNSET: Any = object()
-_active: Run | None = None
+_active: Any = None  # the Run (or DistributedRun) init started last
 
 
 @dataclass(frozen=True)
@@ -221,6 +221,22 @@ class Run:
         Returns the step to continue from (the checkpoint's step + 1), or 0 when
         there is nothing to resume.  Later checkpoints record it as ``resumed_from``.
         """
+        source = self._resume_source(ref)
+        if source is None:
+            return 0
+        if isinstance(source, _Spooled):
+            with self._spool.reusing():  # not dropped by the upload thread while it is read
+                restored = restore_from(source, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                        strict=strict, rng=rng)
+        else:
+            restored = restore_from(source, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                    strict=strict, rng=rng)
+        self._resumed(source)
+        return restored.step + 1
+
+    def _resume_source(self, ref: str | Ref | None) -> Resolved | _Spooled | None:
+        """What ``resume`` restores: the exact version ``ref`` resolves to, or (no ``ref``) the
+        newest of what the tracker holds and what waits in the spool; None when nothing."""
         self._writer.flush()
         if ref is None:
             # the newest of what the tracker holds and what waits in the spool (committed on this
@@ -237,26 +253,22 @@ class Run:
                     if spooled is None:
                         raise
             if spooled is not None and (found is None or spooled.step > found.stored.step):
-                return self._resume_spooled(spooled, model=model, optimizer=optimizer, scheduler=scheduler,
-                                            scaler=scaler, strict=strict, rng=rng)
+                stored = Stored(ref=self.ref.select(step=spooled.step), run=self.info, version=0, step=spooled.step,
+                                metrics=dict(spooled.manifest.metrics), created=spooled.manifest.created)
+                return _Spooled(stored, spooled)
             if found is None:
-                return 0
+                return None
             ref = found.stored.ref
-        found = resolve(ref, self.settings)
-        restored = restore_from(found, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                strict=strict, rng=rng)
-        self._record_resume(found)
-        return restored.step + 1
+        return resolve(ref, self.settings)
 
-    def _resume_spooled(self, ckpt: LocalCheckpoint, **targets: Any) -> int:
-        """Restore a checkpoint that waits in the spool (not uploaded yet) straight from disk."""
-        stored = Stored(ref=self.ref.select(step=ckpt.step), run=self.info, version=0, step=ckpt.step,
-                        metrics=dict(ckpt.manifest.metrics), created=ckpt.manifest.created)
-        with self._spool.reusing():  # not dropped by the upload thread while it is read
-            restored = restore_from(_Spooled(stored, ckpt), **targets)
-        log.info("ckpt_track: resumed from step %d, spooled at %s (not uploaded yet)", ckpt.step, ckpt.path)
-        self._chain.resumed(stored.ref)
-        return restored.step + 1
+    def _resumed(self, source: Resolved | _Spooled) -> None:
+        """Record that this run continues from ``source`` (lineage; the tracker's own graph)."""
+        if isinstance(source, _Spooled):
+            log.info("ckpt_track: resumed from step %d, spooled at %s (not uploaded yet)", source.ckpt.step,
+                     source.ckpt.path)
+            self._chain.resumed(source.stored.ref)
+        else:
+            self._record_resume(source)
 
     def mark_resumed(self, ref: str | Ref) -> Stored:
         """Record that this run continues from ``ref`` without loading it (for integrations
@@ -381,12 +393,27 @@ def init(
         config=provenance.to_jsonable(config),
         resume=resume,
     )
-    targets, deferred = open_targets(resolved, spec)
-    run = Run(resolved, spec, targets, deferred)
+    def make_run() -> Run:
+        targets, deferred = open_targets(resolved, spec)
+        return Run(resolved, spec, targets, deferred)
+
+    if resolved.distributed != "off" and _in_process_group():
+        from .distributed import init_collective
+
+        run = init_collective(resolved, make_run)
+    else:
+        run = make_run()
     if _active is not None and not _active._finished:
         log.warning("ckpt_track: a new run replaces the active run %s (call finish() on it)", _active.ref)
     _active = run
     return run
+
+
+def _in_process_group() -> bool:
+    """True inside an initialized torch.distributed process group of more than one rank."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _init_settings(settings: Mapping[str, Any] | None, *, project: str | None, backend: str | Sequence[str] | None,

@@ -34,6 +34,11 @@ class Encoder:
 
     def tensor(self, t: torch.Tensor, name: str) -> dict[str, Any]:
         """A reference to ``t``, stored under ``name`` unless an identical view was stored before."""
+        if type(t).__name__ == "DTensor":
+            raise SerializationError(
+                f"{name}: a DTensor (FSDP2 or tensor parallel shard) is saved by every rank together: call "
+                "ct.init, log_checkpoint and resume on every rank of the process group (distributed='auto')"
+            )
         t = t.detach()
         if t.layout != torch.strided or t.device.type == "meta":
             raise SerializationError(

@@ -25,7 +25,7 @@ The package's modules:
   parsing and digest, :class:`LocalCheckpoint` and the format's constants;
 - :mod:`.files`: opening and parsing files that may be damaged or hostile;
 - :mod:`.hashing`: file hashes, content digests, content-addressed file names;
-- :mod:`.write`: :func:`write_checkpoint`;
+- :mod:`.write`: :func:`write_checkpoint`; :func:`write_blobs` and :func:`commit_staged` (a sharded save);
 - :mod:`.copy`: :func:`copy_checkpoint` and the download cache's :func:`link_cached`;
 - :mod:`.read`: :func:`verify`, :func:`load_checkpoint` and reading tensors in place;
 - :mod:`.atomic`: the atomic file-system steps every store shares.
@@ -55,9 +55,12 @@ from .manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
     HASH_ALGORITHM,
+    LAYOUT,
     MANIFEST,
+    MAX_FORMAT_VERSION,
     MAX_MANIFEST_BYTES,
     MAX_STATE_BYTES,
+    SHARDED_FORMAT_VERSION,
     STATE,
     FileEntry,
     LocalCheckpoint,
@@ -79,22 +82,27 @@ from .read import (
     read_header,
     read_state,
     read_state_open,
+    read_tensor,
+    refuse_sharded,
     tensor_files,
     tensor_index,
     verify,
 )
-from .write import write_checkpoint
+from .write import commit_staged, write_blobs, write_checkpoint
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "HASH_ALGORITHM",
+    "LAYOUT",
     "MANIFEST",
+    "MAX_FORMAT_VERSION",
     "MAX_HEADER_BYTES",
     "MAX_JSON_DEPTH",
     "MAX_MANIFEST_BYTES",
     "MAX_STATE_BYTES",
     "PACK_SIZE",
+    "SHARDED_FORMAT_VERSION",
     "STATE",
     "TMP_PREFIX",
     "FileEntry",
@@ -106,6 +114,7 @@ __all__ = [
     "blob_name",
     "canonical_json",
     "check_name",
+    "commit_staged",
     "content_digest",
     "copy_checkpoint",
     "fits",
@@ -132,6 +141,8 @@ __all__ = [
     "read_manifest",
     "read_state",
     "read_state_open",
+    "read_tensor",
+    "refuse_sharded",
     "remove_dir",
     "staged_dir",
     "staging",
@@ -139,5 +150,6 @@ __all__ = [
     "tensor_files",
     "tensor_index",
     "verify",
+    "write_blobs",
     "write_checkpoint",
 ]

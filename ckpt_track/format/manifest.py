@@ -20,7 +20,10 @@ import xxhash
 from ..errors import CheckpointNotFound, IntegrityError
 from .files import check_name, load_json, open_regular, read_exact
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what a single process writes
+SHARDED_FORMAT_VERSION = 2  # written by every rank of a process group (ckpt_track.distributed)
+MAX_FORMAT_VERSION = SHARDED_FORMAT_VERSION  # the newest this ckpt_track reads
+LAYOUT = "layout.json"  # v2: where each tensor's shards lie (the JSON stand-in for DCP's metadata)
 FORMAT_NAME = "ckpt_track"
 MANIFEST = "manifest.json"
 STATE = "state.json"
@@ -51,8 +54,16 @@ class Manifest:
     lineage: Mapping[str, Any] = field(default_factory=dict)
     hash_algorithm: str = HASH_ALGORITHM
     format_version: int = FORMAT_VERSION
+    #: the number of ranks that wrote it (format v2, sharded; None for a single process)
+    world_size: int | None = None
     #: xxh3-128 of the manifest's canonical JSON without this key (None: a legacy manifest)
     manifest_hash: str | None = field(default=None, compare=False)
+
+    @property
+    def sharded(self) -> bool:
+        """True for a checkpoint written by several ranks (format v2): tensors are stored as
+        shards, described by ``layout.json``; restore it with ``ct.restore`` / ``resume``."""
+        return self.format_version >= SHARDED_FORMAT_VERSION
 
     @property
     def size(self) -> int:
@@ -67,7 +78,7 @@ class Manifest:
 
     def body(self) -> dict[str, Any]:
         """Every field except ``manifest_hash``: what the digest covers."""
-        return {
+        body: dict[str, Any] = {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
             "step": self.step,
@@ -78,6 +89,9 @@ class Manifest:
             "hash_algorithm": self.hash_algorithm,
             "files": {k: {"size": v.size, "hash": v.hash} for k, v in sorted(self.files.items())},
         }
+        if self.sharded:
+            body["world_size"] = self.world_size
+        return body
 
     @classmethod
     def from_json(cls, data: Any, where: str = "manifest") -> Manifest:
@@ -89,11 +103,14 @@ class Manifest:
             if data.get("format") != FORMAT_NAME:
                 raise ValueError(f"'format' is {data.get('format')!r}, expected {FORMAT_NAME!r}")
             version = _count(data["format_version"], "format_version")
-            if version > FORMAT_VERSION:
+            if version > MAX_FORMAT_VERSION:
                 raise IntegrityError(
                     f"{where}: checkpoint format v{version} is newer than this ckpt_track reads "
-                    f"(v{FORMAT_VERSION}); upgrade: pip install -U ckpt-track"
+                    f"(v{MAX_FORMAT_VERSION}); upgrade: pip install -U ckpt-track"
                 )
+            world = _count(data["world_size"], "world_size") if version >= SHARDED_FORMAT_VERSION else None
+            if world == 0:
+                raise ValueError("'world_size' is 0")
             digest = _checked_digest(data)
             epoch = data.get("epoch")
             return cls(
@@ -107,6 +124,7 @@ class Manifest:
                 files={check_name(k, where): _file_entry(k, v)
                        for k, v in _typed(data["files"], dict, "files").items()},
                 format_version=version,
+                world_size=world,
                 manifest_hash=digest,
             )
         except IntegrityError:
@@ -174,6 +192,12 @@ class LocalCheckpoint:
     @property
     def step(self) -> int:
         return self.manifest.step
+
+    @property
+    def sharded(self) -> bool:
+        """True for a checkpoint written by several ranks (format v2): tensors are stored as
+        shards, described by ``layout.json``; restore it with ``ct.restore`` / ``resume``."""
+        return self.format_version >= SHARDED_FORMAT_VERSION
 
     @property
     def size(self) -> int:

@@ -113,6 +113,7 @@ def load_checkpoint(path: Path, *, check: bool = True) -> tuple[Manifest, dict[s
     path = Path(path)
     with ExitStack() as stack:
         manifest = read_manifest(path)
+        refuse_sharded(path, manifest)
         if check and manifest.hash_algorithm != HASH_ALGORITHM:
             raise IntegrityError(f"{path}: unknown hash algorithm {manifest.hash_algorithm!r}")
         files = open_verified(path, manifest, stack, check=check)
@@ -122,6 +123,17 @@ def load_checkpoint(path: Path, *, check: bool = True) -> tuple[Manifest, dict[s
             raise IntegrityError(f"{path}: the manifest lists no {STATE}; the checkpoint is damaged")
         state = read_state_open(files[STATE], Path(path) / STATE)
     return manifest, tensors, state
+
+
+def refuse_sharded(path: Path, manifest: Manifest) -> None:
+    """Raise a clear error for a sharded (format v2) checkpoint where whole tensors are
+    expected: its files hold shards, and loading one as a full tensor would be wrong."""
+    if manifest.sharded:
+        raise IntegrityError(
+            f"{path} is a sharded checkpoint (format v{manifest.format_version}, written by "
+            f"{manifest.world_size} ranks): its tensor files hold shards, not whole tensors. Restore it "
+            "with ct.restore(ref, model=...) or run.resume(...), which reassemble or reshard it"
+        )
 
 
 def read_state(path: Path, manifest: Manifest | None = None) -> dict[str, Any]:
@@ -276,6 +288,11 @@ def load_into(path: Path, files: Mapping[str, BinaryIO], index: Mapping[str, Ten
     except (OSError, SafetensorError, IntegrityError, KeyError, ValueError) as exc:
         raise IntegrityError(f"{path}: reading the checkpoint failed part way ({exc}); {part_way}") from exc
     return out
+
+
+def read_tensor(f: BinaryIO, fname: str, info: TensorInfo) -> torch.Tensor:
+    """One tensor of an open, verified file into new memory (a mapped dtype only)."""
+    return _read_tensor(f, fname, info, None)
 
 
 def _read_tensor(f: BinaryIO, fname: str, info: TensorInfo, target: torch.Tensor | None) -> torch.Tensor:

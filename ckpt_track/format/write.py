@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +62,15 @@ def write_checkpoint(
 
 
 def _write_blobs(tmp: Path, tensors: Mapping[str, torch.Tensor], pack_size: int,
-                 reuse: Iterable[LocalCheckpoint]) -> dict[str, FileEntry]:
+                 reuse: Iterable[LocalCheckpoint], placed: dict[str, str] | None = None) -> dict[str, FileEntry]:
     """One content-addressed file per tensor group, linked from a ``reuse`` checkpoint that
-    already holds it (an unchanged group), else serialized."""
+    already holds it (an unchanged group), else serialized.  ``placed`` receives, when given,
+    the file each tensor went to."""
     files: dict[str, FileEntry] = {}
     for group in blob_groups(tensors, pack_size):
         fname = blob_name(content_digest(tensors, group))
+        if placed is not None:
+            placed.update(dict.fromkeys(group, fname))
         if fname in files:
             continue  # cannot happen for distinct names; kept for safety
         found = reusable(fname, reuse)
@@ -76,6 +80,31 @@ def _write_blobs(tmp: Path, tensors: Mapping[str, torch.Tensor], pack_size: int,
         else:
             files[fname] = _save(tmp / fname, {k: tensors[k] for k in group})
     return files
+
+
+def write_blobs(tmp: Path, tensors: Mapping[str, torch.Tensor], *, reuse: Iterable[LocalCheckpoint] = (),
+                pack_size: int = PACK_SIZE) -> tuple[dict[str, FileEntry], dict[str, str]]:
+    """Content-addressed tensor files into the staging directory ``tmp`` (one rank's part of a
+    sharded checkpoint): ``(files, file of each tensor)``; a file a ``reuse`` checkpoint holds
+    is linked, not written."""
+    placed: dict[str, str] = {}
+    return _write_blobs(tmp, tensors, pack_size, list(reuse), placed), placed
+
+
+def commit_staged(tmp: Path, final: Path, files: Mapping[str, FileEntry], state: Mapping[str, Any],
+                  json_files: Mapping[str, Any], manifest: Manifest) -> LocalCheckpoint:
+    """Finish a checkpoint other writers filled with tensor files (every rank of a sharded
+    save): write ``state.json`` and ``json_files``, then the manifest listing them all (the
+    commit), and publish ``tmp`` as ``final``.  ``manifest.files`` is replaced."""
+    entries = dict(files)
+    entries[STATE] = _write_state(tmp, state)
+    for name, data in json_files.items():
+        raw = canonical_json(data)
+        _write_bytes(tmp / name, raw)
+        entries[name] = FileEntry(len(raw), xxhash.xxh3_128(raw).hexdigest())
+    done = _write_manifest(tmp, final, replace(manifest, files=entries))
+    publish(tmp, final)
+    return LocalCheckpoint(final, done)
 
 
 def _write_shards(tmp: Path, tensors: Mapping[str, torch.Tensor], shard_size: int) -> dict[str, FileEntry]:
