@@ -32,10 +32,11 @@ import ckpt_track as ct  # noqa: E402
 WIDTH = 32
 
 
-def build(kind: str, world: int, frozen: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build(kind: str, world: int, frozen: bool = False, width: int = WIDTH) -> tuple[torch.nn.Module,
+                                                                                    torch.optim.Optimizer]:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, WIDTH), torch.nn.ReLU(), torch.nn.Dropout(0.3),
-                                torch.nn.Linear(WIDTH, WIDTH), torch.nn.ReLU(), torch.nn.Linear(WIDTH, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.ReLU(), torch.nn.Dropout(0.3),
+                                torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, 4))
     if frozen:  # a frozen base and a trainable adapter (the last layer)
         for p in list(model.parameters())[:-2]:
             p.requires_grad_(False)
@@ -81,24 +82,83 @@ def full_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, 
 def train(args: dict, rank: int, world: int) -> None:
     kind = args.get("kind", "ddp")
     torch.manual_seed(100 + rank)  # dropout differs per rank: each rank must get its own RNG back
-    model, opt = build(kind, world, args.get("frozen", False))
-    run = ct.init(project="dist", name=args.get("name", "r"), backend=args.get("backend", "local"))
-    start = run.resume(model=model, optimizer=opt) if args.get("resume", True) else 0
+    model, opt = build(kind, world, args.get("frozen", False), args.get("width", WIDTH))
+    faults(args, rank)
+    if args.get("only_rank0") and rank != 0:
+        run = None
+    else:
+        run = ct.init(project="dist", name=args.get("name", "r"), backend=args.get("backend", "local"))
+    if run is None:
+        start = 0
+    else:
+        start = run.resume(model=model, optimizer=opt) if args.get("resume", True) else 0
     Path(args["out"], f"start{rank}.txt").write_text(str(start))
     for step in range(start, args["steps"]):
         x, y = batch(step, rank, kind)
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
-        if args.get("every") and (step + 1) % args["every"] == 0:
-            h = run.log_checkpoint(step, model=model, optimizer=opt, metrics={"loss": 1.0 / (step + 1)})
+        if run is not None and args.get("every") and (step + 1) % args["every"] == 0:
+            for _ in range(args.get("repeat", 1)):  # repeat: the same state logged again (unchanged)
+                h = run.log_checkpoint(step, model=model, optimizer=opt, metrics={"loss": 1.0 / (step + 1)})
             if args.get("die_after") == step:
                 h.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
-            if args.get("hang_at") == step and rank == args.get("hang_rank", 1):
-                time.sleep(3600)
-    run.finish()
+    if run is not None:
+        run.finish()
     save_file(full_state(model, opt), str(Path(args["out"], f"rank{rank}.safetensors")))
+
+
+def faults(args: dict, rank: int) -> None:
+    """Fault injection: ``no_pickle`` makes every unpickling entry point raise; ``kill_in_write``
+    ``[rank, n]`` SIGKILLs that rank inside its n-th shard write; ``kill_before_commit`` ``n``
+    SIGKILLs rank 0 in its n-th commit, after every rank's writes were gathered."""
+    if args.get("no_pickle"):
+        import pickle
+
+        def refuse(*a: object, **k: object) -> None:
+            raise AssertionError("pickle/torch.load was called")
+
+        pickle.load = pickle.loads = torch.load = refuse  # type: ignore[assignment]
+    from ckpt_track.distributed import run as drun
+    from ckpt_track.distributed import storage
+
+    if args.get("kill_in_write") and args["kill_in_write"][0] == rank:
+        real, count = storage.write_blobs, [0]
+
+        def dying(tmp, tensors, **kw):  # type: ignore[no-untyped-def]
+            count[0] += 1
+            if count[0] == args["kill_in_write"][1]:
+                real(tmp, dict(list(tensors.items())[:1]), **kw)  # part of it on disk, then gone
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(tmp, tensors, **kw)
+
+        storage.write_blobs = dying
+    if args.get("kill_before_commit") and rank == 0:
+        real_c, n = drun.commit_staged, [0]
+
+        def dying_commit(*a, **kw):  # type: ignore[no-untyped-def]
+            n[0] += 1
+            if n[0] == args["kill_before_commit"]:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_c(*a, **kw)
+
+        drun.commit_staged = dying_commit
+
+
+def hang(args: dict, rank: int, world: int) -> None:
+    """Rank 0 saves; rank 1 never joins the save (it hangs): rank 0 must get a typed error."""
+    model, opt = build("none", world)
+    run = ct.init(project="dist", name="hang")
+    if rank != 0:
+        time.sleep(3600)
+    t = time.monotonic()
+    try:
+        run.log_checkpoint(1, model=model, optimizer=opt).wait()
+    except ct.errors.CkptTrackError as exc:
+        Path(args["out"], "error.txt").write_text(f"{type(exc).__name__}|{time.monotonic() - t:.1f}|{exc}")
+        os._exit(3)
+    os._exit(0)
 
 
 def restore(args: dict, rank: int, world: int) -> None:
@@ -116,7 +176,7 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
-    {"train": train, "restore": restore}[args["do"]](args, rank, world)
+    {"train": train, "restore": restore, "hang": hang}[args["do"]](args, rank, world)
     if dist.is_initialized():
         dist.destroy_process_group()
 
