@@ -65,6 +65,23 @@ class CheckpointHandle:
         except CkptTrackError as exc:
             raise CheckpointWriteError(f"checkpoint at step {self.step} was not saved: {exc}") from exc
 
+    def committed(self, timeout: float | None = None) -> None:
+        """Block until the checkpoint is committed to this machine's disk (crash-safe: if the
+        process dies now, the next one of the run uploads it), without waiting for a tracker.
+        Under torch.distributed, every rank's part is written and rank 0 has committed.  Raises
+        :class:`CheckpointWriteError` as :meth:`wait` does."""
+        try:
+            try:
+                self._future.result(timeout)
+            except BaseException as exc:
+                if self._writer is not None:
+                    self._writer.acknowledge(exc)
+                raise
+        except CheckpointWriteError:
+            raise
+        except CkptTrackError as exc:
+            raise CheckpointWriteError(f"checkpoint at step {self.step} was not saved: {exc}") from exc
+
     @property
     def stored(self) -> Stored | None:
         return self.wait()

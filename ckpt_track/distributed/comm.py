@@ -20,9 +20,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError, DistributedError
+from ..errors import CkptTrackError, ConfigError, DistributedError
 
-__all__ = ["Comm", "active", "all_ok", "broadcast_json", "handshake", "rank_and_world"]
+__all__ = ["Comm", "active", "all_ok", "broadcast_json", "first_failure", "handshake", "rank_and_world", "timed_out"]
 
 log = logging.getLogger("ckpt_track")
 _PREFIX = "ckpt_track"
@@ -169,6 +169,16 @@ def all_ok(ok: bool, group: Any, what: str, timeout: float) -> bool:
     except (RuntimeError, dist.DistError) as exc:
         raise timed_out(what, timeout, exc) from exc
     return bool(flag.item())
+
+
+def first_failure(what: str, exc: Any) -> CkptTrackError:
+    """The typed error of the first rank that failed inside DCP, naming the rank."""
+    for rank, failure in sorted(exc.failures.items()):
+        err = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(err, CkptTrackError):
+            return type(err)(f"rank {rank}: {err}") if type(err).__init__ is CkptTrackError.__init__ else err
+        return DistributedError(f"{what} failed on rank {rank}: {type(err).__name__}: {err}")
+    return DistributedError(f"{what} failed: {exc}")
 
 
 def timed_out(what: str, timeout: float, exc: BaseException) -> DistributedError:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
@@ -47,6 +49,7 @@ from ..state_checks import check_like
 from ..state_codec import decode_tree, tensor_name
 from ..state_rng import check_rng, set_rng
 from .capture import model_tensors
+from .comm import first_failure
 from .layout import Layout, from_index, parse_layout
 
 __all__ = ["restore_dir"]
@@ -188,8 +191,13 @@ def _load(path: Path, rank: int, model: Any, optimizer: Any, scheduler: Any, sca
         wanted = {n for n in wanted if not n.startswith("model/") or n in live}
     targets = {name: _target(name, read, live) for name in sorted(wanted)}
     if targets:
-        dcp_load(targets, storage_reader=_reader(Path(path), read), planner=DefaultLoadPlanner(allow_partial_load=True),
-                 no_dist=True)
+        try:
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.simplefilter("ignore", UserWarning)
+                dcp_load(targets, storage_reader=_reader(Path(path), read),
+                         planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+        except CheckpointException as exc:
+            raise first_failure(f"reading {path}", exc) from exc
     try:
         decoded = {k: decode_tree(v, targets) for k, v in parts.items()}
         rng_state = decode_tree(rng_tree, targets) if rng and rng_tree is not None else None

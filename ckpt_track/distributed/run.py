@@ -47,7 +47,7 @@ from ..refs import Ref
 from ..resolve import list_stored
 from ..writer import Writer, wait_staged
 from .capture import ShardedState, capture_sharded, stage
-from .comm import Comm, all_ok, broadcast_json, timed_out
+from .comm import Comm, all_ok, broadcast_json, first_failure, timed_out
 from .layout import Chunk, Layout, TensorLayout
 from .restore import restore_dir
 from .storage import ShardWriter, files_of
@@ -211,7 +211,7 @@ class DistributedRun:
         try:
             dcp_save(tensors, storage_writer=writer, process_group=self.comm.save_group)
         except CheckpointException as exc:
-            raise _first_failure(what, exc) from exc
+            raise first_failure(what, exc) from exc
         except CkptTrackError:
             raise
         except (RuntimeError, torch.distributed.DistError) as exc:
@@ -341,16 +341,6 @@ def _committer(tmp: Path, final: Path, state: ShardedState, manifest: Manifest, 
                                        f"({free_space(final.parent)}): {exc}; earlier checkpoints are intact") from exc
 
     return commit
-
-
-def _first_failure(what: str, exc: CheckpointException) -> CkptTrackError:
-    """The typed error of the first rank that failed inside DCP, naming the rank."""
-    for rank, failure in sorted(exc.failures.items()):
-        err = failure[0] if isinstance(failure, tuple) else failure
-        if isinstance(err, CkptTrackError):
-            return type(err)(f"rank {rank}: {err}") if type(err).__init__ is CkptTrackError.__init__ else err
-        return CheckpointWriteError(f"{what} failed on rank {rank}: {type(err).__name__}: {err}")
-    return DistributedError(f"{what} failed: {exc}")
 
 
 def _typed(msg: Mapping[str, Any]) -> CkptTrackError:

@@ -16,9 +16,10 @@ import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
+import xxhash
 from torch.distributed.checkpoint import StorageReader, StorageWriter
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, SavePlan, SavePlanner, WriteItemType
@@ -30,13 +31,15 @@ from ..format import (
     FileEntry,
     LocalCheckpoint,
     Manifest,
+    TensorInfo,
     check_name,
-    hash_open,
+    fits,
     open_regular,
     read_header,
-    read_tensor,
     write_blobs,
 )
+from ..format.files import CHUNK
+from ..format.hashing import tensor_bytes
 from .layout import Chunk, chunk_key
 
 __all__ = ["ShardReader", "ShardWriter"]
@@ -131,6 +134,7 @@ class ShardReader(StorageReader):
         self.manifest = manifest
         self._metadata = metadata
         self.verified: set[str] = set()
+        self._buf: memoryview | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         pass
@@ -158,36 +162,31 @@ class ShardReader(StorageReader):
 
     def _read_file(self, fname: str, items: list[Any], where: Mapping[MetadataIndex, Chunk],
                    planner: LoadPlanner) -> None:
+        """One pass over the file: every byte is read once, into the target when a chunk fills
+        one whole (else into fresh memory, then copied), and hashed on the way; a file whose
+        hash differs from the manifest's raises before DCP returns (the targets are fresh
+        memory, never the live objects: nothing is applied until every file matched)."""
         entry = self.manifest.files.get(fname)
         if entry is None:
             raise IntegrityError(f"{self.path}: layout.json names {fname!r}, which the manifest does not list; "
                                  "the checkpoint is damaged")
         try:
             with open_regular(self.path / check_name(fname, self.path)) as f:
-                size = os.fstat(f.fileno()).st_size
-                if size != entry.size or hash_open(f, entry.size) != entry.hash:
-                    raise IntegrityError(f"{self.path}/{fname}: does not match the manifest (truncated, modified or "
-                                         "corrupted); nothing was loaded into the live objects")
+                if os.fstat(f.fileno()).st_size != entry.size:
+                    raise IntegrityError(f"{self.path}/{fname}: size differs from the manifest (truncated or "
+                                         "modified); nothing was loaded into the live objects")
+                infos = read_header(f, fname)
+                wanted = self._wanted(fname, infos, items, where)
+                h = _Hashing(f, self._scratch())
+                for info in sorted(infos, key=lambda i: i.start):
+                    h.skip_to(info.start)
+                    if info.name in wanted:
+                        self._fill(h, info, wanted[info.name], planner)
+                h.skip_to(entry.size)
+                if h.hexdigest() != entry.hash:
+                    raise IntegrityError(f"{self.path}/{fname}: content hash does not match the manifest (modified "
+                                         "or corrupted); nothing was loaded into the live objects")
                 self.verified.add(fname)
-                header = {i.name: i for i in read_header(f, fname)}
-                chunks: dict[str, torch.Tensor] = {}
-                for item in items:
-                    chunk = where[item.storage_index]
-                    info = header.get(chunk.key)
-                    if info is None or info.shape != chunk.sizes or info.dtype is None:
-                        raise IntegrityError(f"{self.path}/{fname}: holds no chunk {chunk.key!r} of the layout's "
-                                             "shape; the checkpoint is damaged")
-                    if chunk.key not in chunks:
-                        chunks[chunk.key] = read_tensor(f, fname, info)
-                    src = chunks[chunk.key]
-                    for dim, (off, length) in enumerate(zip(item.storage_offsets, item.lengths)):
-                        src = src.narrow(dim, off, length)
-                    target = planner.resolve_tensor(item).detach()
-                    if target.shape != src.shape or target.dtype != src.dtype:
-                        raise IntegrityError(f"{self.path}/{fname}: chunk {chunk.key!r} does not fit its target "
-                                             f"({tuple(src.shape)} {src.dtype} vs {tuple(target.shape)} {target.dtype})")
-                    target.copy_(src)
-                    planner.commit_tensor(item, target)
         except FileNotFoundError as exc:
             raise IntegrityError(f"{self.path}/{fname}: missing; nothing was loaded into the live objects") from exc
         except OSError as exc:
@@ -196,3 +195,75 @@ class ShardReader(StorageReader):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return False
+
+    def _scratch(self) -> memoryview:
+        if self._buf is None:
+            self._buf = memoryview(bytearray(CHUNK))
+        return self._buf
+
+    def _wanted(self, fname: str, infos: list[TensorInfo], items: list[Any],
+                where: Mapping[MetadataIndex, Chunk]) -> dict[str, list[Any]]:
+        """The read items of this file by safetensors entry, each entry checked against the layout."""
+        header = {i.name: i for i in infos}
+        wanted: dict[str, list[Any]] = {}
+        for item in items:
+            chunk = where[item.storage_index]
+            info = header.get(chunk.key)
+            if info is None or info.shape != chunk.sizes or info.dtype is None:
+                raise IntegrityError(f"{self.path}/{fname}: holds no chunk {chunk.key!r} of the layout's shape; "
+                                     "the checkpoint is damaged")
+            wanted.setdefault(chunk.key, []).append(item)
+        return wanted
+
+    def _fill(self, h: _Hashing, info: TensorInfo, items: list[Any], planner: LoadPlanner) -> None:
+        """Read one stored chunk into the targets of ``items`` (hashed on the way)."""
+        whole = len(items) == 1 and not any(items[0].storage_offsets) and tuple(items[0].lengths) == info.shape
+        target = planner.resolve_tensor(items[0]).detach() if whole else None
+        direct = target is not None and fits(target, info)
+        buf = target if direct else torch.empty(info.shape, dtype=info.dtype)
+        h.read_into(tensor_bytes(buf), info)
+        for item in items:
+            dest = target if target is not None else planner.resolve_tensor(item).detach()
+            if not direct:
+                src = buf
+                for dim, (off, length) in enumerate(zip(item.storage_offsets, item.lengths)):
+                    src = src.narrow(dim, off, length)
+                if dest.shape != src.shape or dest.dtype != src.dtype:
+                    raise IntegrityError(f"{self.path}/{info.file}: chunk {info.name!r} does not fit its target "
+                                         f"({tuple(src.shape)} {src.dtype} vs {tuple(dest.shape)} {dest.dtype})")
+                dest.copy_(src)
+            planner.commit_tensor(item, dest)
+
+
+class _Hashing:
+    """Sequential reads of an open file that hash every byte on the way (xxh3-128, the
+    manifest's algorithm): the verification costs no second pass over the data."""
+
+    def __init__(self, f: BinaryIO, scratch: memoryview) -> None:
+        self.f = f
+        self.h = xxhash.xxh3_128()
+        self.pos = 0
+        self.scratch = scratch
+        f.seek(0)
+
+    def skip_to(self, end: int) -> None:
+        """Hash the bytes up to ``end`` (a header, padding, entries no target needs)."""
+        while self.pos < end:
+            n = self.f.readinto(self.scratch[:min(len(self.scratch), end - self.pos)])
+            if not n:
+                raise OSError(f"the file ended at byte {self.pos} (truncated)")
+            self.h.update(self.scratch[:n])
+            self.pos += n
+
+    def read_into(self, view: memoryview, info: TensorInfo) -> None:
+        got = 0
+        while got < len(view):
+            n = self.f.readinto(view[got:])
+            if not n:
+                raise OSError(f"{info.file} ended inside tensor {info.name!r} (truncated)")
+            got += n
+        self.h.update(view)
+        self.pos += got
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ def _write_blobs(tmp: Path, tensors: Mapping[str, torch.Tensor], pack_size: int,
     already holds it (an unchanged group), else serialized.  ``placed`` receives, when given,
     the file each tensor went to."""
     files: dict[str, FileEntry] = {}
+    written: list[Path] = []
     for group in blob_groups(tensors, pack_size):
         fname = blob_name(content_digest(tensors, group))
         if placed is not None:
@@ -78,8 +80,21 @@ def _write_blobs(tmp: Path, tensors: Mapping[str, torch.Tensor], pack_size: int,
             copy_one(found[0], tmp / fname, link=True, expected=found[1].size)
             files[fname] = found[1]
         else:
-            files[fname] = _save(tmp / fname, {k: tensors[k] for k in group})
+            files[fname] = _save(tmp / fname, {k: tensors[k] for k in group}, sync=False)
+            written.append(tmp / fname)
+    _fsync_all(written)
     return files
+
+
+def _fsync_all(paths: list[Path]) -> None:
+    """Make freshly written files durable: their fsyncs overlap (one journal commit can cover
+    several), instead of one full round trip to the disk per file."""
+    if len(paths) <= 1:
+        for p in paths:
+            _fsync_file(p)
+        return
+    with ThreadPoolExecutor(max_workers=min(8, len(paths)), thread_name_prefix="ckpt_track-fsync") as pool:
+        list(pool.map(_fsync_file, paths))
 
 
 def write_blobs(tmp: Path, tensors: Mapping[str, torch.Tensor], *, reuse: Iterable[LocalCheckpoint] = (),
@@ -132,10 +147,12 @@ def _shards(tensors: Mapping[str, torch.Tensor], shard_size: int) -> list[dict[s
     return shards if shards[0] else []
 
 
-def _save(path: Path, tensors: dict[str, torch.Tensor]) -> FileEntry:
-    """Serialize tensors to a safetensors file, fsync it, and describe it for the manifest."""
+def _save(path: Path, tensors: dict[str, torch.Tensor], *, sync: bool = True) -> FileEntry:
+    """Serialize tensors to a safetensors file, fsync it (unless the caller does, ``sync=False``),
+    and describe it for the manifest."""
     save_file(tensors, str(path), metadata={"format": "pt"})
-    _fsync_file(path)
+    if sync:
+        _fsync_file(path)
     return FileEntry(path.stat().st_size, hash_file(path))
 
 

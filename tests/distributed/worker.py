@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parents[1]))
 sys.path.insert(0, str(Path(__file__).parents[2]))
 
-import ckpt_track as ct  # noqa: E402
+import ckpt_track as ct
 
 WIDTH = 32
 

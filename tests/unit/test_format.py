@@ -19,6 +19,7 @@ import ckpt_track.format.write as fmt_write
 from ckpt_track.errors import CheckpointNotFound, IntegrityError
 from ckpt_track.format import (
     FORMAT_VERSION,
+    MAX_FORMAT_VERSION,
     MANIFEST,
     STATE,
     LocalCheckpoint,
@@ -350,11 +351,11 @@ def test_directory_without_manifest(tmp_path: Path) -> None:
 
 def test_future_format_version(tmp_path: Path) -> None:
     ckpt = write(tmp_path)
-    rewrite_manifest(ckpt.path, lambda d: d.update(format_version=FORMAT_VERSION + 1))
+    rewrite_manifest(ckpt.path, lambda d: d.update(format_version=MAX_FORMAT_VERSION + 1))
     for fn in (read_manifest, verify, load_checkpoint):
         with pytest.raises(IntegrityError, match="upgrade") as info:
             fn(ckpt.path)
-        assert f"v{FORMAT_VERSION + 1}" in str(info.value)
+        assert f"v{MAX_FORMAT_VERSION + 1}" in str(info.value)
 
 
 def test_unknown_hash_algorithm(tmp_path: Path) -> None:
