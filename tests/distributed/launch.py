@@ -38,11 +38,12 @@ class Ranks:
         return out
 
 
-def start(world: int, args: dict[str, Any], cwd: Path, env: dict[str, str] | None = None) -> Ranks:
+def start(world: int, args: dict[str, Any], cwd: Path, env: dict[str, str] | None = None,
+          rank_env: dict[int, dict[str, str]] | None = None) -> Ranks:
     port = str(free_port())
     procs = []
     for rank in range(world):
-        e = {**os.environ, **(env or {}), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+        e = {**os.environ, **(env or {}), **(rank_env or {}).get(rank, {}), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
         if world == 1:
             for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -53,8 +54,9 @@ def start(world: int, args: dict[str, Any], cwd: Path, env: dict[str, str] | Non
 
 
 def run(world: int, args: dict[str, Any], cwd: Path, env: dict[str, str] | None = None,
-        timeout: float = 120, ok: bool = True) -> list[tuple[int, str]]:
-    results = start(world, args, cwd, env).wait(timeout)
+        timeout: float = 120, ok: bool = True, rank_env: dict[int, dict[str, str]] | None = None
+        ) -> list[tuple[int, str]]:
+    results = start(world, args, cwd, env, rank_env).wait(timeout)
     if ok:
         for rank, (code, err) in enumerate(results):
             assert code == 0, f"rank {rank} exited with {code}:\n{err[-4000:]}"

@@ -19,10 +19,12 @@ from distributed.launch import run, start
 ENV = {"CKPT_TRACK_COLLECTIVE_TIMEOUT": "30"}
 
 
-def _train(world: int, cwd: Path, ok: bool = True, env: dict[str, str] | None = None, **args: object) -> list:
+def _train(world: int, cwd: Path, ok: bool = True, env: dict[str, str] | None = None,
+           rank_env: dict[int, dict[str, str]] | None = None, **args: object) -> list:
     out = cwd / "out"
     out.mkdir(parents=True, exist_ok=True)
-    return run(world, {"do": "train", "out": str(out), **args}, cwd, env={**ENV, **(env or {})}, ok=ok)
+    return run(world, {"do": "train", "out": str(out), **args}, cwd, env={**ENV, **(env or {})}, ok=ok,
+               rank_env=rank_env)
 
 
 def _state(cwd: Path, rank: int) -> dict[str, torch.Tensor]:
@@ -153,3 +155,17 @@ def test_rank0_only_logging_keeps_working_for_ddp(tmp_path: Path) -> None:
     versions = _versions(tmp_path)
     assert [v["step"] for v in versions] == [1, 3]
     assert {v["format_version"] for v in versions} == {1}
+
+
+def test_two_nodes_with_their_own_spool_roots_make_one_version(tmp_path: Path) -> None:
+    """Two "nodes" on one machine, each configured with its own local root: every rank's
+    shards go into rank 0's one version (the other root is never used), and the resumed run
+    continues from it on both."""
+    other = tmp_path / "node1-disk"
+    nodes = {1: {"CKPT_TRACK_LOCAL__ROOT": str(other)}}
+    _train(2, tmp_path, kind="fsdp", steps=4, every=2, rank_env=nodes)
+    assert [(v["step"], v["world_size"]) for v in _versions(tmp_path)] == [(1, 2), (3, 2)]
+    assert not other.exists()
+    _train(2, tmp_path, kind="fsdp", steps=6, every=2, rank_env=nodes)
+    assert (tmp_path / "out" / "start1.txt").read_text() == "4"
+    assert [v["step"] for v in _versions(tmp_path)] == [1, 3, 5]

@@ -416,7 +416,8 @@ def test_typo_top_level_key_in_file(tmp_path: Path) -> None:
     assert "unknown setting 'bakend'" in msg
     assert "Did you mean 'backend'?" in msg
     assert str(cfg.resolve()) in msg
-    assert "Valid keys: backend, blocking, incremental, max_in_flight, mode, monitor, project, retries, shard_size, timeout" in msg
+    assert ("Valid keys: backend, blocking, collective_timeout, distributed, incremental, max_in_flight, mode, "
+            "monitor, project, retries, shard_size, timeout") in msg
     assert "sections: retention, local, mlflow, wandb" in msg
 
 

@@ -159,6 +159,9 @@ class CkptTrackCallback(Callback):
                 kwargs["config"] = dict(pl_module.hparams)
             if self._run is not None:  # a later fit with this callback continues its run
                 kwargs["run_id"], kwargs["resume"] = self._run.id, "auto"
+            # rank zero records the checkpoint Lightning assembles (gathered by the strategy): a
+            # single-process run on that rank, so ct.init does not wait for the other ranks
+            kwargs["settings"] = {"distributed": "off", **dict(kwargs.get("settings") or {})}
             self._run = ct.init(**kwargs)
             self._open = True
         # references resolve with the run's settings; off rank zero with the same overrides
