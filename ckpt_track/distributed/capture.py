@@ -22,6 +22,7 @@ from ..errors import SerializationError
 from ..state_codec import Encoder
 from ..state_rng import capture_rng
 from ..writer import StagedTensors, snapshot_tensors
+from ._compat import wrap_like
 
 __all__ = ["ShardedState", "capture_sharded", "model_tensors", "rng_name", "stage"]
 
@@ -102,8 +103,7 @@ def stage(tensors: Mapping[str, torch.Tensor], buffers: dict[str, torch.Tensor])
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         if isinstance(t, DTensor):
-            out[name] = DTensor.from_local(staged[name], t.device_mesh, t.placements, run_check=False,
-                                           shape=t.shape, stride=t.stride())
+            out[name] = wrap_like(staged[name], t)  # stays on the host: no copy back to the device
         else:
             out[name] = staged[name]
     return out, staged

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import CkptTrackError, ConfigError, DistributedError
+from ._compat import default_store
 
 __all__ = ["Comm", "active", "all_ok", "broadcast_json", "first_failure", "handshake", "rank_and_world", "timed_out"]
 
@@ -40,16 +41,6 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _store() -> Any:
-    """The default process group's key-value store (the one ``init_process_group`` made)."""
-    from torch.distributed import distributed_c10d as c10d
-
-    getter = getattr(c10d, "_get_default_store", None)
-    if getter is None:  # pragma: no cover - every supported torch has it
-        raise DistributedError("this torch has no default process-group store; upgrade torch")
-    return getter()
 
 
 @dataclass
@@ -89,7 +80,7 @@ def handshake(mode: str, timeout: float, publish: Any) -> tuple[Comm | None, dic
     rank, world = rank_and_world()
     _counter += 1
     ns = f"{_PREFIX}/{_counter}"
-    store = _store()
+    store = default_store()
     if rank != 0:
         store.set(f"{ns}/joined/{rank}", "1")
         msg = _get_json(store, f"{ns}/run", timeout,

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, Tenso
 
 from .. import errors
 from ..checkpointing import CheckpointHandle, check_step, metric_values, user_aliases
-from ..errors import CheckpointWriteError, CkptTrackError, DistributedError, SerializationError
+from ..errors import CheckpointNotFound, CheckpointWriteError, CkptTrackError, DistributedError, SerializationError
 from ..format import (
     LAYOUT,
     PACK_SIZE,
@@ -249,8 +249,14 @@ class DistributedRun:
                     raise DistributedError("another rank could not load the checkpoint (its error is in its log); "
                                            "nothing was changed on this rank")
 
-            restored = restore_dir(Path(msg["path"]), rank=self.rank, model=model, optimizer=optimizer,
-                                   scheduler=scheduler, scaler=scaler, strict=strict, rng=rng, agree=agree)
+            try:
+                restored = restore_dir(Path(msg["path"]), rank=self.rank, model=model, optimizer=optimizer,
+                                       scheduler=scheduler, scaler=scaler, strict=strict, rng=rng, agree=agree)
+            except CheckpointNotFound as exc:
+                raise DistributedError(
+                    f"this rank cannot read rank 0's copy of the checkpoint at {msg['path']} ({exc}): every rank "
+                    "reads it there, so the spool ([local] root) and the download cache ($XDG_CACHE_HOME) must be "
+                    "on a filesystem all ranks share") from exc
         if self._leader is not None and source is not None:
             self._leader._resumed(source)
         return restored.step + 1

@@ -171,7 +171,9 @@ class CkptTrackCallback(TrainerCallback):
             monitor=self._monitor or monitor,
             mode=self._mode or mode,
             resume=self._init["resume"],
-            settings=self._settings,
+            # the world process zero records the replicated state: a single-process run there,
+            # so ct.init does not wait for the other ranks to join a collective one
+            settings={"distributed": "off", **self._settings},
         )
         self._live = True
         return self.run

@@ -169,3 +169,15 @@ def test_two_nodes_with_their_own_spool_roots_make_one_version(tmp_path: Path) -
     _train(2, tmp_path, kind="fsdp", steps=6, every=2, rank_env=nodes)
     assert (tmp_path / "out" / "start1.txt").read_text() == "4"
     assert [v["step"] for v in _versions(tmp_path)] == [1, 3, 5]
+
+
+def test_single_process_checkpoint_restores_into_fsdp(tmp_path: Path) -> None:
+    """A format-v1 checkpoint (a plain single-process run) loads into an FSDP2 model on 2 ranks."""
+    _train(1, tmp_path, kind="fsdp", steps=4, every=4, resume=False)
+    assert {v["format_version"] for v in _versions(tmp_path)} == {1}
+    want = _state(tmp_path, 0)
+    out = tmp_path / "into2"
+    out.mkdir()
+    run(2, {"do": "restore", "kind": "fsdp", "ref": "local://dist/r@latest", "out": str(out)}, tmp_path, env=ENV)
+    for rank in range(2):
+        _assert_equal(want, load_file(out / f"rank{rank}.safetensors"))

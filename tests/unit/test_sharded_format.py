@@ -162,3 +162,27 @@ def test_a_sharded_checkpoint_resolves_like_any_other(tmp_path: Path) -> None:
     assert got.step == 7 and got.ref == str(ref)
     with pytest.raises(CheckpointNotFound):
         read_manifest(tmp_path / "nothing")
+
+
+def test_the_dtensor_shim_matches_the_installed_torch(tmp_path: Path) -> None:
+    """wrap_like builds a DTensor over a host tensor without moving it (one-rank gloo mesh)."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from ckpt_track.distributed._compat import default_store, wrap_like
+    from distributed.launch import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        like = distribute_tensor(torch.randn(4, 3), init_device_mesh("cpu", (1,)), [Shard(0)])
+        local = torch.arange(12.0).reshape(4, 3)
+        wrapped = wrap_like(local, like)
+        assert wrapped.placements == like.placements and wrapped.shape == like.shape
+        assert wrapped.to_local().data_ptr() == local.data_ptr()  # the very tensor, not a copy
+        default_store().set("ckpt_track/probe", "1")
+    finally:
+        dist.destroy_process_group()
