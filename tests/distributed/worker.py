@@ -81,8 +81,8 @@ def full_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, 
 
 def train(args: dict, rank: int, world: int) -> None:
     kind = args.get("kind", "ddp")
-    torch.manual_seed(100 + rank)  # dropout differs per rank: each rank must get its own RNG back
     model, opt = build(kind, world, args.get("frozen", False), args.get("width", WIDTH))
+    torch.manual_seed(100 + rank)  # dropout differs per rank: each rank must get its own RNG back
     faults(args, rank)
     if args.get("only_rank0") and rank != 0:
         run = None
