@@ -203,7 +203,13 @@ class DistributedRun:
                                 world_size=self.world_size)
             commit = _committer(tmp, final, state, manifest, self.world_size, committed)
             self._dcp_save(what, tensors, ShardWriter(tmp, reuse, {"rank": 0, "rng": state.rng}, commit, PACK_SIZE))
-        item = spool.add(committed[0], aliases, [b.name for b, _ in run._targets])
+        backends = [b.name for b, _ in run._targets]
+        try:
+            item = spool.add(committed[0], aliases, backends)
+        except OSError as exc:  # committed; upload it from memory (a crash now: the next start queues it)
+            log.warning("ckpt_track: could not write the upload record of %s (%s); uploading it anyway",
+                        committed[0].path, exc)
+            item = spool.add_unrecorded(committed[0], aliases, backends)
         run._uploader.kick()
         return item
 

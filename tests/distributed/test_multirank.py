@@ -181,3 +181,22 @@ def test_single_process_checkpoint_restores_into_fsdp(tmp_path: Path) -> None:
     run(2, {"do": "restore", "kind": "fsdp", "ref": "local://dist/r@latest", "out": str(out)}, tmp_path, env=ENV)
     for rank in range(2):
         _assert_equal(want, load_file(out / f"rank{rank}.safetensors"))
+
+
+def test_a_tracker_holds_the_version_and_every_rank_resumes_from_it(tmp_path: Path, mlflow_env) -> None:
+    """MLflow as the tracker: rank 0 uploads the one version; a new job resumes from the tracker
+    (rank 0 downloads it, every rank reads that copy) and ends identical to a local run."""
+    env = {"MLFLOW_TRACKING_URI": mlflow_env.uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+    tracked, straight = tmp_path / "tracked", tmp_path / "straight"
+    name = f"dist-{tmp_path.name}"
+    _train(2, tracked, kind="fsdp", steps=4, every=2, backend="mlflow", name=name, env=env)
+    _train(2, tracked, kind="fsdp", steps=6, every=2, backend="mlflow", name=name, env=env)
+    assert (tracked / "out" / "start1.txt").read_text() == "4"
+    _train(2, straight, kind="fsdp", steps=6, every=2)
+    _assert_equal(_state(straight, 1), _state(tracked, 1))
+    import ckpt_track as ct
+
+    ref = (tracked / "out" / "ref1.txt").read_text()
+    assert ref == (tracked / "out" / "ref0.txt").read_text()  # every rank has the run's reference
+    stored = ct.list_checkpoints(ref, ct.load_settings({"mlflow": {"tracking_uri": mlflow_env.uri}}))
+    assert [s.step for s in stored] == [1, 3, 5]

@@ -93,6 +93,8 @@ def train(args: dict, rank: int, world: int) -> None:
     else:
         start = run.resume(model=model, optimizer=opt) if args.get("resume", True) else 0
     Path(args["out"], f"start{rank}.txt").write_text(str(start))
+    if run is not None:
+        Path(args["out"], f"ref{rank}.txt").write_text(str(run.ref))
     for step in range(start, args["steps"]):
         x, y = batch(step, rank, kind)
         opt.zero_grad()
