@@ -333,6 +333,25 @@ def _write_trainer_files(out: Path, state: ct.CheckpointState, hf: Mapping[str, 
         rng = _trainer_rng(state.rng)
         if rng is not None:
             torch.save(rng, out / RNG)
+            # under DDP the Trainer reads rng_state_<rank>.pth; the world process zero recorded
+            # its generators, which equal every rank's (the Trainer seeds all ranks alike and
+            # they draw alike; the data order comes from the sampler's own generator)
+            for rank in range(_world_size()):
+                torch.save(rng, out / f"rng_state_{rank}.pth")
+
+
+def _world_size() -> int:
+    """The number of ranks when this process is one of several (else 0: no per-rank files):
+    the process group's, or before the Trainer made it, what the launcher (torchrun) set."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "0"))
+    except ValueError:
+        return 0
+    return world if world > 1 else 0
 
 
 def _trainer_rng(saved: Mapping[str, Any]) -> dict[str, Any] | None:
