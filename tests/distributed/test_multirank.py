@@ -36,6 +36,21 @@ def _versions(cwd: Path) -> list[dict]:
     return [json.loads(m.read_text()) for m in sorted(cwd.glob("ckpt_runs/dist/*/checkpoints/v*/manifest.json"))]
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The uninterrupted 2-rank run of a kind to 8 steps (checkpoint every 2), trained once per
+    module: the state every interrupted run must end in."""
+    done: dict[str, Path] = {}
+
+    def get(kind: str) -> dict[int, dict[str, torch.Tensor]]:
+        if kind not in done:
+            done[kind] = tmp_path_factory.mktemp(f"straight-{kind}")
+            _train(2, done[kind], kind=kind, steps=8, every=2)
+        return {rank: _state(done[kind], rank) for rank in range(2)}
+
+    return get
+
+
 def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     bad = [k for k in a if not torch.equal(a[k], b[k])]
@@ -43,18 +58,18 @@ def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp", "tp"])
-def test_kill_every_rank_and_resume_bit_identical(tmp_path: Path, kind: str) -> None:
+def test_kill_every_rank_and_resume_bit_identical_without_pickle(tmp_path: Path, kind: str, straight) -> None:
     """Dropout draws from each rank's own RNG: the resumed run matches only if every rank got
-    its own RNG (and optimizer shards) back.  One version per checkpointed step."""
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    _train(2, straight, kind=kind, steps=8, every=2)
-    codes = _train(2, crashed, ok=False, kind=kind, steps=8, every=2, die_after=3)
+    its own RNG (and optimizer shards) back.  One version per checkpointed step.  pickle.load,
+    pickle.loads and torch.load raise in every rank of the interrupted and the resumed job."""
+    codes = _train(2, tmp_path, ok=False, kind=kind, steps=8, every=2, die_after=3, no_pickle=True)
     assert [c for c, _ in codes] == [-9, -9]
-    _train(2, crashed, kind=kind, steps=8, every=2)
-    assert (crashed / "out" / "start0.txt").read_text() == (crashed / "out" / "start1.txt").read_text() == "4"
+    _train(2, tmp_path, kind=kind, steps=8, every=2, no_pickle=True)
+    assert (tmp_path / "out" / "start0.txt").read_text() == (tmp_path / "out" / "start1.txt").read_text() == "4"
+    want = straight(kind)
     for rank in range(2):
-        _assert_equal(_state(straight, rank), _state(crashed, rank))
-    versions = _versions(crashed)
+        _assert_equal(want[rank], _state(tmp_path, rank))
+    versions = _versions(tmp_path)
     assert [v["step"] for v in versions] == [1, 3, 5, 7]  # one version per step, whatever the world size
     assert {(v["format_version"], v["world_size"]) for v in versions} == {(2, 2)}
 
@@ -85,21 +100,12 @@ def test_reshard_to_other_world_sizes(tmp_path: Path, writers: int, readers: lis
             _assert_equal(want, load_file(out / f"rank{rank}.safetensors"))
 
 
-def test_no_pickle_on_the_whole_save_and_restore_path(tmp_path: Path) -> None:
-    """pickle.load, pickle.loads and torch.load raise in every rank: saves, a kill, the resume."""
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    _train(2, straight, kind="fsdp", steps=6, every=2)
-    _train(2, crashed, ok=False, kind="fsdp", steps=6, every=2, die_after=3, no_pickle=True)
-    _train(2, crashed, kind="fsdp", steps=6, every=2, no_pickle=True)
-    _assert_equal(_state(straight, 0), _state(crashed, 0))
-
-
 def _spool_leftovers(cwd: Path) -> list[Path]:
     return [p for p in cwd.glob("ckpt_runs/.spool/*") if p.name.startswith(".tmp-")]
 
 
 @pytest.mark.parametrize("fault", [{"kill_in_write": [1, 2]}, {"kill_before_commit": 2}])
-def test_killed_rank_leaves_no_partial_version(tmp_path: Path, fault: dict) -> None:
+def test_killed_rank_leaves_no_partial_version(tmp_path: Path, fault: dict, straight) -> None:
     """A rank SIGKILLed inside its write of the second checkpoint, or rank 0 after every rank's
     writes were gathered but before the commit: no partial version is ever listed, the next
     start resumes from the previous complete one and removes the staging directory."""
@@ -110,9 +116,7 @@ def test_killed_rank_leaves_no_partial_version(tmp_path: Path, fault: dict) -> N
     assert (tmp_path / "out" / "start0.txt").read_text() == "2"
     assert [v["step"] for v in _versions(tmp_path)] == [1, 3, 5, 7]
     assert not _spool_leftovers(tmp_path)
-    straight = tmp_path / "straight"
-    _train(2, straight, kind="fsdp", steps=8, every=2)
-    _assert_equal(_state(straight, 1), _state(tmp_path, 1))
+    _assert_equal(straight("fsdp")[1], _state(tmp_path, 1))
 
 
 def test_hung_rank_gives_a_typed_error_after_the_timeout(tmp_path: Path) -> None:
@@ -183,20 +187,19 @@ def test_single_process_checkpoint_restores_into_fsdp(tmp_path: Path) -> None:
         _assert_equal(want, load_file(out / f"rank{rank}.safetensors"))
 
 
-def test_a_tracker_holds_the_version_and_every_rank_resumes_from_it(tmp_path: Path, mlflow_env) -> None:
+def test_a_tracker_holds_the_version_and_every_rank_resumes_from_it(tmp_path: Path, mlflow_env, straight) -> None:
     """MLflow as the tracker: rank 0 uploads the one version; a new job resumes from the tracker
     (rank 0 downloads it, every rank reads that copy) and ends identical to a local run."""
     env = {"MLFLOW_TRACKING_URI": mlflow_env.uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
-    tracked, straight = tmp_path / "tracked", tmp_path / "straight"
+    tracked = tmp_path / "tracked"
     name = f"dist-{tmp_path.name}"
     _train(2, tracked, kind="fsdp", steps=4, every=2, backend="mlflow", name=name, env=env)
-    _train(2, tracked, kind="fsdp", steps=6, every=2, backend="mlflow", name=name, env=env)
+    _train(2, tracked, kind="fsdp", steps=8, every=2, backend="mlflow", name=name, env=env)
     assert (tracked / "out" / "start1.txt").read_text() == "4"
-    _train(2, straight, kind="fsdp", steps=6, every=2)
-    _assert_equal(_state(straight, 1), _state(tracked, 1))
+    _assert_equal(straight("fsdp")[1], _state(tracked, 1))
     import ckpt_track as ct
 
     ref = (tracked / "out" / "ref1.txt").read_text()
     assert ref == (tracked / "out" / "ref0.txt").read_text()  # every rank has the run's reference
     stored = ct.list_checkpoints(ref, ct.load_settings({"mlflow": {"tracking_uri": mlflow_env.uri}}))
-    assert [s.step for s in stored] == [1, 3, 5]
+    assert [s.step for s in stored] == [1, 3, 5, 7]
