@@ -95,7 +95,8 @@ def handshake(mode: str, timeout: float, publish: Any) -> tuple[Comm | None, dic
         comm = Comm(rank, world, timeout)
         comm.open_groups()
         return comm, msg["run"]
-    solo = not _wait_joined(store, ns, world, timeout if mode == "on" else min(JOIN_GRACE, timeout))
+    wait = timeout if mode == "on" else min(JOIN_GRACE, timeout)
+    solo = not _wait_joined(store, ns, world, wait)
     if solo and mode == "on":
         err = (f"not every rank called ct.init within {timeout:g} s (collective_timeout); with distributed='on' "
                "every rank calls it")
@@ -110,7 +111,7 @@ def handshake(mode: str, timeout: float, publish: Any) -> tuple[Comm | None, dic
     if solo:
         log.warning("ckpt_track: no other rank called ct.init within %.0f s: this run records rank 0's state "
                     "only (enough for DDP; FSDP and tensor parallel need every rank to call ct.init, "
-                    "log_checkpoint and resume). Pass distributed='off' on rank 0 to skip this wait", JOIN_GRACE)
+                    "log_checkpoint and resume). Pass distributed='off' on rank 0 to skip this wait", wait)
         return None, identity
     comm = Comm(0, world, timeout)
     comm.open_groups()
