@@ -257,8 +257,10 @@ def checkpoint_dir(
     source = {"ref": str(stored.ref), "state_hash": found.state_hash}
     if dest is None:
         run = stored.run
+        # one directory per world size: under DDP it also holds the per-rank RNG files
+        ranks = f"ranks{_world_size()}" if _world_size() else ""
         target = (ct.cache_dir() / EXTRA_KEY / run.backend / run.project / run.run_id
-                  / f"v{stored.version}" / f"checkpoint-{stored.step}")
+                  / f"v{stored.version}" / ranks / f"checkpoint-{stored.step}")
     else:
         target = Path(dest)
     if _holds(target, source):
