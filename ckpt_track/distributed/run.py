@@ -239,7 +239,7 @@ class DistributedRun:
                 try:
                     source = self._leader._resume_source(ref)
                     msg = self._describe(source, hold)
-                except CkptTrackError as exc:
+                except Exception as exc:  # every rank raises it, instead of waiting out the timeout
                     broadcast_json({"ok": False, "error": str(exc), "type": type(exc).__name__}, group, what, timeout)
                     raise
                 broadcast_json(msg, group, what, timeout)
