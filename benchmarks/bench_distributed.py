@@ -33,7 +33,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from common import RESULTS, machine, write_section
+from common import RESULTS, free_port, machine, write_section
 
 GOALS = {  # (numerator, denominator, target)
     "training stall / DCP async_save's": ("ct_stall", "async_stall", 1.1),
@@ -165,8 +165,6 @@ def main() -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md as it is")
     args = p.parse_args()
-    from distributed_port import free_port
-
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="bench-dist-") as root:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+import socket
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -41,3 +42,10 @@ def write_section(name: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     RESULTS.write_text(text)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (the rendezvous of a benchmark's ranks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

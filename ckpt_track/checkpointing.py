@@ -52,13 +52,8 @@ class CheckpointHandle:
         deferred (tracker unreachable: the checkpoint waits on disk and is uploaded later).
         Raises :class:`CheckpointWriteError` when it could not be written, or a tracker refused it
         (it is kept on disk then, and the next process of the run retries it)."""
+        item = self._committed(timeout)
         try:
-            try:
-                item = self._future.result(timeout)
-            except BaseException as exc:
-                if self._writer is not None:
-                    self._writer.acknowledge(exc)  # seen here: not raised again by the next call
-                raise
             return item.first.result(timeout)
         except CheckpointWriteError:
             raise
@@ -70,12 +65,15 @@ class CheckpointHandle:
         process dies now, the next one of the run uploads it), without waiting for a tracker.
         Under torch.distributed, every rank's part is written and rank 0 has committed.  Raises
         :class:`CheckpointWriteError` as :meth:`wait` does."""
+        self._committed(timeout)
+
+    def _committed(self, timeout: float | None) -> Pending:
         try:
             try:
-                self._future.result(timeout)
+                return self._future.result(timeout)
             except BaseException as exc:
                 if self._writer is not None:
-                    self._writer.acknowledge(exc)
+                    self._writer.acknowledge(exc)  # seen here: not raised again by the next call
                 raise
         except CheckpointWriteError:
             raise

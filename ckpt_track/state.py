@@ -23,8 +23,9 @@ from .state_checks import check_like, check_model, check_optimizer_groups, check
 from .state_codec import Encoder, decode_tree, encode_tree, is_storable, tensor_name
 from .state_rng import apply_rng, capture_rng, check_rng, set_rng
 
-__all__ = ["Captured", "Restored", "apply", "apply_rng", "capture", "capture_rng", "check", "check_rng",
-           "decode_parts", "decode_tree", "encode_tree", "is_storable", "live_tensors", "prepare"]
+__all__ = ["Captured", "Restored", "apply", "apply_rng", "capture", "capture_rng", "check", "check_count",
+           "check_rng", "decode_parts", "decode_tree", "encode_parts", "encode_tree", "is_storable", "live_tensors",
+           "prepare", "training_parts"]
 
 
 # -- capture ---------------------------------------------------------------------
@@ -60,6 +61,19 @@ def capture(
         parts["model"] = model.state_dict()
     if optimizer is not None:
         parts["optimizer"] = optimizer.state_dict()
+    parts.update(training_parts(scheduler=scheduler, scaler=scaler, extra=extra))
+    if rng:
+        parts["rng"] = capture_rng()
+    enc = Encoder()
+    tree = encode_parts(parts, enc)
+    return Captured(tree, enc.tensors)
+
+
+def training_parts(*, scheduler: Any = None, scaler: Any = None,
+                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The scheduler's and scaler's state dicts and ``extra`` (checked: a dict with str keys),
+    for those given."""
+    parts: dict[str, Any] = {}
     if scheduler is not None:
         parts["scheduler"] = scheduler.state_dict()
     if scaler is not None:
@@ -68,17 +82,20 @@ def capture(
         if not isinstance(extra, Mapping) or not all(isinstance(k, str) for k in extra):
             raise SerializationError("extra must be a dict with str keys")
         parts["extra"] = dict(extra)
-    if rng:
-        parts["rng"] = capture_rng()
-    enc = Encoder()
+    return parts
+
+
+def encode_parts(parts: Mapping[str, Any], enc: Encoder) -> dict[str, Any]:
+    """The JSON tree of a checkpoint's parts, their tensors collected in ``enc``; model keys
+    stay flat and readable (``model/<state_dict key>``)."""
     tree: dict[str, Any] = {}
     for key, value in parts.items():
-        if key == "model":  # keep model keys flat and readable: model/<state_dict key>
+        if key == "model":
             tree[key] = {k: enc.tensor(v, f"model/{k}") if isinstance(v, torch.Tensor) else enc.encode(v, f"model/{k}")
                          for k, v in value.items()}
         else:
             tree[key] = enc.encode(value, key)
-    return Captured(tree, enc.tensors)
+    return tree
 
 
 # -- apply -----------------------------------------------------------------------
@@ -249,6 +266,12 @@ def decode_parts(tree: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -
         if (name := tensor_name(node)) is not None and name != f"model/{key}"
     }
     return parts
+
+
+def check_count(value: Any, what: str) -> int:
+    """``value`` as a step or epoch read from ``state.json``: a non-negative int, else an
+    :class:`IntegrityError`."""
+    return _count(value, what)
 
 
 def _count(value: Any, what: str) -> int:

@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_st
 from torch.distributed.tensor import DTensor
 
 from ..errors import SerializationError
+from ..state import encode_parts, training_parts
 from ..state_codec import Encoder
 from ..state_rng import capture_rng
 from ..writer import StagedTensors, snapshot_tensors
@@ -67,23 +68,10 @@ def capture_sharded(*, rank: int, step: int, epoch: int | None = None, model: to
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, scaler: Any = None,
                     extra: Mapping[str, Any] | None = None, rng: bool = True) -> ShardedState:
     """This rank's state, still aliasing the live tensors (see :func:`stage`)."""
-    parts: dict[str, Any] = {"step": int(step), "epoch": epoch, **_module_states(model, optimizer)}
-    if scheduler is not None:
-        parts["scheduler"] = scheduler.state_dict()
-    if scaler is not None:
-        parts["scaler"] = scaler.state_dict()
-    if extra is not None:
-        if not isinstance(extra, Mapping) or not all(isinstance(k, str) for k in extra):
-            raise SerializationError("extra must be a dict with str keys")
-        parts["extra"] = dict(extra)
+    parts: dict[str, Any] = {"step": int(step), "epoch": epoch, **_module_states(model, optimizer),
+                             **training_parts(scheduler=scheduler, scaler=scaler, extra=extra)}
     enc = ShardEncoder()
-    tree: dict[str, Any] = {}
-    for key, value in parts.items():
-        if key == "model":
-            tree[key] = {k: enc.tensor(v, f"model/{k}") if isinstance(v, torch.Tensor) else enc.encode(v, f"model/{k}")
-                         for k, v in value.items()}
-        else:
-            tree[key] = enc.encode(value, key)
+    tree = encode_parts(parts, enc)
     rng_tree = enc.encode(capture_rng(), rng_name(rank)) if rng else None
     return ShardedState(tree, rng_tree, enc.tensors)
 

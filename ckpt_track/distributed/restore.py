@@ -44,7 +44,7 @@ from ..format import (
     tensor_files,
     tensor_index,
 )
-from ..state import Restored
+from ..state import Restored, check_count
 from ..state_checks import check_like
 from ..state_codec import decode_tree, tensor_name
 from ..state_rng import check_rng, set_rng
@@ -154,7 +154,7 @@ def restore_dir(path: Path, *, rank: int = 0, model: torch.nn.Module | None = No
     ``agree(error)`` is called once every tensor is read (``error`` None) or on failure; it
     raises unless every rank succeeded."""
     try:
-        read, _parts, decoded, rng_state = _load(path, rank, model, optimizer, scheduler, scaler, strict, rng)
+        read, decoded, rng_state = _load(path, rank, model, optimizer, scheduler, scaler, strict, rng)
     except BaseException as exc:
         if agree is not None:
             agree(exc)
@@ -164,20 +164,14 @@ def restore_dir(path: Path, *, rank: int = 0, model: torch.nn.Module | None = No
     _apply(decoded, model, optimizer, scheduler, scaler, strict)
     if rng_state is not None:
         set_rng(rng_state)
-    return Restored(step=_count(read.tree.get("step")), epoch=read.tree.get("epoch"), extra=decoded["extra"],
+    return Restored(step=check_count(read.tree.get("step"), "step"), epoch=read.tree.get("epoch"), extra=decoded["extra"],
                     metrics=dict(read.manifest.metrics))
 
 
-def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise IntegrityError(f"state.json: step is {value!r}, not a non-negative integer; the checkpoint is damaged")
-    return value
-
-
 def _load(path: Path, rank: int, model: Any, optimizer: Any, scheduler: Any, scaler: Any, strict: bool,
-          rng: bool) -> tuple[_Read, dict[str, Any], dict[str, Any], Any]:
+          rng: bool) -> tuple[_Read, dict[str, Any], Any]:
     read = read_dir(Path(path))
-    _count(read.tree.get("step"))
+    check_count(read.tree.get("step"), "step")
     parts, rng_tree = _wanted(read, rank, {"model": model, "optimizer": optimizer, "scheduler": scheduler,
                                            "scaler": scaler})
     if rng and read.tree.get("rng") is not None and rng_tree is None:
@@ -214,7 +208,7 @@ def _load(path: Path, rank: int, model: Any, optimizer: Any, scheduler: Any, sca
         raise IntegrityError(f"{path}/state.json: 'extra' is not an object; the checkpoint is damaged")
     if rng_state is not None:
         check_rng(rng_state)
-    return read, parts, decoded, rng_state
+    return read, decoded, rng_state
 
 
 def _reader(path: Path, read: _Read) -> Any:

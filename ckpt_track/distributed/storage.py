@@ -133,7 +133,6 @@ class ShardReader(StorageReader):
         self.path = Path(path)
         self.manifest = manifest
         self._metadata = metadata
-        self.verified: set[str] = set()
         self._buf: memoryview | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -186,7 +185,6 @@ class ShardReader(StorageReader):
                 if h.hexdigest() != entry.hash:
                     raise IntegrityError(f"{self.path}/{fname}: content hash does not match the manifest (modified "
                                          "or corrupted); nothing was loaded into the live objects")
-                self.verified.add(fname)
         except FileNotFoundError as exc:
             raise IntegrityError(f"{self.path}/{fname}: missing; nothing was loaded into the live objects") from exc
         except OSError as exc:

@@ -169,11 +169,11 @@ def test_the_dtensor_shim_matches_the_installed_torch(tmp_path: Path) -> None:
     import os
 
     import torch.distributed as dist
+    from distributed.launch import free_port
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from ckpt_track.distributed._compat import default_store, wrap_like
-    from distributed.launch import free_port
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
