@@ -52,6 +52,8 @@ __all__ = [
     "DEFAULT_ROOT",
     "ENV_PREFIX",
     "NON_SETTING_ENV",
+    "STORAGE_KEYS",
+    "STORAGE_SECTION",
     "Retention",
     "Settings",
     "find_config_file",
@@ -68,6 +70,17 @@ NON_SETTING_ENV = frozenset({"CKPT_TRACK_RUN_ID", "CKPT_TRACK_RUN_NAME", "CKPT_T
 #: The local store (and the spool every save is committed to first) when ``[local] root`` is
 #: unset.  Here, not in ``backends.local``, because the core's spool needs it too.
 DEFAULT_ROOT = "ckpt_runs"
+
+#: The ``[storage]`` section: where tensor files live and the fsspec options to reach it
+#: (see :mod:`ckpt_track.objstore`); read with ``Settings.backend_options("storage")``.
+STORAGE_SECTION = "storage"
+#: Its keys: ``url``/``replicas`` are ckpt_track's, the rest go to fsspec as is
+#: (``options`` is a table of any further fsspec keyword arguments).
+STORAGE_KEYS = frozenset({
+    "url", "replicas", "options", "endpoint_url", "anon", "key", "secret", "token", "profile", "region",
+    "client_kwargs", "config_kwargs", "s3_additional_kwargs", "max_concurrency", "default_block_size",
+    "requester_pays", "use_ssl", "version_aware", "account_name", "account_key", "project",
+})
 
 # --------------------------------------------------------------------------- dataclasses
 
@@ -216,7 +229,7 @@ class _Sections:
             # imported here: the registry imports backends, which may import this module
             from ckpt_track.backends.registry import backend_options_table
 
-            self._table = dict(backend_options_table())
+            self._table = {**backend_options_table(), STORAGE_SECTION: STORAGE_KEYS}
         return self._table
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from .config import DEFAULT_ROOT, Settings
 from .errors import BackendUnavailable, CkptTrackError
 from .format import LocalCheckpoint
+from .objstore import is_url
 from .policy import best_of, is_improvement, retention_plan
 from .protocol import Backend
 from .records import RunInfo, RunSpec, Stored
@@ -73,13 +74,21 @@ def provisional(backend: str, spec: RunSpec) -> RunInfo:
                    ref=Ref(backend, run_id), resumed=False, native=Provisional())
 
 
+def spool_root(settings: Settings) -> str:
+    """The local directory whose ``.spool`` holds a run's committed checkpoints: the local store's
+    root, or ``./ckpt_runs`` when that root is an object-store URL (the spool is always on this
+    machine's disk, so a save never waits on the network)."""
+    root = str(settings.backend_options("local").get("root") or "")
+    return DEFAULT_ROOT if not root or is_url(root) else root
+
+
 def open_spool(settings: Settings, spec: RunSpec, targets: Sequence[Target], deferred: bool) -> Spool:
     """The run's spool, under the local store's root.  It adopts what an earlier process of this
     run left: by the run's real id, by the provisional prefix it was spooled under, or (when the
     run is resumed by name) by the name a deferred process recorded."""
     info = targets[0][1]
     project = info.project
-    root = Path(settings.backend_options("local").get("root") or DEFAULT_ROOT).expanduser().absolute()
+    root = Path(spool_root(settings)).expanduser().absolute()
     ids = {info.run_id, *(i.run_id for _, i in targets)}
     spool = Spool(
         root / ".spool", f"{project}-{info.run_id}-", [b.name for b, _ in targets],

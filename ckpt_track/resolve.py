@@ -16,7 +16,7 @@ from typing import Any
 
 from . import network
 from .backends import registry
-from .config import Settings, load_settings
+from .config import STORAGE_SECTION, Settings, load_settings
 from .errors import CheckpointNotFound, IntegrityError
 from .format import LocalCheckpoint, verify
 from .policy import select
@@ -55,6 +55,8 @@ def open_backend(name: str, settings: Settings, ref: Ref | None = None) -> Backe
     options: dict[str, Any] = settings.backend_options(name)
     if ref is not None:
         options.update(dict(ref.params))
+    if getattr(registry.get_class(name), "uses_storage", False):
+        options["storage"] = settings.backend_options(STORAGE_SECTION)
     backend = registry.create(name, options)
     check = getattr(backend, "check_configured", None) if ref is not None else None
     if check is not None:

@@ -41,3 +41,25 @@ def mlflow_env(monkeypatch, mlflow_server):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     return mlflow_server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One real S3-compatible server (SeaweedFS ``weed mini``) per test session."""
+    from s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3-server")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_root(monkeypatch, s3_server, request):
+    """A fresh ``s3://`` prefix in the session server's bucket, with the standard AWS variables
+    pointing at the server (as a user's environment would)."""
+    import uuid
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return f"s3://{s3_server.bucket}/{request.node.name[:40].strip('[]')}-{uuid.uuid4().hex[:8]}"

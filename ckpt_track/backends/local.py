@@ -7,7 +7,9 @@ Layout (``root`` defaults to ``./ckpt_runs``)::
     <root>/<project>/<run_id>/checkpoints/v000003/ one committed checkpoint (format v1)
 
 The store itself is :class:`ckpt_track.backends._store.DirStore` (shared with the offline modes
-of W&B and Comet); this module maps the Protocol onto it.  Version numbers are allocated and
+of W&B and Comet); this module maps the Protocol onto it.  A ``root`` that is an fsspec URL
+(``s3://bucket/prefix``, ``gs://``, ...) selects :class:`ckpt_track.objstore.ObjectStore`
+instead, with the same runs, versions and aliases (its layout is described there).  Version numbers are allocated and
 aliases moved under a per-run file lock, so several processes can write to one store without
 clobbering each other.
 """
@@ -20,14 +22,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .. import cache
 from ..config import DEFAULT_ROOT  # the core owns it: the spool lives under the same root
 from ..errors import CheckpointNotFound, ConfigError, InvalidRef
 from ..format import LocalCheckpoint
+from ..objstore import ObjectStore, is_url, storage_options
 from ..options import option_names, parse_options
 from ..plan import by_name, resume_decision
 from ..records import Capability, RunInfo, RunSpec, Stored
 from ..refs import Ref
-from ._store import DirStore, RunDir, Version, check_segment
+from ._store import DirStore, Version, check_segment, new_run_id
 
 __all__ = ["DEFAULT_ROOT", "LocalBackend", "LocalHandle"]
 
@@ -39,6 +43,8 @@ _FIX = "free disk space or set [local] root to a larger disk"
 @dataclass(frozen=True)
 class LocalOptions:
     root: str | None = None
+    #: the ``[storage]`` section (fsspec options for a URL root), passed on by the core
+    storage: Any = None
 
 
 @dataclass(frozen=True)
@@ -68,17 +74,27 @@ class LocalBackend:
     """Checkpoints in a directory tree; the default backend."""
 
     name: ClassVar[str] = "local"
-    options: ClassVar[frozenset[str]] = option_names(LocalOptions)
+    options: ClassVar[frozenset[str]] = option_names(LocalOptions) - {"storage"}  # storage: set by the core
+    #: the core passes the ``[storage]`` section as the ``storage`` option (fsspec options of a URL root)
+    uses_storage: ClassVar[bool] = True
     capabilities: ClassVar[frozenset[str]] = frozenset(
         {Capability.DELETE, Capability.CONCURRENT_WRITERS, Capability.CHOOSE_RUN_ID, Capability.DEDUP})
 
     def __init__(self, options: Any = None) -> None:
         opts = parse_options(LocalOptions, options, backend=self.name)
-        self.root = _root(opts.root or DEFAULT_ROOT)
-        self.store = DirStore(self.root, fix=_FIX)
+        self.remote = bool(opts.root) and is_url(str(opts.root))
+        self.store: Any
+        if self.remote:
+            self.root: Any = str(opts.root).rstrip("/")
+            self.store = ObjectStore(self.root, storage_options(opts.storage))
+            # versions are claimed create-only, but alias tables are read-modify-write objects
+            self.capabilities = self.capabilities - {Capability.CONCURRENT_WRITERS}
+        else:
+            self.root = _root(opts.root or DEFAULT_ROOT)
+            self.store = DirStore(self.root, fix=_FIX)
         self._damaged: dict[str, dict[int, tuple[tuple[str, ...], str]]] = {}
 
-    def _rdir(self, run: RunInfo) -> RunDir:
+    def _rdir(self, run: RunInfo) -> Any:  # RunDir, or ObjectRun for a URL root
         return self.store.run(run.project, run.run_id)
 
     def _info(self, project: str, run_id: str, resumed: bool) -> RunInfo:
@@ -103,9 +119,10 @@ class LocalBackend:
             if decision == "attach":
                 assert found is not None
                 return self._info(spec.project, found, resumed=True)
-            rdir = self.store.create(spec.project, spec.run_id,
-                                     {"name": spec.name or spec.run_id, "config": dict(spec.config)})
-            return self._info(spec.project, rdir.path.name, resumed=False)
+            meta = {"name": spec.name or spec.run_id, "config": dict(spec.config)}
+            rdir = (self.store.create(spec.project, spec.run_id, meta, new_run_id) if self.remote
+                    else self.store.create(spec.project, spec.run_id, meta))
+            return self._info(spec.project, str(rdir.path).rsplit("/", 1)[-1], resumed=False)
 
     def _no_run_message(self, project: str, wanted: str) -> str:
         return f"no run {wanted!r} in project {project!r} under {self.root}; runs there: {self.store.describe(project)}"
@@ -151,6 +168,11 @@ class LocalBackend:
         return dict(self._damaged[key])
 
     def get(self, stored: Stored, dest: Path) -> LocalCheckpoint:
+        if self.remote:  # download into the cache; restore verifies every byte against the manifest
+            rdir, number = self._rdir(stored.run), stored.version
+            return cache.fetch(Path(dest), own=lambda into: rdir.fetch_into(number, into),
+                               blobs=lambda names, into: rdir.fetch_into(number, into, names),
+                               where=str(stored.ref))
         return self.store.storage.open_checkpoint(Path(stored.native.path))  # already on local disk: no copy
 
     def set_aliases(self, stored: Stored, aliases: Sequence[str]) -> None:
