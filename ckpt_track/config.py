@@ -74,10 +74,10 @@ DEFAULT_ROOT = "ckpt_runs"
 #: The ``[storage]`` section: where tensor files live and the fsspec options to reach it
 #: (see :mod:`ckpt_track.objstore`); read with ``Settings.backend_options("storage")``.
 STORAGE_SECTION = "storage"
-#: Its keys: ``url``/``replicas`` are ckpt_track's, the rest go to fsspec as is
+#: Its keys: ``url``/``replicas``/``part_size`` are ckpt_track's, the rest go to fsspec as is
 #: (``options`` is a table of any further fsspec keyword arguments).
 STORAGE_KEYS = frozenset({
-    "url", "replicas", "options", "endpoint_url", "anon", "key", "secret", "token", "profile", "region",
+    "url", "replicas", "options", "part_size", "endpoint_url", "anon", "key", "secret", "token", "profile", "region",
     "client_kwargs", "config_kwargs", "s3_additional_kwargs", "max_concurrency", "default_block_size",
     "requester_pays", "use_ssl", "version_aware", "account_name", "account_key", "project",
 })

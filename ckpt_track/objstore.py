@@ -56,6 +56,7 @@ NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _HASH = re.compile(r"^[0-9a-f]{32}$")
 MAX_TABLE_BYTES = 4 * 1024 * 1024  # run.json / aliases.json
 _CLAIM_TRIES = 64  # version numbers tried when other writers take them meanwhile
+MIN_PART = 5 * 1024 * 1024
 GC_GRACE_S = 3600.0  # an unreferenced object younger than this may belong to a save in progress
 _S3_DEFAULTS: dict[str, Any] = {  # fail in seconds, not minutes: the upload thread retries on its own
     "config_kwargs": {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 3, "mode": "standard"}},
@@ -66,11 +67,22 @@ _BOOL_KEYS = ("anon", "requester_pays", "use_ssl", "version_aware")
 _INT_KEYS = ("max_concurrency", "default_block_size")
 
 
+def parse_size(value: Any, what: str) -> int:
+    """Bytes from an int or a string such as ``'64MiB'`` (the settings' size syntax)."""
+    from .config_values import Invalid, _as_size
+
+    try:
+        return _as_size(value, True)
+    except Invalid as exc:
+        raise ConfigError(f"{what}: {exc}, got {value!r}") from None
+
+
 def storage_options(section: Mapping[str, Any] | None) -> dict[str, Any]:
     """fsspec keyword arguments from the ``[storage]`` section (environment strings coerced)."""
     from .options import parse_bool
 
-    opts = {k: v for k, v in dict(section or {}).items() if k not in ("url", "replicas", "options") and v != ""}
+    opts = {k: v for k, v in dict(section or {}).items()
+            if k not in ("url", "replicas", "options", "part_size") and v != ""}
     for key in _BOOL_KEYS:
         if key in opts:
             opts[key] = parse_bool(opts[key], f"[storage] {key}")
@@ -173,10 +185,16 @@ class Version:
 class ObjectStore:
     """Projects of runs under one fsspec URL; every file operation of the store goes through here."""
 
-    def __init__(self, url: str, options: Mapping[str, Any] | None = None, *, fix: str = "") -> None:
+    def __init__(self, url: str, options: Mapping[str, Any] | None = None, *, part_size: Any = None) -> None:
         self.url = url.rstrip("/")
         self.fs, self.root = open_fs(self.url, options)
-        self.fix = fix
+        # S3 multipart: parts of this size go up in parallel (s3fs' max_concurrency at a time)
+        self.put_kwargs: dict[str, Any] = {}
+        if part_size not in (None, "") and "s3" in getattr(self.fs, "protocol", ()):
+            size = parse_size(part_size, "[storage] part_size")
+            if size < MIN_PART:
+                raise ConfigError(f"[storage] part_size must be at least 5 MiB (S3's smallest part), got {part_size!r}")
+            self.put_kwargs["chunksize"] = size
 
     # -- object primitives ----------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -260,7 +278,7 @@ class ObjectStore:
             return 0
         total = sum(sizes[p] for p in todo)
         with storage_errors(f"uploading {what}", self.url), transfer_callback(f"upload {what}", total) as cb:
-            self.fs.put([str(local[p]) for p in todo], todo, callback=cb)
+            self.fs.put([str(local[p]) for p in todo], todo, callback=cb, **self.put_kwargs)
         return total
 
     def download(self, remote: Mapping[str, Path], what: str, total: int = 0) -> None:

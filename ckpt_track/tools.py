@@ -30,7 +30,7 @@ from __future__ import annotations
 from .ops.average import AverageResult, average
 from .ops.copy import CopyResult, copy, open_target
 from .ops.diff import CheckpointDiff, MetricDelta, TensorDelta, diff
-from .ops.gc import GcResult, gc
+from .ops.gc import GcResult, ObjectGcResult, gc, gc_objects
 from .ops.lineage import LineageNode, lineage
 
 __all__ = [
@@ -40,11 +40,13 @@ __all__ = [
     "GcResult",
     "LineageNode",
     "MetricDelta",
+    "ObjectGcResult",
     "TensorDelta",
     "average",
     "copy",
     "diff",
     "gc",
+    "gc_objects",
     "lineage",
     "open_target",
 ]

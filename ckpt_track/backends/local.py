@@ -86,7 +86,8 @@ class LocalBackend:
         self.store: Any
         if self.remote:
             self.root: Any = str(opts.root).rstrip("/")
-            self.store = ObjectStore(self.root, storage_options(opts.storage))
+            self.store = ObjectStore(self.root, storage_options(opts.storage),
+                                     part_size=dict(opts.storage or {}).get("part_size"))
             # versions are claimed create-only, but alias tables are read-modify-write objects
             self.capabilities = self.capabilities - {Capability.CONCURRENT_WRITERS}
         else:

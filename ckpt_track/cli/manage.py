@@ -21,11 +21,13 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from ..backends import registry
 from ..errors import ConfigError
 from ..format import verify
+from ..objstore import GC_GRACE_S, is_url
 from ..ops.average import average
 from ..ops.copy import copy
-from ..ops.gc import gc
+from ..ops.gc import gc, gc_objects
 from ..records import Stored
 from ..resolve import resolve
 from ..restoring import check_destination, restore_into
@@ -80,7 +82,8 @@ def restore_command(
 
 
 def gc_command(
-    ref: Annotated[str, typer.Argument(metavar="RUN", help="A run reference; a selector, if any, is ignored.")],
+    ref: Annotated[str, typer.Argument(metavar="RUN", help="A run reference (a selector, if any, is ignored), or an "
+                                       "object-store URL such as s3://bucket/prefix.")],
     keep_last: Annotated[int | None, typer.Option("--keep-last", metavar="N", help="Keep the N newest.")] = None,
     keep_best: Annotated[
         int | None, typer.Option("--keep-best", metavar="K", help="Keep the K best by --metric.")
@@ -96,6 +99,8 @@ def gc_command(
         int | None, typer.Option("--keep-every", metavar="S", help="Keep checkpoints whose step is a multiple of S.")
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Delete nothing; list what would be deleted.")] = False,
+    grace: Annotated[float, typer.Option("--grace", metavar="SECONDS", help="For an object-store URL: keep "
+                                         "unreferenced objects younger than this (a save in progress).")] = GC_GRACE_S,
     as_json: JsonOpt = False,
 ) -> None:
     """Apply retention to a run on any backend: delete the versions no rule keeps.
@@ -104,8 +109,19 @@ def gc_command(
     --keep-* options replace the rules of [retention] in ckpt_track.toml; without
     any, those configured rules apply.  Run with --dry-run first.
 
+    Given an object-store URL (s3://bucket/prefix) instead of a run, removes the
+    objects no version under it references (left by interrupted saves).
+
     Example: ckpt-track gc local://resnet/3k2j1x --keep-last 3 --keep-best 1 --metric val/loss --dry-run
     """
+    if is_url(ref) and ref.partition("://")[0] not in registry.names():
+        with guard():
+            found = gc_objects(ref, dry_run=dry_run, grace_s=grace, settings=settings())
+        if as_json:
+            render.print_json(render.object_gc_record(found))
+        else:
+            render.out_console().print(render.object_gc_summary(found))
+        return
     with guard(), sdk_prints_to_stderr():
         result = gc(ref, keep_last=keep_last, keep_best=keep_best, keep_every=keep_every, metric=metric,
                     mode=mode, dry_run=dry_run, settings=settings())

@@ -396,6 +396,21 @@ def gc_summary(result: GcResult) -> Text:
     return Text(f"deleted {len(result.deleted)} checkpoints ({size}); kept {len(result.kept)}")
 
 
+def object_gc_record(result: Any) -> dict[str, Any]:
+    return {"url": result.url, "dry_run": result.dry_run, "objects": list(result.removed), "bytes": result.size}
+
+
+def object_gc_summary(result: Any) -> Text:
+    """What a gc of an object-store prefix removed (or would remove)."""
+    if not result.removed:
+        return Text(f"{result.url}: no unreferenced objects")
+    size = human_size(result.size)
+    if result.dry_run:
+        return Text(f"dry run: would remove {len(result.removed)} unreferenced objects ({size}) under {result.url}; "
+                    "run without --dry-run to remove them")
+    return Text(f"removed {len(result.removed)} unreferenced objects ({size}) under {result.url}")
+
+
 # --------------------------------------------------------------------------- copy
 
 

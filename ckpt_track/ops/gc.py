@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import Retention, Settings
+from ..config import STORAGE_SECTION, Retention, Settings
 from ..errors import BackendError, CkptTrackError, ConfigError
+from ..objstore import GC_GRACE_S, ObjectStore, storage_options
 from ..policy import PROTECTED_ALIASES, retention_plan
 from ..records import RunInfo, Stored
 from ..refs import Ref
 from ..resolve import Resolver
 from ._common import SettingsLike, as_settings
 
-__all__ = ["GcResult", "gc"]
+__all__ = ["GcResult", "ObjectGcResult", "gc", "gc_objects"]
 
 
 @dataclass(frozen=True)
@@ -101,3 +102,27 @@ def gc(
             deleted.append(x)
     return GcResult(info, retention, tuple(plan), kept, tuple(deleted), dry_run)
 
+
+
+@dataclass(frozen=True)
+class ObjectGcResult:
+    """What a ``gc`` of an object-store prefix removed (or would remove, ``dry_run``)."""
+
+    url: str
+    removed: tuple[str, ...]
+    size: int
+    dry_run: bool
+
+
+def gc_objects(url: str, *, dry_run: bool = False, grace_s: float = GC_GRACE_S,
+               settings: SettingsLike = None) -> ObjectGcResult:
+    """Remove the objects under an object-store prefix (``s3://bucket/prefix``) that no version
+    of any run under it references: what crashed or interrupted saves left.  Objects younger
+    than ``grace_s`` are kept (a save in progress uploads its objects before its manifest).
+
+    Example: ``gc_objects("s3://ckpts/team", dry_run=True)``
+    """
+    s = as_settings(settings)
+    store = ObjectStore(url, storage_options(s.backend_options(STORAGE_SECTION)))
+    removed, size = store.collect(dry_run=dry_run, grace_s=grace_s)
+    return ObjectGcResult(store.url, tuple(removed), size, dry_run)

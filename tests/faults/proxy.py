@@ -6,7 +6,11 @@ Each request is forwarded to ``upstream`` unless the ``policy`` picks a fault fo
 - ``"500-after"``: forward, let the server do the work, then answer 500 (the answer is lost);
 - ``"reset-before"`` / ``"reset-after"``: close the connection without an answer, before or
   after the server did the work;
-- ``("delay", seconds)``: wait, then forward.
+- ``("delay", seconds)``: wait, then forward;
+- ``"corrupt-body"``: forward the request with one byte of its body flipped (a store that
+  verifies the checksums a client sends must refuse it).
+
+``keep_host=True`` forwards the ``Host`` header unchanged (S3 clients sign it).
 
 The policy draws from its own seeded ``random.Random``, never the global generator.  Every
 request and fault is counted in ``log``, so a test can assert the faults really happened.
@@ -51,8 +55,10 @@ def random_policy(seed: int, *, p500_before: float = 0.0, p500_after: float = 0.
 
 
 class FaultProxy:
-    def __init__(self, upstream_port: int, policy: Callable[[str, str], Fault] | None = None) -> None:
+    def __init__(self, upstream_port: int, policy: Callable[[str, str], Fault] | None = None, *,
+                 keep_host: bool = False) -> None:
         self.upstream_port = upstream_port
+        self.keep_host = keep_host
         self.policy = policy or (lambda method, path: None)
         self.log: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -87,6 +93,9 @@ class FaultProxy:
                 if fault == "reset-before":
                     proxy._count(fault)
                     return self._reset()
+                if fault == "corrupt-body" and body:
+                    proxy._count(fault)
+                    body = body[:len(body) // 2] + bytes([body[len(body) // 2] ^ 0xFF]) + body[len(body) // 2 + 1:]
                 if isinstance(fault, tuple) and fault[0] == "delay":
                     proxy._count("delay")
                     time.sleep(fault[1])
@@ -105,10 +114,13 @@ class FaultProxy:
 
             def _reply(self, status: int, data: bytes, headers: list[tuple[str, str]] | None = None) -> None:
                 self.send_response(status)
+                length = str(len(data))
                 for k, v in headers or [("Content-Type", "application/json")]:
-                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                    if k.lower() == "content-length" and self.command == "HEAD":
+                        length = v  # a HEAD answer tells the size of what a GET would send
+                    elif k.lower() not in ("content-length", "transfer-encoding", "connection"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Content-Length", length)
                 self.send_header("Connection", "close")
                 self.end_headers()
                 if self.command != "HEAD":
@@ -141,8 +153,8 @@ class FaultProxy:
     def _forward(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=60)
         try:
-            fwd = {k: v for k, v in headers.items() if k.lower() not in ("host", "connection", "transfer-encoding",
-                                                                           "content-length")}
+            dropped = ("connection", "transfer-encoding", "content-length", *(() if self.keep_host else ("host",)))
+            fwd = {k: v for k, v in headers.items() if k.lower() not in dropped}
             fwd["Content-Length"] = str(len(body))
             conn.request(method, path, body=body, headers=fwd)
             resp = conn.getresponse()
