@@ -114,7 +114,8 @@ def open_fs(url: str, options: Mapping[str, Any] | None = None) -> tuple[Any, st
     except ImportError as exc:
         raise BackendNotInstalled(f"{url}: object storage needs fsspec: pip install 'ckpt-track[s3]'") from exc
     scheme = url.partition("://")[0].lower()
-    opts = dict(options or {})
+    # a fresh instance: fsspec's cache keys on the arguments, not on the environment they read
+    opts = {"skip_instance_cache": True, **dict(options or {})}
     if scheme in ("s3", "s3a"):
         for key, value in _S3_DEFAULTS.items():
             opts.setdefault(key, value)
@@ -138,7 +139,7 @@ def _translate(exc: Exception, what: str, url: str) -> CkptTrackError:
         return AuthError(
             f"{what}: {url} refused the credentials ({text}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(or AWS_PROFILE, or [storage] key / secret) to a key allowed to read and write there")
-    if "bucket does not exist" in text.lower() or "NoSuchBucket" in text:
+    if _no_bucket(exc):
         return ConfigError(f"{what}: the bucket of {url} does not exist ({text}); create it, or point "
                            "[local] root / [storage] url at an existing bucket")
     return BackendUnavailable(
@@ -152,10 +153,24 @@ def storage_errors(what: str, url: str) -> Iterator[None]:
     the caller decides) pass; everything else becomes a typed error naming what to fix."""
     try:
         yield
-    except (CkptTrackError, FileNotFoundError, FileExistsError):
+    except (CkptTrackError, FileExistsError):
+        raise
+    except FileNotFoundError as exc:
+        if _no_bucket(exc):
+            raise _translate(exc, what, url) from exc
         raise
     except Exception as exc:
         raise _translate(exc, what, url) from exc
+
+
+def _no_bucket(exc: BaseException) -> bool:
+    return "bucket does not exist" in str(exc).lower() or "NoSuchBucket" in str(exc)
+
+
+def _absent(exc: FileNotFoundError) -> None:
+    """Inside :func:`storage_errors`: a missing object is an answer, a missing bucket is not."""
+    if _no_bucket(exc):
+        raise exc
 
 
 def _taken(exc: BaseException) -> bool:
@@ -196,6 +211,17 @@ class ObjectStore:
                 raise ConfigError(f"[storage] part_size must be at least 5 MiB (S3's smallest part), got {part_size!r}")
             self.put_kwargs["chunksize"] = size
 
+    def check(self) -> None:
+        """Fail early and clearly when the bucket (the URL's first segment) is missing or the
+        credentials are refused, before a save is spooled for a store that cannot take it."""
+        bucket = self.root.split("/", 1)[0]
+        with storage_errors("opening the store", self.url):
+            try:
+                self.fs.info(bucket)
+            except FileNotFoundError as exc:
+                raise ConfigError(f"the bucket {bucket!r} of {self.url} does not exist ({exc}); create it, or "
+                                  "point [local] root / [storage] url at an existing bucket") from exc
+
     # -- object primitives ----------------------------------------------------------------
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -214,7 +240,8 @@ class ObjectStore:
         with storage_errors(f"reading {what}", self.show(path)):
             try:
                 raw = self.fs.cat_file(path, start=0, end=limit + 1)
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
+                _absent(exc)
                 return None
         if len(raw) > limit:
             raise IntegrityError(f"{self.show(path)} is larger than {limit} bytes; it is damaged or hostile")
@@ -249,7 +276,8 @@ class ObjectStore:
         async def one(p: str) -> int | None:
             try:
                 return int((await self.fs._info(p))["size"])
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
+                _absent(exc)
                 return None
 
         with storage_errors("looking up objects", self.url):
@@ -264,7 +292,8 @@ class ObjectStore:
             for p in paths:
                 try:
                     out[p] = int(self.fs.info(p)["size"])
-                except FileNotFoundError:
+                except FileNotFoundError as exc:
+                    _absent(exc)
                     out[p] = None
             return out
 
@@ -302,7 +331,8 @@ class ObjectStore:
         with storage_errors("listing", self.show(path)):
             try:
                 entries = self.fs.ls(path, detail=False, refresh=True)
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
+                _absent(exc)
                 return []
         return [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
 

@@ -79,7 +79,8 @@ class S3Server:
         config = self.root / "s3.json"  # one identity: a wrong key is refused, as on a real store
         config.write_text(json.dumps({"identities": [{
             "name": "tests", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+            # no Admin, writes to the one bucket: a PUT elsewhere never creates a bucket
+            "actions": ["Read", "List", f"Write:{self.bucket}", f"Tagging:{self.bucket}"]}]}))
         cmd = [weed, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                *(f"-{name}.port={port}" for name, port in self.ports.items()), f"-bucket={self.bucket}",
                f"-s3.config={config}"]

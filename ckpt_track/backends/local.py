@@ -107,6 +107,8 @@ class LocalBackend:
 
     # -- runs -------------------------------------------------------------------------
     def open_run(self, spec: RunSpec) -> RunInfo:
+        if self.remote:
+            self.store.check()
         with self.store.lock_project(spec.project):
             if spec.run_id is not None:
                 check_segment(spec.run_id, "run id")
@@ -133,6 +135,8 @@ class LocalBackend:
         if len(segs) != 2:
             raise InvalidRef(f"{ref}: a local reference names a project and a run: local://<project>/<run>")
         project, wanted = segs
+        if self.remote:
+            self.store.check()
         found = self.store.find(project, wanted)
         if found is None:
             raise CheckpointNotFound(self._no_run_message(project, wanted))
