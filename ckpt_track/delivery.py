@@ -16,6 +16,7 @@ so that the crash-safety rules of the upload side can be read in one place:
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from .config import DEFAULT_ROOT, Settings
 from .errors import BackendUnavailable, CkptTrackError
+from .external import externalize, forget, storage_url
 from .format import LocalCheckpoint
 from .objstore import is_url
 from .policy import best_of, is_improvement, retention_plan
@@ -204,6 +206,11 @@ class Delivery:
             monitor, mode = self.settings.monitor, self.settings.mode
             for old in retention_plan(backend.list(info), self.settings.retention, monitor, mode):
                 backend.delete(old)
+                try:
+                    forget(old, self.settings)  # its files in object storage, when [storage] url holds them
+                except CkptTrackError as exc:
+                    log.warning("ckpt_track: could not release the objects of %s (left to `ckpt-track gc`): %s",
+                                old.ref, exc)
         return stored
 
     def _aliases(self, ckpt: LocalCheckpoint, others: Sequence[Stored], user_aliases: tuple[str, ...]) -> list[str]:
@@ -221,8 +228,20 @@ class Delivery:
         return aliases
 
     def _store(self, backend: Backend, info: RunInfo, ckpt: LocalCheckpoint, aliases: list[str]) -> Stored:
-        """``backend.put``; a failure marks the backend for a sweep, and one whose work was done
-        (its answer lost) is completed instead of failing."""
+        """``backend.put`` (of a record, its files first uploaded to the bucket, when
+        ``[storage] url`` is set); a failure marks the backend for a sweep, and one whose work was
+        done (its answer lost) is completed instead of failing."""
+        url = storage_url(self.settings)
+        if url is None:
+            return self._put(backend, info, ckpt, aliases)
+        record = externalize(ckpt, self.settings, url, backend.name, info.project, info.run_id,
+                             self.spool.root / ".records")
+        try:
+            return self._put(backend, info, record, aliases)
+        finally:
+            shutil.rmtree(record.path, ignore_errors=True)
+
+    def _put(self, backend: Backend, info: RunInfo, ckpt: LocalCheckpoint, aliases: list[str]) -> Stored:
         try:
             return backend.put(info, ckpt, aliases)
         except BackendUnavailable:

@@ -56,6 +56,7 @@ NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _HASH = re.compile(r"^[0-9a-f]{32}$")
 MAX_TABLE_BYTES = 4 * 1024 * 1024  # run.json / aliases.json
 _CLAIM_TRIES = 64  # version numbers tried when other writers take them meanwhile
+_RESERVED = frozenset({"objects", "records"})  # top-level prefixes of the layout
 MIN_PART = 5 * 1024 * 1024
 GC_GRACE_S = 3600.0  # an unreferenced object younger than this may belong to a save in progress
 _S3_DEFAULTS: dict[str, Any] = {  # fail in seconds, not minutes: the upload thread retries on its own
@@ -135,7 +136,8 @@ def open_fs(url: str, options: Mapping[str, Any] | None = None) -> tuple[Any, st
 def _translate(exc: Exception, what: str, url: str) -> CkptTrackError:
     text = str(exc)
     if isinstance(exc, PermissionError) or "AccessDenied" in text or "InvalidAccessKeyId" in text \
-            or "SignatureDoesNotMatch" in text:
+            or "SignatureDoesNotMatch" in text or "NoCredentialsError" in type(exc).__name__ \
+            or "Unable to locate credentials" in text:
         return AuthError(
             f"{what}: {url} refused the credentials ({text}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(or AWS_PROFILE, or [storage] key / secret) to a key allowed to read and write there")
@@ -338,6 +340,9 @@ class ObjectStore:
 
     # -- projects and runs ------------------------------------------------------------------
     def project_dir(self, project: str) -> str:
+        if project in _RESERVED:
+            raise ConfigError(f"project name {project!r} is reserved in an object store (it holds the shared "
+                              f"files); choose another name")
         return self.path(check_segment(project, "project name"))
 
     def run(self, project: str, run_id: str) -> ObjectRun:
@@ -388,8 +393,10 @@ class ObjectStore:
         """Every version manifest under the prefix (None: unreadable), for reference counting."""
         with storage_errors("listing versions", self.url):
             found = self.fs.glob(self.path("*", "*", "checkpoints", "v*.json"))
+            # tracker records with their files here (ckpt_track.external)
+            found += self.fs.glob(self.path("records", "*", "*", "*", "*.json"))
         for path in found:
-            if VERSION_FILE.match(path.rsplit("/", 1)[-1]):
+            if VERSION_FILE.match(path.rsplit("/", 1)[-1]) or path.startswith(self.path("records") + "/"):
                 raw = self.cat(path, MAX_MANIFEST_BYTES, "a manifest")
                 try:
                     yield path, (parse_manifest(raw, self.show(path)) if raw is not None else None)
@@ -405,6 +412,24 @@ class ObjectStore:
                 return None
             names.update(self.object_path(e) for f, e in manifest.files.items() if f != MANIFEST)
         return names
+
+    def release(self, path: str, raw: bytes | None = None) -> None:
+        """Remove the manifest at ``path`` (from then on it is no version), then its objects that
+        no other version under the prefix references (left to ``gc`` when that is unknown)."""
+        if raw is None:
+            raw = self.cat(path, MAX_MANIFEST_BYTES, "a manifest")
+        self.remove([path], "a version's manifest")
+        if raw is None:
+            return
+        try:
+            manifest = parse_manifest(raw, self.show(path))
+        except IntegrityError:
+            return
+        refs = self.referenced()
+        if refs is None:
+            return
+        mine = {self.object_path(e) for f, e in manifest.files.items() if f != MANIFEST}
+        self.remove(sorted(mine - refs), "unreferenced objects")
 
     def collect(self, *, dry_run: bool = False, grace_s: float = GC_GRACE_S) -> tuple[list[str], int]:
         """Remove objects no version under the prefix references and older than ``grace_s`` (a save
@@ -546,18 +571,7 @@ class ObjectRun:
         if any(v == number for v in table.values()):
             self.store.write_json(f"{self.path}/aliases.json", {a: v for a, v in table.items() if v != number},
                                   "aliases.json")
-        self.store.remove([path], f"version {number}")
-        if raw is None:
-            return
-        try:
-            manifest = parse_manifest(raw, self.store.show(path))
-        except IntegrityError:
-            return  # its objects are left to gc
-        refs = self.store.referenced()
-        if refs is None:
-            return  # a damaged manifest elsewhere might name them: leave them to gc
-        mine = {self.store.object_path(e) for f, e in manifest.files.items() if f != MANIFEST}
-        self.store.remove(sorted(mine - refs), f"the objects of version {number}")
+        self.store.release(path, raw)
 
     def fetch_into(self, number: int, into: Path, names: Sequence[str] | None = None) -> None:
         """Download version ``number``'s manifest and own files into ``into`` (``names``: only those

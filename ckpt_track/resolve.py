@@ -18,6 +18,7 @@ from . import network
 from .backends import registry
 from .config import STORAGE_SECTION, Settings, load_settings
 from .errors import CheckpointNotFound, IntegrityError
+from .external import is_record, materialize
 from .format import LocalCheckpoint, verify
 from .policy import select
 from .protocol import Backend
@@ -71,10 +72,17 @@ class Resolved:
     backend: Backend
     run: RunInfo
     stored: Stored
+    settings: Settings | None = None  # for a record whose files are in object storage: how to reach it
 
     def fetch(self) -> LocalCheckpoint:
-        """The checkpoint on local disk; remote backends download into the cache."""
-        return self.backend.get(self.stored, cache_path(self.run.ref, self.stored.version))
+        """The checkpoint on local disk; remote backends download into the cache, and a record
+        whose files are in object storage (``[storage] url``) is completed from the bucket."""
+        dest = cache_path(self.run.ref, self.stored.version)
+        ckpt = self.backend.get(self.stored, dest)
+        if is_record(ckpt):
+            settings = self.settings if self.settings is not None else load_settings()
+            return materialize(ckpt, settings, dest.with_name(f"{dest.name}-files"))
+        return ckpt
 
     def fetch_verified(self) -> LocalCheckpoint:
         """The checkpoint on local disk, every file re-hashed against its manifest first: for
@@ -140,7 +148,7 @@ class Resolver:
             _refuse_damaged(listing.backend, listing.run, listing.ref, found)
         if found is None:
             raise missing
-        return Resolved(listing.backend, listing.run, found)
+        return Resolved(listing.backend, listing.run, found, self.settings)
 
 
 def resolve(ref: str | Ref, settings: Settings | None = None) -> Resolved:

@@ -116,7 +116,7 @@ def copy(
                     backend.set_aliases(there, src.aliases)
                 skipped.append((src, there))
                 continue
-            ckpt = Resolved(src_backend, src_run, src).fetch_verified()
+            ckpt = Resolved(src_backend, src_run, src, s).fetch_verified()
             stored = backend.put(target, ckpt, src.aliases)
             present[_identity(stored)] = stored
             copied.append((src, stored))

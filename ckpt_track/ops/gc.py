@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ..config import STORAGE_SECTION, Retention, Settings
 from ..errors import BackendError, CkptTrackError, ConfigError
+from ..external import forget
 from ..objstore import GC_GRACE_S, ObjectStore, storage_options
 from ..policy import PROTECTED_ALIASES, retention_plan
 from ..records import RunInfo, Stored
@@ -99,6 +100,7 @@ def gc(
     if not dry_run:
         for x in plan:
             backend.delete(x)
+            forget(x, s)  # its files in object storage, when [storage] url holds them
             deleted.append(x)
     return GcResult(info, retention, tuple(plan), kept, tuple(deleted), dry_run)
 

@@ -44,7 +44,7 @@ def test_sigkill_then_resume_from_the_bucket_is_bit_identical(tmp_path: Path, s3
     env = {k: v for k, v in os.environ.items() if not k.startswith("CKPT_TRACK_")}
     env.update(CKPT_TRACK_BACKEND="local", CKPT_TRACK_LOCAL__ROOT=s3_root)
     cmd = [sys.executable, str(EXAMPLE), "--steps", str(STEPS), "--every", "3"]
-    full = subprocess.run([*cmd, "--out", "full.safetensors"], cwd=tmp_path, env={**env, "RUN_NAME": "whole"},
+    full = subprocess.run([*cmd, "--out", "full.safetensors"], check=False, cwd=tmp_path, env={**env, "RUN_NAME": "whole"},
                           capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr
     proc = subprocess.Popen([*cmd, "--out", "crashed.safetensors"], cwd=tmp_path, env={**env, "RUN_NAME": "crashy"},
@@ -55,7 +55,7 @@ def test_sigkill_then_resume_from_the_bucket_is_bit_identical(tmp_path: Path, s3
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=60)
-    again = subprocess.run([*cmd, "--out", "crashed.safetensors"], cwd=tmp_path, env={**env, "RUN_NAME": "crashy"},
+    again = subprocess.run([*cmd, "--out", "crashed.safetensors"], check=False, cwd=tmp_path, env={**env, "RUN_NAME": "crashy"},
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     start = int(again.stdout.rsplit("start was ", 1)[1].split()[0])

@@ -1,0 +1,143 @@
+"""``[storage] url`` with every tracker: the tensor files go to a real S3 server (SeaweedFS),
+the tracker holds a small record (step, metrics, aliases, lineage, state.json and a pointer),
+and restore by step fetches from the bucket, bit-identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fakes.clearml import CONFIG_FILE
+
+import ckpt_track as ct
+from ckpt_track.errors import IntegrityError
+from ckpt_track.objstore import ObjectStore
+
+WORKER = Path(__file__).with_name("record_worker.py")
+BACKENDS = ("local", "mlflow", "wandb", "clearml", "comet")
+
+
+def _env(work: Path, s3_server, url: str, mlflow_uri: str) -> dict[str, str]:
+    foreign = ("CKPT_TRACK_", "WANDB_", "COMET_", "CLEARML_", "TRAINS_", "AWS_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(foreign)}
+    env.update(s3_server.env())
+    env.update({
+        "CKPT_TRACK_STORAGE__URL": url, "CKPT_TRACK_LOCAL__ROOT": str(work / "store"),
+        "CKPT_TRACK_MLFLOW__TRACKING_URI": mlflow_uri,
+        "CKPT_TRACK_WANDB__MODE": "offline", "CKPT_TRACK_WANDB__DIR": str(work / "wb"),
+        "CKPT_TRACK_CLEARML__OFFLINE": "true",
+        "CKPT_TRACK_COMET__ONLINE": "false", "CKPT_TRACK_COMET__WORKSPACE": "ws",
+        "CKPT_TRACK_COMET__OFFLINE_DIRECTORY": str(work / "comet"),
+        "HOME": str(work / "home"), "WANDB_DIR": str(work / "wb"), "WANDB_DATA_DIR": str(work / "wbdata"),
+        "WANDB_CACHE_DIR": str(work / "wbcache"), "WANDB_CONFIG_DIR": str(work / "wbconfig"),
+        "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true", "WANDB_DISABLE_CODE": "true",
+        "WANDB_X_DISABLE_STATS": "true", "WANDB_X_DISABLE_MACHINE_INFO": "true",
+        "CLEARML_CONFIG_FILE": str(CONFIG_FILE), "CLEARML_CACHE_DIR": str(work / "clearml-cache"),
+        "COMET_ERROR_TRACKING_ENABLE": "false", "COMET_DISABLE_AUTO_LOGGING": "1",
+        "COMET_AUTO_LOG_ENV_DETAILS": "false", "COMET_AUTO_LOG_GIT_METADATA": "false",
+        "COMET_AUTO_LOG_GIT_PATCH": "false", "COMET_AUTO_LOG_CODE": "false", "COMET_DISPLAY_SUMMARY_LEVEL": "0",
+        "COMET_CONFIG": str(work / "no.comet.config"), "XDG_CACHE_HOME": str(work / "cache"),
+    })
+    return env
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory: pytest.TempPathFactory, s3_server, mlflow_server) -> tuple[Path, str, dict]:
+    work = tmp_path_factory.mktemp("bucketed")
+    url = f"s3://{s3_server.bucket}/shared-{work.name}"
+    env = _env(work, s3_server, url, mlflow_server.uri)
+    seen = {}
+    for backend in BACKENDS:
+        done = subprocess.run([sys.executable, str(WORKER)], cwd=work, env={**env, "CKPT_TRACK_BACKEND": backend},
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, f"{backend}: {done.stderr[-3000:]}"
+        seen[backend] = json.loads(done.stdout.strip().splitlines()[-1])
+    return work, url, seen
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_tracker_restores_by_step_from_the_bucket(logged, backend: str) -> None:
+    _, _, seen = logged
+    got = seen[backend]
+    assert got["equal"] == {"1": True, "2": True, "3": True}
+    assert [step for step, _ in got["listed"]] == [1, 2, 3]
+    assert "latest" in got["listed"][-1][1] and "best" in got["listed"][-1][1]
+
+
+def test_the_tensors_are_stored_once_for_every_tracker(logged, s3_server, monkeypatch) -> None:
+    """Five trackers logged the same training: the bucket holds each file once (by content),
+    every object is referenced, and there is a record per tracker version."""
+    _, url, seen = logged
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    fs = s3_server.filesystem()
+    prefix = url.removeprefix("s3://")
+    records = fs.find(f"{prefix}/records")
+    assert {r.split("/records/", 1)[1].split("/", 1)[0] for r in records} == set(BACKENDS)
+    assert len(records) == 3 * len(BACKENDS)
+    store = ObjectStore(url)
+    assert store.referenced() == set(fs.find(f"{prefix}/objects"))  # every object is in use, none missing
+
+
+def test_mlflow_holds_the_record_not_the_tensors(logged, mlflow_server) -> None:
+    from mlflow import MlflowClient
+
+    _, _, seen = logged
+    client = MlflowClient(mlflow_server.uri)
+    run_id = seen["mlflow"]["ref"].removeprefix("mlflow://")
+    models = client.search_logged_models(experiment_ids=[client.get_run(run_id).info.experiment_id],
+                                         filter_string=f"source_run_id='{run_id}'")
+    assert len(models) == 3
+    names = set()
+    for m in models:
+        names |= {a.path.rsplit("/", 1)[-1] for a in client.list_logged_model_artifacts(m.model_id)}
+    assert {"objects.json", "state.json", "manifest.json"} <= names
+    assert not any(n.endswith(".safetensors") for n in names)
+
+
+def test_wandb_offline_artifact_holds_the_pointer(logged) -> None:
+    from fakes.wandb import finished_records
+
+    work, _, _ = logged
+    logs = sorted((work / "wb").rglob("run-*.wandb"))
+    assert logs
+    names = set()
+    for rec in finished_records(logs[-1]):
+        if rec.WhichOneof("record_type") == "artifact":
+            names |= {e.path for e in rec.artifact.manifest.contents}
+    assert "objects.json" in names and not any(n.endswith(".safetensors") for n in names)
+
+
+def test_a_corrupted_object_fails_the_restore_of_a_tracker_record(logged, s3_server, mlflow_server,
+                                                                   monkeypatch) -> None:
+    work, url, seen = logged
+    env = _env(work, s3_server, url, mlflow_server.uri)
+    for key, value in env.items():
+        if key.startswith(("CKPT_TRACK_", "AWS_")):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(work / "other-cache"))  # nothing cached: fetched from the bucket
+    ref = seen["mlflow"]["ref"]
+    fs = s3_server.filesystem()
+    store = ObjectStore(url)
+    record = fs.find(f"{url.removeprefix('s3://')}/records/mlflow")[0]
+    from ckpt_track.format import is_blob, parse_manifest
+
+    manifest = parse_manifest(fs.cat_file(record))
+    entry = max((e for f, e in manifest.files.items() if is_blob(f)), key=lambda e: e.size)
+    key = store.object_path(entry)
+    good = fs.cat_file(key)
+    fs.pipe_file(key, good[:-1] + bytes([good[-1] ^ 1]))
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.ReLU(), torch.nn.Linear(128, 4))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(IntegrityError):
+            ct.restore(f"{ref}@step={manifest.step}", model=model)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    finally:
+        fs.pipe_file(key, good)
