@@ -26,7 +26,7 @@ from .. import cache
 from ..config import DEFAULT_ROOT  # the core owns it: the spool lives under the same root
 from ..errors import CheckpointNotFound, ConfigError, InvalidRef
 from ..format import LocalCheckpoint
-from ..objstore import ObjectStore, is_url, storage_options
+from ..objstore import ObjectProjects, ObjectStore, is_url, storage_options
 from ..options import option_names, parse_options
 from ..plan import by_name, resume_decision
 from ..records import Capability, RunInfo, RunSpec, Stored
@@ -86,8 +86,8 @@ class LocalBackend:
         self.store: Any
         if self.remote:
             self.root: Any = str(opts.root).rstrip("/")
-            self.store = ObjectStore(self.root, storage_options(opts.storage),
-                                     part_size=dict(opts.storage or {}).get("part_size"))
+            self.store = ObjectProjects(ObjectStore(self.root, storage_options(opts.storage),
+                                                    part_size=dict(opts.storage or {}).get("part_size")))
             # versions are claimed create-only, but alias tables are read-modify-write objects
             self.capabilities = self.capabilities - {Capability.CONCURRENT_WRITERS}
         else:

@@ -14,7 +14,7 @@ from s3_server import S3Server
 import ckpt_track as ct
 from ckpt_track.errors import AuthError, ConfigError, IntegrityError
 from ckpt_track.format import MANIFEST, is_blob
-from ckpt_track.objstore import ObjectStore
+from ckpt_track.objstore import ObjectProjects, ObjectStore
 
 
 def _model(width: int = 256, seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -42,7 +42,7 @@ def test_a_corrupted_object_is_detected_and_the_model_is_untouched(s3_root: str,
     run.finish()
     assert stored is not None
     store = ObjectStore(s3_root)
-    manifest = store.run("p", stored.run.run_id).read()[0][0].manifest
+    manifest = ObjectProjects(store).run("p", stored.run.run_id).read()[0][0].manifest
     fname, entry = max(((f, e) for f, e in manifest.files.items() if is_blob(f)), key=lambda fe: fe[1].size)
     fs = s3_server.filesystem()
     key = store.object_path(entry)
@@ -146,7 +146,7 @@ def test_server_killed_mid_upload_and_restarted_loses_nothing(tmp_path: Path, mo
         listed = ct.list_checkpoints(str(run.ref))
         assert [s.step for s in listed] == [0, 1, 2, 3, 4, 5]
         store = ObjectStore(root)
-        for version in store.run("p", run.info.run_id).read()[0]:
+        for version in ObjectProjects(store).run("p", run.info.run_id).read()[0]:
             names = [store.object_path(e) for f, e in version.manifest.files.items() if f != MANIFEST]
             sizes = store.sizes(names)
             assert all(sizes[n] == e.size for n, e in zip(names, (e for f, e in version.manifest.files.items()

@@ -72,7 +72,7 @@ def test_every_tracker_restores_by_step_from_the_bucket(logged, backend: str) ->
 def test_the_tensors_are_stored_once_for_every_tracker(logged, s3_server, monkeypatch) -> None:
     """Five trackers logged the same training: the bucket holds each file once (by content),
     every object is referenced, and there is a record per tracker version."""
-    _, url, seen = logged
+    _, url, _ = logged
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     fs = s3_server.filesystem()
