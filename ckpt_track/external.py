@@ -72,10 +72,13 @@ def externalize(ckpt: LocalCheckpoint, settings: Settings, url: str, backend: st
     store = _store(settings, url)
     store.check()
     files = {f: e for f, e in ckpt.manifest.files.items() if f != MANIFEST}
-    store.upload({store.object_path(e): ckpt.path / f for f, e in files.items()}, f"checkpoint step {ckpt.step}")
+    local = {store.object_path(e): ckpt.path / f for f, e in files.items()}
+    _sent, found = store.upload(local, f"checkpoint step {ckpt.step}")
     raw = (ckpt.path / MANIFEST).read_bytes()
     m = ckpt.manifest
     store.write(_record_key(store, backend, project, run_id, m.step, m.created), raw, "the record's manifest")
+    if found:  # as for a version of a bucket store: re-check shared objects once the manifest protects them
+        store.upload({p: local[p] for p in found}, f"checkpoint step {ckpt.step}")
     pointer = {"format": POINTER_FORMAT, "url": store.url, "manifest": raw.decode("utf-8"),
                "size": m.size, "objects": {f: store.show(store.object_path(e)) for f, e in files.items()}}
     scratch.mkdir(parents=True, exist_ok=True)

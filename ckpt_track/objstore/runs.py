@@ -84,16 +84,18 @@ class ObjectRun:
         files = {f: e for f, e in ckpt.manifest.files.items() if f != MANIFEST}
         local = {self.store.object_path(e): ckpt.path / f for f, e in files.items()}
         try:
-            sent = self.store.upload(local, where)
+            sent, found = self.store.upload(local, where)
             raw = (ckpt.path / MANIFEST).read_bytes()
         except OSError as exc:
             if isinstance(exc, CkptTrackError):
                 raise
             raise CheckpointWriteError(f"could not read {where} at {ckpt.path}: {exc}") from exc
         number = self._claim(raw, where)
-        # a gc that read the manifests before this commit may have removed a shared object since
-        # the upload found it: send what is missing again, now that the manifest protects it
-        sent += self.store.upload(local, where)
+        # a delete that read the manifests before this commit may have removed a shared object
+        # since the upload found it there: send what is missing again, now that the manifest
+        # protects it (objects sent just now are not shared yet, and gc spares young objects)
+        if found:
+            sent += self.store.upload({p: local[p] for p in found}, where)[0]
         meta = self.meta()
         if int(meta.get("last_version", 0)) < number:
             self.write_meta({**meta, "last_version": number})

@@ -136,18 +136,20 @@ class ObjectStore:
                     out[p] = None
             return out
 
-    def upload(self, local: Mapping[str, Path], what: str) -> int:
+    def upload(self, local: Mapping[str, Path], what: str) -> tuple[int, list[str]]:
         """Send the local files to their object paths unless already there at that size; returns
-        the bytes sent.  Large files go in parallel multipart parts; a progress bar on a terminal."""
+        the bytes sent and the paths found there (not sent).  Large files go in parallel multipart
+        parts; a progress bar on a terminal."""
         sizes = {p: f.stat().st_size for p, f in local.items()}
         have = self.sizes(list(local))
         todo = [p for p in local if have[p] != sizes[p]]
+        found = [p for p in local if have[p] == sizes[p]]
         if not todo:
-            return 0
+            return 0, found
         total = sum(sizes[p] for p in todo)
         with storage_errors(f"uploading {what}", self.url), transfer_callback(f"upload {what}", total) as cb:
             self.fs.put([str(local[p]) for p in todo], todo, callback=cb, **self.put_kwargs)
-        return total
+        return total, found
 
     def download(self, remote: Mapping[str, Path], what: str, total: int = 0) -> None:
         if not remote:
