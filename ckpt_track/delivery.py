@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import DEFAULT_ROOT, Settings
-from .errors import BackendUnavailable, CkptTrackError
+from .errors import BackendUnavailable, CkptTrackError, ConfigError
 from .external import externalize, forget, storage_url
 from .format import LocalCheckpoint
 from .objstore import is_url
@@ -32,6 +32,7 @@ from .policy import best_of, is_improvement, retention_plan
 from .protocol import Backend
 from .records import RunInfo, RunSpec, Stored
 from .refs import Ref
+from .replicas import replica_urls, retry_pending, schedule
 from .resolve import open_backend
 from .spool import DrainResult, Spool
 
@@ -123,6 +124,9 @@ class Delivery:
         # backends whose tracker was unreachable at init: their RunInfo is provisional until
         # the upload thread reaches them and opens the run
         self.deferred: dict[str, BaseException] = dict(deferred or {})
+        if replica_urls(settings) and storage_url(settings) is None:
+            raise ConfigError("[storage] replicas are copies of [storage] url: set [storage] url too "
+                              "(replicas of a bucket store given as [local] root are not supported)")
         self.spool = open_spool(settings, spec, self.targets, bool(self.deferred))
         self._swept: set[str] = set()
         self._dirty: set[str] = set()  # backends where a put failed part way since the last sweep
@@ -134,6 +138,7 @@ class Delivery:
         backends that refused one another try first."""
         if retry:
             self.spool.retry_refused()
+        retry_pending(self.settings, self.spool.root)  # replicas owed by earlier passes
         if self.deferred:
             self._open_deferred()
         self._sweep()
@@ -234,12 +239,17 @@ class Delivery:
         url = storage_url(self.settings)
         if url is None:
             return self._put(backend, info, ckpt, aliases)
-        record = externalize(ckpt, self.settings, url, backend.name, info.project, info.run_id,
-                             self.spool.root / ".records")
+        record, key = externalize(ckpt, self.settings, url, backend.name, info.project, info.run_id,
+                                  self.spool.root / ".records")
         try:
-            return self._put(backend, info, record, aliases)
+            stored = self._put(backend, info, record, aliases)
         finally:
             shutil.rmtree(record.path, ignore_errors=True)
+        try:  # committed with the first copy: the replicas follow (retried on later passes when they fail)
+            schedule(self.settings, url, key, self.spool.root)
+        except CkptTrackError as exc:
+            log.warning("ckpt_track: replicas of step %s are owed and will be retried: %s", ckpt.step, exc)
+        return stored
 
     def _put(self, backend: Backend, info: RunInfo, ckpt: LocalCheckpoint, aliases: list[str]) -> Stored:
         try:

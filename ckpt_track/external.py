@@ -16,7 +16,9 @@ and every file downloaded from the bucket into the cache; the restore then verif
 
 from __future__ import annotations
 
+import logging
 import re
+import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -26,14 +28,16 @@ import xxhash
 
 from . import cache
 from .config import STORAGE_SECTION, Settings
-from .errors import ConfigError, IntegrityError
+from .errors import AuthError, BackendUnavailable, CheckpointNotFound, CkptTrackError, ConfigError, IntegrityError
 from .format import MANIFEST, LocalCheckpoint, commit_staged, is_blob, parse_manifest, read_state, verify
 from .format.files import load_json
-from .objstore import ObjectStore, is_url, storage_options
+from .objstore import ObjectStore, is_url
 from .records import Stored
+from .replicas import copies, open_store
 
-__all__ = ["POINTER", "externalize", "forget", "is_record", "materialize", "storage_url"]
+__all__ = ["POINTER", "externalize", "forget", "is_record", "materialize", "storage_url", "verify_copies"]
 
+log = logging.getLogger("ckpt_track")
 POINTER = "objects.json"
 POINTER_FORMAT = "ckpt_track-objects/1"
 _SAFE = re.compile(r"[^A-Za-z0-9_.\-]")
@@ -50,11 +54,6 @@ def storage_url(settings: Settings) -> str | None:
     return url.rstrip("/")
 
 
-def _store(settings: Settings, url: str) -> ObjectStore:
-    section = settings.backend_options(STORAGE_SECTION)
-    return ObjectStore(url, storage_options(section), part_size=section.get("part_size"))
-
-
 def _record_key(store: ObjectStore, backend: str, project: str, run_id: str, step: int, created: str) -> str:
     name = _SAFE.sub("_", f"{step}-{created}")
     return store.path("records", _SAFE.sub("_", backend), _SAFE.sub("_", project), _SAFE.sub("_", run_id),
@@ -66,17 +65,18 @@ def is_record(ckpt: LocalCheckpoint) -> bool:
 
 
 def externalize(ckpt: LocalCheckpoint, settings: Settings, url: str, backend: str, project: str,
-                run_id: str, scratch: Path) -> LocalCheckpoint:
-    """Upload ``ckpt``'s files to the bucket and return the record to hand to ``backend``
-    (a directory under ``scratch``; the caller removes it)."""
-    store = _store(settings, url)
+                run_id: str, scratch: Path) -> tuple[LocalCheckpoint, str]:
+    """Upload ``ckpt``'s files to the bucket and return the record to hand to ``backend`` (a
+    directory under ``scratch``; the caller removes it) and its manifest's key in the bucket."""
+    store = open_store(settings, url)
     store.check()
     files = {f: e for f, e in ckpt.manifest.files.items() if f != MANIFEST}
     local = {store.object_path(e): ckpt.path / f for f, e in files.items()}
     _sent, found = store.upload(local, f"checkpoint step {ckpt.step}")
     raw = (ckpt.path / MANIFEST).read_bytes()
     m = ckpt.manifest
-    store.write(_record_key(store, backend, project, run_id, m.step, m.created), raw, "the record's manifest")
+    key = _record_key(store, backend, project, run_id, m.step, m.created)
+    store.write(key, raw, "the record's manifest")
     if found:  # as for a version of a bucket store: re-check shared objects once the manifest protects them
         store.upload({p: local[p] for p in found}, f"checkpoint step {ckpt.step}")
     pointer = {"format": POINTER_FORMAT, "url": store.url, "manifest": raw.decode("utf-8"),
@@ -85,7 +85,8 @@ def externalize(ckpt: LocalCheckpoint, settings: Settings, url: str, backend: st
     tmp = Path(tempfile.mkdtemp(prefix=".record-", dir=scratch))
     final = tmp.with_name(tmp.name.replace(".record-", "record-"))
     record = replace(m, format_version=1, world_size=None)
-    return commit_staged(tmp, final, {}, read_state(ckpt.path), {POINTER: pointer}, record)
+    done = commit_staged(tmp, final, {}, read_state(ckpt.path), {POINTER: pointer}, record)
+    return done, key[len(store.root) + 1:]
 
 
 def forget(stored: Stored, settings: Settings) -> None:
@@ -94,9 +95,16 @@ def forget(stored: Stored, settings: Settings) -> None:
     url = storage_url(settings)
     if url is None:
         return
-    store = _store(settings, url)
-    key = _record_key(store, stored.run.backend, stored.run.project, stored.run.run_id, stored.step, stored.created)
-    store.release(key)
+    for i, where in enumerate(copies(settings, url)):
+        store = open_store(settings, where)
+        key = _record_key(store, stored.run.backend, stored.run.project, stored.run.run_id, stored.step,
+                          stored.created)
+        try:
+            store.release(key)
+        except CkptTrackError:
+            if i == 0:
+                raise
+            log.warning("ckpt_track: could not release %s in the replica %s (left to its gc)", key, where)
 
 
 def _pointer(record: LocalCheckpoint) -> dict[str, Any]:
@@ -116,10 +124,29 @@ def materialize(record: LocalCheckpoint, settings: Settings, dest: Path) -> Loca
     data = _pointer(record)
     raw = data["manifest"].encode("utf-8")
     manifest = parse_manifest(raw, f"{record.path / POINTER} (manifest)")
-    url = storage_url(settings) or data["url"]
-    if not is_url(url):
-        raise IntegrityError(f"{record.path / POINTER}: names {url!r}, which is not an object-store URL")
-    store = _store(settings, url)
+    first = storage_url(settings) or data["url"]
+    if not is_url(first):
+        raise IntegrityError(f"{record.path / POINTER}: names {first!r}, which is not an object-store URL")
+    failures: list[tuple[str, CkptTrackError]] = []
+    for where in copies(settings, first):
+        try:
+            got = _fetch_copy(open_store(settings, where), raw, manifest, Path(dest))
+        except (BackendUnavailable, IntegrityError, AuthError, CheckpointNotFound) as exc:
+            failures.append((where, exc))
+            shutil.rmtree(dest, ignore_errors=True)  # a copy that did not verify is not kept
+            continue
+        if failures:
+            log.warning("ckpt_track: step %s restored from the replica %s (%s)", manifest.step, where,
+                        "; ".join(f"{w}: {e}" for w, e in failures))
+        return got
+    if len(failures) == 1:
+        raise failures[0][1]
+    raise IntegrityError(f"no copy of step {manifest.step} could be restored: "
+                         + "; ".join(f"{w}: {e}" for w, e in failures)) from failures[-1][1]
+
+
+def _fetch_copy(store: ObjectStore, raw: bytes, manifest: Any, dest: Path) -> LocalCheckpoint:
+    """The checkpoint from one copy, every byte verified (a copy whose bytes differ is refused)."""
     files = {f: e for f, e in manifest.files.items() if f != MANIFEST}
 
     def own(into: Path) -> None:
@@ -132,5 +159,27 @@ def materialize(record: LocalCheckpoint, settings: Settings, dest: Path) -> Loca
         store.download({store.object_path(files[f]): into / f for f in names}, f"step {manifest.step}",
                        sum(files[f].size for f in names))
 
-    return cache.fetch(Path(dest), own, blobs, manifest_hash=xxhash.xxh3_128(raw).hexdigest(),
-                       where=f"{url} (step {manifest.step})")
+    got = cache.fetch(dest, own, blobs, manifest_hash=xxhash.xxh3_128(raw).hexdigest(),
+                      where=f"{store.url} (step {manifest.step})")
+    verify(got.path, got.manifest)
+    return got
+
+
+def verify_copies(record: LocalCheckpoint, settings: Settings, scratch: Path) -> list[tuple[str, str | None]]:
+    """Download and verify the checkpoint from each copy in turn (the first, then each replica):
+    ``(url, None)`` for a copy that verifies, ``(url, what is wrong)`` otherwise."""
+    verify(record.path)
+    data = _pointer(record)
+    raw = data["manifest"].encode("utf-8")
+    manifest = parse_manifest(raw, f"{record.path / POINTER} (manifest)")
+    out: list[tuple[str, str | None]] = []
+    for i, where in enumerate(copies(settings, storage_url(settings) or data["url"])):
+        dest = Path(scratch) / f"copy-{i}"
+        try:
+            _fetch_copy(open_store(settings, where), raw, manifest, dest)
+            out.append((where, None))
+        except CkptTrackError as exc:
+            out.append((where, str(exc)))
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+    return out

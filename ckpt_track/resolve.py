@@ -78,11 +78,16 @@ class Resolved:
         """The checkpoint on local disk; remote backends download into the cache, and a record
         whose files are in object storage (``[storage] url``) is completed from the bucket."""
         dest = cache_path(self.run.ref, self.stored.version)
-        ckpt = self.backend.get(self.stored, dest)
+        ckpt = self.record()
         if is_record(ckpt):
             settings = self.settings if self.settings is not None else load_settings()
             return materialize(ckpt, settings, dest.with_name(f"{dest.name}-files"))
         return ckpt
+
+    def record(self) -> LocalCheckpoint:
+        """What the tracker holds, on local disk: the checkpoint, or a record whose files are in
+        object storage (``ckpt_track.external``)."""
+        return self.backend.get(self.stored, cache_path(self.run.ref, self.stored.version))
 
     def fetch_verified(self) -> LocalCheckpoint:
         """The checkpoint on local disk, every file re-hashed against its manifest first: for

@@ -7,12 +7,14 @@ store.  ``ckpt_track.cli`` registers them on the app.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.text import Text
 
-from ..errors import IntegrityError
+from ..errors import ConfigError, IntegrityError
+from ..external import is_record, verify_copies
 from ..format import verify
 from ..ops.diff import diff
 from ..ops.lineage import lineage
@@ -71,6 +73,8 @@ def verify_command(
     ref: Annotated[
         str, typer.Argument(metavar="REF", help="A checkpoint reference, e.g. local://PROJECT/RUN@step=500.")
     ],
+    all_copies: Annotated[bool, typer.Option("--all-copies", help="With [storage] url and replicas: download and "
+                                             "verify the checkpoint from every copy.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Re-hash every file of a checkpoint against its manifest.
@@ -79,6 +83,8 @@ def verify_command(
 
     Example: ckpt-track verify local://resnet/3k2j1x@best
     """
+    if all_copies:
+        return _verify_copies(ref, as_json)
     with guard():
         found = resolve(ref, settings())
         ckpt = found.fetch()
@@ -147,3 +153,26 @@ def diff_command(
         return
     render.out_console().print(render.diff_renderable(result, show_all))
 
+
+def _verify_copies(ref: str, as_json: bool) -> None:
+    import tempfile
+
+    with guard():
+        s = settings()
+        found = resolve(ref, s)
+        record = found.record()
+        if not is_record(record):
+            raise ConfigError(f"{found.stored.ref} is stored in one place only (no [storage] url record); "
+                              "use `ckpt-track verify` without --all-copies")
+        with tempfile.TemporaryDirectory(prefix="ckpt-track-verify-") as scratch:
+            results = verify_copies(record, s, Path(scratch))
+    bad = [(u, e) for u, e in results if e is not None]
+    if as_json:
+        render.print_json({"ref": str(found.stored.ref), "ok": not bad,
+                           "copies": [{"url": u, "ok": e is None, "error": e} for u, e in results]})
+    else:
+        console = render.out_console()
+        for url, error in results:
+            console.print(Text(f"OK {url}" if error is None else f"FAILED {url}: {error}"))
+    if bad:
+        raise typer.Exit(4)
