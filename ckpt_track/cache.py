@@ -15,6 +15,7 @@ by the core (``resolve.cache_dir``).
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,7 +33,13 @@ from .format import (
     verify,
 )
 
-__all__ = ["cached", "fetch"]
+__all__ = ["cache_dir", "cached", "fetch"]
+
+def cache_dir() -> Path:
+    """Where checkpoints downloaded from remote trackers are kept."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ckpt_track"
+
 
 Own = Callable[[Path], None]
 Blobs = Callable[[Sequence[str], Path], None]

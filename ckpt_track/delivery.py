@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .config import DEFAULT_ROOT, Settings
 from .errors import BackendUnavailable, CkptTrackError, ConfigError
-from .external import externalize, forget, storage_url
+from .external import externalize, forget, is_record, register, storage_url
 from .format import LocalCheckpoint
 from .objstore import is_url
 from .policy import best_of, is_improvement, retention_plan
@@ -239,12 +239,16 @@ class Delivery:
         url = storage_url(self.settings)
         if url is None:
             return self._put(backend, info, ckpt, aliases)
-        record, key = externalize(ckpt, self.settings, url, backend.name, info.project, info.run_id,
-                                  self.spool.root / ".records")
+        if is_record(ckpt):  # sealed already (a multi-rank save sends its shards from every rank)
+            record, key = ckpt, register(ckpt, self.settings, backend.name, info.project, info.run_id)
+        else:
+            record, key = externalize(ckpt, self.settings, url, backend.name, info.project, info.run_id,
+                                      self.spool.root / ".records")
         try:
             stored = self._put(backend, info, record, aliases)
         finally:
-            shutil.rmtree(record.path, ignore_errors=True)
+            if record is not ckpt:
+                shutil.rmtree(record.path, ignore_errors=True)
         try:  # committed with the first copy: the replicas follow (retried on later passes when they fail)
             schedule(self.settings, url, key, self.spool.root)
         except CkptTrackError as exc:

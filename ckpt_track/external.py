@@ -20,6 +20,7 @@ import logging
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,14 +29,36 @@ import xxhash
 
 from . import cache
 from .config import STORAGE_SECTION, Settings
-from .errors import AuthError, BackendUnavailable, CheckpointNotFound, CkptTrackError, ConfigError, IntegrityError
+from .errors import (
+    AuthError,
+    BackendUnavailable,
+    CheckpointNotFound,
+    CheckpointWriteError,
+    CkptTrackError,
+    ConfigError,
+    IntegrityError,
+)
 from .format import MANIFEST, LocalCheckpoint, commit_staged, is_blob, parse_manifest, read_state, verify
 from .format.files import load_json
 from .objstore import ObjectStore, is_url
 from .records import Stored
 from .replicas import copies, open_store
 
-__all__ = ["POINTER", "externalize", "forget", "is_record", "materialize", "storage_url", "verify_copies"]
+__all__ = [
+    "POINTER",
+    "complete",
+    "externalize",
+    "forget",
+    "from_pointer",
+    "is_record",
+    "materialize",
+    "materialize_manifest",
+    "pointer_of",
+    "register",
+    "seal",
+    "storage_url",
+    "verify_copies",
+]
 
 log = logging.getLogger("ckpt_track")
 POINTER = "objects.json"
@@ -68,25 +91,56 @@ def externalize(ckpt: LocalCheckpoint, settings: Settings, url: str, backend: st
                 run_id: str, scratch: Path) -> tuple[LocalCheckpoint, str]:
     """Upload ``ckpt``'s files to the bucket and return the record to hand to ``backend`` (a
     directory under ``scratch``; the caller removes it) and its manifest's key in the bucket."""
-    store = open_store(settings, url)
-    store.check()
-    files = {f: e for f, e in ckpt.manifest.files.items() if f != MANIFEST}
-    local = {store.object_path(e): ckpt.path / f for f, e in files.items()}
-    _sent, found = store.upload(local, f"checkpoint step {ckpt.step}")
-    raw = (ckpt.path / MANIFEST).read_bytes()
-    m = ckpt.manifest
-    key = _record_key(store, backend, project, run_id, m.step, m.created)
-    store.write(key, raw, "the record's manifest")
-    if found:  # as for a version of a bucket store: re-check shared objects once the manifest protects them
-        store.upload({p: local[p] for p in found}, f"checkpoint step {ckpt.step}")
-    pointer = {"format": POINTER_FORMAT, "url": store.url, "manifest": raw.decode("utf-8"),
-               "size": m.size, "objects": {f: store.show(store.object_path(e)) for f, e in files.items()}}
     scratch.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".record-", dir=scratch))
-    final = tmp.with_name(tmp.name.replace(".record-", "record-"))
+    record = seal(ckpt, settings, url, tmp, tmp.with_name(tmp.name.replace(".record-", "record-")))
+    return record, register(record, settings, backend, project, run_id, ckpt.path)
+
+
+def seal(ckpt: LocalCheckpoint, settings: Settings, url: str, tmp: Path, final: Path) -> LocalCheckpoint:
+    """Upload the files of ``ckpt`` this machine holds (the other ranks of a sharded save send
+    their own), check that the bucket has every file the manifest names, and commit the record
+    at ``final`` (staged in ``tmp``)."""
+    store = open_store(settings, url)
+    store.check()
+    where = f"checkpoint step {ckpt.step}"
+    files = {f: e for f, e in ckpt.manifest.files.items() if f != MANIFEST}
+    here = {f for f in files if (ckpt.path / f).is_file()}
+    store.upload({store.object_path(files[f]): ckpt.path / f for f in here}, where)
+    elsewhere = {store.object_path(e): e.size for f, e in files.items() if f not in here}
+    missing = [p for p, size in store.sizes(list(elsewhere)).items() if size != elsewhere[p]]
+    if missing:
+        raise CheckpointWriteError(f"{where}: {len(missing)} file(s) another rank should have sent are not in "
+                                   f"{store.url} (e.g. {store.show(missing[0])}); the checkpoint was not committed")
+    raw = (ckpt.path / MANIFEST).read_bytes()
+    m = ckpt.manifest
+    pointer = {"format": POINTER_FORMAT, "url": store.url, "manifest": raw.decode("utf-8"),
+               "size": m.size, "objects": {f: store.show(store.object_path(e)) for f, e in files.items()}}
     record = replace(m, format_version=1, world_size=None)
-    done = commit_staged(tmp, final, {}, read_state(ckpt.path), {POINTER: pointer}, record)
-    return done, key[len(store.root) + 1:]
+    return commit_staged(tmp, final, {}, read_state(ckpt.path), {POINTER: pointer}, record)
+
+
+def register(record: LocalCheckpoint, settings: Settings, backend: str, project: str, run_id: str,
+             source: Path | None = None) -> str:
+    """Write the full manifest of ``record`` under ``records/`` of its bucket (what keeps its
+    objects alive for ``gc``, one per tracker version); returns that key, relative to the prefix.
+    Then re-check the objects, which the manifest now protects: one a concurrent delete removed
+    is sent again from ``source`` (the checkpoint on disk), or the put fails."""
+    data = _pointer(record)
+    raw = data["manifest"].encode("utf-8")
+    m = parse_manifest(raw, f"{record.path / POINTER} (manifest)")
+    store = open_store(settings, storage_url(settings) or data["url"])
+    key = _record_key(store, backend, project, run_id, m.step, m.created)
+    store.write(key, raw, "the record's manifest")
+    files = {f: e for f, e in m.files.items() if f != MANIFEST}
+    sizes = store.sizes([store.object_path(e) for e in files.values()])
+    gone = {f: e for f, e in files.items() if sizes[store.object_path(e)] != e.size}
+    if gone and source is not None and all((source / f).is_file() for f in gone):
+        store.upload({store.object_path(e): source / f for f, e in gone.items()}, f"checkpoint step {m.step}")
+    elif gone:
+        raise CheckpointWriteError(f"checkpoint step {m.step}: {len(gone)} of its objects vanished from {store.url} "
+                                   "(a concurrent delete); it was not stored")
+    return key[len(store.root) + 1:]
 
 
 def forget(stored: Stored, settings: Settings) -> None:
@@ -120,13 +174,24 @@ def materialize(record: LocalCheckpoint, settings: Settings, dest: Path) -> Loca
     """The full checkpoint a record points at, downloaded from the bucket into ``dest`` (a cache
     entry reused when verified).  The bucket is the configured ``[storage] url``, else the one the
     record names."""
+    data = pointer_of(record)
+    return materialize_manifest(data["manifest"].encode("utf-8"), data["url"], settings, dest)
+
+
+def pointer_of(record: LocalCheckpoint) -> dict[str, Any]:
+    """The record's ``objects.json`` (the full manifest and the URL), the record verified first."""
     verify(record.path)  # the pointer itself must be intact before anything is fetched by it
-    data = _pointer(record)
-    raw = data["manifest"].encode("utf-8")
-    manifest = parse_manifest(raw, f"{record.path / POINTER} (manifest)")
-    first = storage_url(settings) or data["url"]
+    return _pointer(record)
+
+
+def materialize_manifest(raw: bytes, named: str, settings: Settings, dest: Path) -> LocalCheckpoint:
+    """The checkpoint of the full manifest ``raw`` downloaded into ``dest`` from the first copy
+    that verifies: the configured ``[storage] url`` (else ``named``, the record's), then each
+    replica."""
+    manifest = parse_manifest(raw, f"the manifest of a record in {named}")
+    first = storage_url(settings) or named
     if not is_url(first):
-        raise IntegrityError(f"{record.path / POINTER}: names {first!r}, which is not an object-store URL")
+        raise IntegrityError(f"a record names {first!r}, which is not an object-store URL")
     failures: list[tuple[str, CkptTrackError]] = []
     for where in copies(settings, first):
         try:
@@ -183,3 +248,15 @@ def verify_copies(record: LocalCheckpoint, settings: Settings, scratch: Path) ->
         finally:
             shutil.rmtree(dest, ignore_errors=True)
     return out
+
+
+def complete(record: LocalCheckpoint, settings: Settings) -> LocalCheckpoint:
+    """A record's checkpoint, fetched from the bucket into the cache (keyed by its manifest)."""
+    return from_pointer(pointer_of(record), settings)
+
+
+def from_pointer(pointer: Mapping[str, Any], settings: Settings) -> LocalCheckpoint:
+    """The checkpoint of a record's pointer (``manifest`` and ``url``), fetched into the cache."""
+    raw = str(pointer["manifest"]).encode("utf-8")
+    dest = cache.cache_dir() / "objects" / xxhash.xxh3_128(raw).hexdigest()
+    return materialize_manifest(raw, str(pointer["url"]), settings, dest)

@@ -9,13 +9,13 @@ through it, so a reference means the same checkpoint everywhere.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from . import network
 from .backends import registry
+from .cache import cache_dir
 from .config import STORAGE_SECTION, Settings, load_settings
 from .errors import CheckpointNotFound, IntegrityError
 from .external import is_record, materialize
@@ -27,12 +27,6 @@ from .refs import Ref, parse_ref
 
 __all__ = ["Resolved", "Resolver", "RunListing", "cache_dir", "cache_path", "canonical", "list_stored",
            "open_backend", "resolve"]
-
-
-def cache_dir() -> Path:
-    """Where checkpoints downloaded from remote trackers are kept."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ckpt_track"
 
 
 def cache_path(run_ref: Ref, version: int) -> Path:

@@ -31,6 +31,7 @@ from .checkpointing import CheckpointHandle, LineageChain, check_step, commit, m
 from .config import Settings, load_settings
 from .delivery import Delivery, open_targets
 from .errors import BackendUnavailable, CheckpointNotFound, CheckpointWriteError, CkptTrackError, ConfigError
+from .external import complete, is_record
 from .format import LocalCheckpoint
 from .policy import select
 from .protocol import Backend
@@ -63,9 +64,15 @@ class _Spooled:
 
     stored: Stored
     ckpt: LocalCheckpoint
+    settings: Settings | None = None
+
+    def record(self) -> LocalCheckpoint:
+        return self.ckpt
 
     def fetch(self) -> LocalCheckpoint:
-        return self.ckpt
+        """The spooled checkpoint; a record (a multi-rank save with ``[storage] url``) is
+        completed from the bucket into the cache."""
+        return complete(self.ckpt, self.settings or load_settings()) if is_record(self.ckpt) else self.ckpt
 
 
 class Run:
@@ -255,7 +262,7 @@ class Run:
             if spooled is not None and (found is None or spooled.step > found.stored.step):
                 stored = Stored(ref=self.ref.select(step=spooled.step), run=self.info, version=0, step=spooled.step,
                                 metrics=dict(spooled.manifest.metrics), created=spooled.manifest.created)
-                return _Spooled(stored, spooled)
+                return _Spooled(stored, spooled, self.settings)
             if found is None:
                 return None
             ref = found.stored.ref

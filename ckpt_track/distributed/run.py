@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import atexit
 import logging
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from contextlib import ExitStack
@@ -30,6 +32,7 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, Tenso
 from .. import errors
 from ..checkpointing import CheckpointHandle, check_step, metric_values, user_aliases
 from ..errors import CheckpointNotFound, CheckpointWriteError, CkptTrackError, DistributedError, SerializationError
+from ..external import from_pointer, is_record, pointer_of, seal, storage_url
 from ..format import (
     LAYOUT,
     PACK_SIZE,
@@ -44,6 +47,7 @@ from ..format import (
 )
 from ..records import RunInfo, Stored
 from ..refs import Ref
+from ..replicas import open_store
 from ..resolve import list_stored
 from ..writer import Writer, wait_staged
 from .capture import ShardedState, capture_sharded, stage
@@ -175,13 +179,19 @@ class DistributedRun:
               tensors: dict[str, torch.Tensor], lineage: Any, aliases: tuple[str, ...]) -> Any:
         """One collective save (writer thread of every rank, in the same order everywhere)."""
         what = f"the save of step {step}"
+        bucket = storage_url(self.settings)
+        remote = open_store(self.settings, bucket) if bucket is not None else None
         if self._leader is None:
             msg = broadcast_json(None, self.comm.save_group, what, self.comm.timeout)
             if not msg.get("ok"):
                 raise CheckpointWriteError(f"checkpoint at step {step} was not saved: rank 0: {msg.get('error')}")
-            reuse = _readable([Path(p) for p in msg["reuse"]])
-            self._dcp_save(what, tensors, ShardWriter(Path(msg["tmp"]), reuse, {"rank": self.rank, "rng": state.rng},
-                                                      None, PACK_SIZE))
+            rank_data = {"rank": self.rank, "rng": state.rng}
+            if remote is None:
+                reuse = _readable([Path(p) for p in msg["reuse"]])
+                self._dcp_save(what, tensors, ShardWriter(Path(msg["tmp"]), reuse, rank_data, None, PACK_SIZE))
+                return _Part()
+            with tempfile.TemporaryDirectory(prefix="ckpt-track-shards-") as own:  # no shared filesystem needed
+                self._dcp_save(what, tensors, ShardWriter(Path(own), [], rank_data, None, PACK_SIZE, remote))
             return _Part()
         run = self._leader
         spool = run._spool
@@ -198,11 +208,16 @@ class DistributedRun:
                                            f"({free_space(spool.root)}): {exc}") from exc
             broadcast_json({"ok": True, "tmp": str(tmp), "reuse": [str(c.path) for c in reuse]},
                            self.comm.save_group, what, self.comm.timeout)
+            if remote is not None:
+                reuse = [c for c in reuse if not is_record(c)]
             manifest = Manifest(step=step, files={}, epoch=epoch, created=now_iso(), metrics=metrics,
                                 lineage=dict(lineage or {}), format_version=SHARDED_FORMAT_VERSION,
                                 world_size=self.world_size)
             commit = _committer(tmp, final, state, manifest, self.world_size, committed)
-            self._dcp_save(what, tensors, ShardWriter(tmp, reuse, {"rank": 0, "rng": state.rng}, commit, PACK_SIZE))
+            self._dcp_save(what, tensors, ShardWriter(tmp, reuse, {"rank": 0, "rng": state.rng}, commit, PACK_SIZE,
+                                                      remote))
+            if remote is not None:  # the other ranks' shards are in the bucket: the spool keeps a record
+                committed[0] = self._seal(committed[0], bucket, spool, step, stack)
         backends = [b.name for b, _ in run._targets]
         try:
             item = spool.add(committed[0], aliases, backends)
@@ -212,6 +227,15 @@ class DistributedRun:
             item = spool.add_unrecorded(committed[0], aliases, backends)
         run._uploader.kick()
         return item
+
+    def _seal(self, ckpt: LocalCheckpoint, bucket: str, spool: Any, step: int, stack: ExitStack) -> LocalCheckpoint:
+        """Rank 0, ``[storage] url``: the committed version holds rank 0's files only; send them
+        too, check every rank's are in the bucket, and keep the record in the spool instead."""
+        try:
+            rtmp, rfinal = stack.enter_context(staging(spool.root, spool.new_name(step)))
+            return seal(ckpt, self.settings, bucket, rtmp, rfinal)
+        finally:
+            shutil.rmtree(ckpt.path, ignore_errors=True)
 
     def _dcp_save(self, what: str, tensors: dict[str, torch.Tensor], writer: ShardWriter) -> None:
         try:
@@ -255,8 +279,15 @@ class DistributedRun:
                     raise DistributedError("another rank could not load the checkpoint (its error is in its log); "
                                            "nothing was changed on this rank")
 
+            path = Path(msg["path"])
+            if "pointer" in msg and self._leader is None:  # [storage] url: this rank fetches from the bucket itself
+                try:
+                    path = from_pointer(msg["pointer"], self.settings).path
+                except CkptTrackError as exc:
+                    agree(exc)
+                    raise
             try:
-                restored = restore_dir(Path(msg["path"]), rank=self.rank, model=model, optimizer=optimizer,
+                restored = restore_dir(path, rank=self.rank, model=model, optimizer=optimizer,
                                        scheduler=scheduler, scaler=scaler, strict=strict, rng=rng, agree=agree)
             except CheckpointNotFound as exc:
                 raise DistributedError(
@@ -274,7 +305,12 @@ class DistributedRun:
 
         if isinstance(source, _Spooled) and self._leader is not None:  # keep it on disk while it is read
             hold.enter_context(self._leader._spool.reusing())
-        ckpt = source.fetch()
+        ckpt = source.record() if hasattr(source, "record") else source.fetch()
+        if is_record(ckpt):  # its files are in the bucket, where every rank fetches them (no shared filesystem)
+            data = pointer_of(ckpt)
+            pointer = {"manifest": data["manifest"], "url": data["url"]}
+            ckpt = from_pointer(pointer, self.settings)
+            return {"ok": True, "path": str(Path(ckpt.path).resolve()), "step": ckpt.step, "pointer": pointer}
         return {"ok": True, "path": str(Path(ckpt.path).resolve()), "step": ckpt.step}
 
     # -- the rest of the Run API --------------------------------------------------------------

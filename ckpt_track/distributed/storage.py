@@ -55,16 +55,19 @@ def _done(value: Any) -> Future[Any]:
 
 
 class ShardWriter(StorageWriter):
-    """Writes this rank's chunks into the shared staging directory ``tmp``."""
+    """Writes this rank's chunks into the shared staging directory ``tmp``; with ``remote`` (an
+    object store, ``[storage] url``) into this rank's own ``tmp``, each file then sent to the
+    bucket, so the ranks share no filesystem."""
 
     def __init__(self, tmp: Path, reuse: list[LocalCheckpoint], rank_data: Any, commit: Commit | None,
-                 pack_size: int) -> None:
+                 pack_size: int, remote: Any = None) -> None:
         super().__init__()
         self.tmp = Path(tmp)
         self.reuse = reuse
         self.rank_data = rank_data  # JSON this rank hands rank 0 through the plan (its RNG tree)
         self.commit = commit
         self.pack_size = pack_size
+        self.remote = remote
         self._plans_data: list[Any] = []
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -99,6 +102,9 @@ class ShardWriter(StorageWriter):
             tensors[key] = t
             items.append((item, key))
         files, placed = write_blobs(self.tmp, tensors, reuse=self.reuse, pack_size=self.pack_size)
+        if self.remote is not None:
+            self.remote.upload({self.remote.object_path(e): self.tmp / f for f, e in files.items()},
+                               f"the shards of rank {self.rank_data.get('rank')}")
         return _done([WriteResult(index=item.index, size_in_bytes=tensors[key].nbytes,
                                   storage_data={"file": placed[key], "key": key, "size": files[placed[key]].size,
                                                 "hash": files[placed[key]].hash})

@@ -203,3 +203,28 @@ def test_a_tracker_holds_the_version_and_every_rank_resumes_from_it(tmp_path: Pa
     assert ref == (tracked / "out" / "ref0.txt").read_text()  # every rank has the run's reference
     stored = ct.list_checkpoints(ref, ct.load_settings({"mlflow": {"tracking_uri": mlflow_env.uri}}))
     assert [s.step for s in stored] == [1, 3, 5, 7]
+
+
+def test_every_rank_writes_its_shards_straight_to_the_bucket(tmp_path: Path, s3_root: str, s3_server,
+                                                             straight) -> None:
+    """``[storage] url``: each rank sends its own shards to the S3 server (no filesystem shared
+    between the "nodes": rank 1 has its own root and cache); rank 0 commits a record; after a kill
+    every rank fetches what it needs from the bucket and the run ends bit-identical."""
+    env = {**s3_server.env(), "CKPT_TRACK_STORAGE__URL": s3_root}
+    node1 = {1: {"CKPT_TRACK_LOCAL__ROOT": str(tmp_path / "node1"), "XDG_CACHE_HOME": str(tmp_path / "node1-cache")}}
+    codes = _train(2, tmp_path, ok=False, kind="fsdp", steps=8, every=2, die_after=3, env=env, rank_env=node1)
+    assert [c for c, _ in codes] == [-9, -9]
+    _train(2, tmp_path, kind="fsdp", steps=8, every=2, env=env, rank_env=node1)
+    assert (tmp_path / "out" / "start0.txt").read_text() == (tmp_path / "out" / "start1.txt").read_text() == "4"
+    want = straight("fsdp")
+    for rank in range(2):
+        _assert_equal(want[rank], _state(tmp_path, rank))
+    fs = s3_server.filesystem()
+    prefix = s3_root.removeprefix("s3://")
+    records = [json.loads(fs.cat_file(p)) for p in sorted(fs.find(f"{prefix}/records"))]
+    assert sorted(r["step"] for r in records) == [1, 3, 5, 7]
+    assert {(r["format_version"], r["world_size"]) for r in records} == {(2, 2)}
+    assert list((tmp_path / "node1-cache" / "ckpt_track" / "objects").iterdir())  # rank 1 fetched for itself
+    assert not (tmp_path / "node1").exists()  # and never needed a disk shared with rank 0
+    # the store holds records, not tensors, on rank 0's disk
+    assert not list((tmp_path / "ckpt_runs").rglob("*.safetensors"))
