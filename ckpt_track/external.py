@@ -116,7 +116,10 @@ def seal(ckpt: LocalCheckpoint, settings: Settings, url: str, tmp: Path, final: 
     m = ckpt.manifest
     pointer = {"format": POINTER_FORMAT, "url": store.url, "manifest": raw.decode("utf-8"),
                "size": m.size, "objects": {f: store.show(store.object_path(e)) for f, e in files.items()}}
-    record = replace(m, format_version=1, world_size=None)
+    # every tracker shows a checkpoint's lineage (MLflow as tags, the others as metadata): say there
+    # where the files are and how large the checkpoint really is
+    lineage = {**m.lineage, "storage": store.url, "storage_size": m.size}
+    record = replace(m, format_version=1, world_size=None, lineage=lineage)
     return commit_staged(tmp, final, {}, read_state(ckpt.path), {POINTER: pointer}, record)
 
 

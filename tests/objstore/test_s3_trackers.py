@@ -93,6 +93,9 @@ def test_mlflow_holds_the_record_not_the_tensors(logged, mlflow_server) -> None:
     models = client.search_logged_models(experiment_ids=[client.get_run(run_id).info.experiment_id],
                                          filter_string=f"source_run_id='{run_id}'")
     assert len(models) == 3
+    _, url, _ = logged
+    assert {m.tags.get("ckpt_track.storage") for m in models} == {url}  # the UI shows where the files are
+    assert all(int(m.tags["ckpt_track.storage_size"]) > int(m.tags["ckpt_track.size"]) for m in models)
     names = set()
     for m in models:
         names |= {a.path.rsplit("/", 1)[-1] for a in client.list_logged_model_artifacts(m.model_id)}
@@ -106,11 +109,14 @@ def test_wandb_offline_artifact_holds_the_pointer(logged) -> None:
     work, _, _ = logged
     logs = sorted((work / "wb").rglob("run-*.wandb"))
     assert logs
-    names = set()
+    names, metadata = set(), []
     for rec in finished_records(logs[-1]):
         if rec.WhichOneof("record_type") == "artifact":
             names |= {e.path for e in rec.artifact.manifest.contents}
+            metadata.append(json.loads(rec.artifact.metadata))
     assert "objects.json" in names and not any(n.endswith(".safetensors") for n in names)
+    _, url, _ = logged
+    assert metadata and all(url in json.dumps(m) for m in metadata)  # the artifact's metadata names the bucket
 
 
 def test_a_corrupted_object_fails_the_restore_of_a_tracker_record(logged, s3_server, mlflow_server,

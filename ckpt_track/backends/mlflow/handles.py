@@ -27,7 +27,9 @@ TAG_ALIAS = "ckpt_track.alias."
 TAG_STEP = "step"
 TAG_REGISTERED = "ckpt_track.registered_version"
 LINEAGE_TAGS = {"parent": "ckpt_track.parent", "resumed_from": "ckpt_track.resumed_from",
-                "config_hash": "ckpt_track.config_hash", "run": "ckpt_track.run"}
+                "config_hash": "ckpt_track.config_hash", "run": "ckpt_track.run",
+                # a record whose files are in object storage ([storage] url): where, and the full size
+                "storage": "ckpt_track.storage", "storage_size": "ckpt_track.storage_size"}
 BLOBS = "ckpt_track/blobs"  # run artifact directory of the content-addressed tensor files
 
 
