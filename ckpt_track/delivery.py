@@ -82,7 +82,7 @@ def spool_root(settings: Settings) -> str:
     root, or ``./ckpt_runs`` when that root is an object-store URL (the spool is always on this
     machine's disk, so a save never waits on the network)."""
     root = str(settings.backend_options("local").get("root") or "")
-    return DEFAULT_ROOT if not root or is_url(root) else root
+    return DEFAULT_ROOT if not root or is_url(root) else root.removeprefix("file://")
 
 
 def open_spool(settings: Settings, spec: RunSpec, targets: Sequence[Target], deferred: bool) -> Spool:

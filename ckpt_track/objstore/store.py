@@ -54,6 +54,8 @@ class ObjectStore:
         """Fail early and clearly when the bucket (the URL's first segment) is missing or the
         credentials are refused, before a save is spooled for a store that cannot take it."""
         bucket = self.root.split("/", 1)[0]
+        if not bucket:
+            return  # a store without buckets (a path from the root of its filesystem)
         with storage_errors("opening the store", self.url):
             try:
                 self.fs.info(bucket)
