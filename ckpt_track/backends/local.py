@@ -57,9 +57,7 @@ class LocalHandle:
 def _root(value: Any) -> Path:
     """The store directory from the ``root`` option (or ``?root=``), refused up front when no file
     system could hold it, so that a mistyped value is a ConfigError and never ENAMETOOLONG."""
-    text = str(value)
-    if text.startswith("file://"):  # the URL form of a local directory
-        text = text[len("file://"):]
+    text = str(value).removeprefix("file://")  # the URL form of a local directory
     why = "holds a NUL character" if "\0" in text else ""
     path = Path(text.replace("\0", "")).expanduser().absolute()
     if not why and any(len(os.fsencode(part)) > _NAME_MAX for part in path.parts):
