@@ -93,8 +93,15 @@ def externalize(ckpt: LocalCheckpoint, settings: Settings, url: str, backend: st
     directory under ``scratch``; the caller removes it) and its manifest's key in the bucket."""
     scratch.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".record-", dir=scratch))
-    record = seal(ckpt, settings, url, tmp, tmp.with_name(tmp.name.replace(".record-", "record-")))
-    return record, register(record, settings, backend, project, run_id, ckpt.path)
+    try:
+        record = seal(ckpt, settings, url, tmp, tmp.with_name(tmp.name.replace(".record-", "record-")))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # published (renamed) on success: only a failed one is left
+    try:
+        return record, register(record, settings, backend, project, run_id, ckpt.path)
+    except BaseException:
+        shutil.rmtree(record.path, ignore_errors=True)
+        raise
 
 
 def seal(ckpt: LocalCheckpoint, settings: Settings, url: str, tmp: Path, final: Path) -> LocalCheckpoint:
