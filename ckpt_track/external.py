@@ -87,6 +87,17 @@ def is_record(ckpt: LocalCheckpoint) -> bool:
     return POINTER in ckpt.manifest.files
 
 
+def objects_of(ckpt: LocalCheckpoint) -> dict[str, tuple[str, int, str]] | None:
+    """For a backend that shows a record's files natively (as references to the bucket): each
+    file of the checkpoint -> (object URL, size, xxh3-128); None for an ordinary checkpoint."""
+    if not is_record(ckpt):
+        return None
+    data = _pointer(ckpt)
+    manifest = parse_manifest(data["manifest"].encode("utf-8"), f"{ckpt.path / POINTER} (manifest)")
+    urls = data.get("objects") if isinstance(data.get("objects"), dict) else {}
+    return {f: (str(urls.get(f, "")), e.size, e.hash) for f, e in manifest.files.items() if f != MANIFEST and urls.get(f)}
+
+
 def externalize(ckpt: LocalCheckpoint, settings: Settings, url: str, backend: str, project: str,
                 run_id: str, scratch: Path) -> tuple[LocalCheckpoint, str]:
     """Upload ``ckpt``'s files to the bucket and return the record to hand to ``backend`` (a

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import zipfile
 import sys
 from pathlib import Path
 
@@ -147,3 +148,18 @@ def test_a_corrupted_object_fails_the_restore_of_a_tracker_record(logged, s3_ser
         assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     finally:
         fs.pipe_file(key, good)
+
+
+def test_comet_offline_archive_lists_the_objects_as_remote_assets(logged) -> None:
+    """Comet shows a record's files natively: one remote asset per file, pointing at the object."""
+    work, url, _ = logged
+    (archive,) = sorted((work / "comet").glob("*.zip"))
+    with zipfile.ZipFile(archive) as z:
+        messages = [json.loads(line) for line in z.read("messages.json").splitlines() if line.strip()]
+    remote = [m["payload"] for m in messages if m.get("type") == "remote_file"]
+    assert len({p["metadata"]["checkpoint"] for p in remote}) == 3  # every checkpoint lists its objects
+    assert all(p["remote_uri"] == f"{url}/objects/{p['metadata']['xxh3']}" for p in remote)
+    assert any(p["additional_params"]["fileName"].endswith(".safetensors") for p in remote)
+    uploaded = [m["payload"] for m in messages if m.get("type") == "file_upload"]
+    names = [p["additional_params"]["fileName"] for p in uploaded]
+    assert "objects.json" in names and not any(n.endswith(".safetensors") for n in names)  # no tensor bytes

@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ...format import MANIFEST, Manifest, is_blob
+from ...external import objects_of
+from ...format import MANIFEST, LocalCheckpoint, Manifest, is_blob
 from ...plan import files_to_send
 from .handles import BLOB_PREFIX
 
@@ -33,6 +34,10 @@ def log_checkpoint(exp: Any, src: Path, name: str, meta: Mapping[str, Any], mani
         exp.log_asset(str(src / fname), file_name=BLOB_PREFIX + fname)
     for fname in sorted(meta["files"], key=lambda f: f == MANIFEST):
         exp.log_model(name, str(src / fname), file_name=fname, metadata=dict(meta), overwrite=False)
+    remote = objects_of(LocalCheckpoint(src, manifest))  # a record ([storage] url): its files are in a bucket
+    for fname, (url, size, digest) in sorted((remote or {}).items()):
+        exp.log_remote_asset(url, remote_file_name=f"{name}/{fname}", step=manifest.step,
+                             metadata={"size": size, "xxh3": digest, "checkpoint": name})
     if manifest.metrics:
         exp.log_metrics(dict(manifest.metrics), step=manifest.step, epoch=manifest.epoch)
 
