@@ -171,3 +171,23 @@ def test_a_version_without_its_manifest_is_never_listed(tmp_path: Path, s3_root:
     second = run.log_checkpoint(1, model=model, optimizer=opt).wait()
     run.finish()
     assert second is not None and second.version == 3
+
+
+def test_a_writer_racing_for_a_version_number_never_overwrites_it(tmp_path: Path, s3_root: str, s3_server,
+                                                                  monkeypatch) -> None:
+    """Two writers list the run at once and both want v2: the manifest is written create-only,
+    so the second one gets v3 and the first one's v2 stays as it was (the store checks it)."""
+    from ckpt_track.objstore import ObjectProjects, ObjectStore
+    from ckpt_track.testing.contract import make_checkpoint
+
+    projects = ObjectProjects(ObjectStore(s3_root))
+    rdir = projects.create("p", "race", {"name": "race"}, lambda: "race")
+    rdir.add(make_checkpoint(tmp_path / "a", 1))
+    first, _ = rdir.add(make_checkpoint(tmp_path / "a", 2))
+    assert first.number == 2
+    before = s3_server.filesystem().cat_file(rdir.version_path(2))
+    monkeypatch.setattr(type(rdir), "numbers", lambda self: [1])  # this writer listed before v2 was committed
+    monkeypatch.setattr(type(rdir), "meta", lambda self: {"last_version": 1})
+    late, _ = rdir.add(make_checkpoint(tmp_path / "b", 3))
+    assert late.number == 3
+    assert s3_server.filesystem().cat_file(rdir.version_path(2)) == before
