@@ -254,8 +254,7 @@ def _fetch_copy(store: ObjectStore, raw: bytes, manifest: Any, dest: Path) -> Lo
 def verify_copies(record: LocalCheckpoint, settings: Settings, scratch: Path) -> list[tuple[str, str | None]]:
     """Download and verify the checkpoint from each copy in turn (the first, then each replica):
     ``(url, None)`` for a copy that verifies, ``(url, what is wrong)`` otherwise."""
-    verify(record.path)
-    data = _pointer(record)
+    data = pointer_of(record)
     raw = data["manifest"].encode("utf-8")
     manifest = parse_manifest(raw, f"{record.path / POINTER} (manifest)")
     out: list[tuple[str, str | None]] = []

@@ -6,16 +6,38 @@ Backends call these and carry out the result in their tracker; none re-implement
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from typing import Literal
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 from .errors import CheckpointNotFound, ConfigError
 from .format import Manifest, is_blob
 from .records import RunSpec
 
-__all__ = ["AliasTable", "by_name", "files_to_send", "next_version", "resume_decision", "unreferenced"]
+__all__ = ["NAME", "AliasTable", "by_name", "check_segment", "describe_runs", "files_to_send", "newest_named",
+           "next_version", "resume_decision", "unreferenced"]
 
 Decision = Literal["attach", "create"]
+
+#: a project name or run id in a store's layout (a path segment on disk or in a bucket)
+NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def check_segment(value: str, what: str) -> str:
+    if not NAME.match(value):
+        raise ConfigError(f"{what} {value!r} may only hold letters, digits, '_', '.', '-'")
+    return value
+
+
+def newest_named(runs: Sequence[tuple[str, Mapping[str, Any]]], name: str) -> str | None:
+    """The id of the newest of ``runs`` (``(run_id, run.json)``, oldest first) called ``name``."""
+    matches = [rid for rid, meta in runs if meta.get("name") == name]
+    return matches[-1] if matches else None
+
+
+def describe_runs(runs: Sequence[tuple[str, Mapping[str, Any]]], limit: int = 10) -> str:
+    """The newest ``runs`` as ``id (name)``, for not-found messages."""
+    return ", ".join(f"{rid} ({meta.get('name', rid)})" for rid, meta in runs[-limit:]) or "none"
 
 
 def next_version(versions: Iterable[int], high_water: int = 0) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +10,8 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from helpers import stop_process_group
 
 
 def free_port() -> int:
@@ -56,12 +57,5 @@ class MlflowServer:
     def stop(self) -> None:
         if self.proc is None:
             return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=15)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=15)
+        stop_process_group(self.proc)
         self.proc = None

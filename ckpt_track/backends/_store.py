@@ -28,15 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointNotFound, CheckpointWriteError, CkptTrackError, ConfigError, IntegrityError
+from ..errors import CheckpointNotFound, CheckpointWriteError, CkptTrackError, IntegrityError
 from ..format import TMP_PREFIX, FileEntry, LocalCheckpoint, Manifest, free_space, is_blob, now_iso, read_manifest
-from ..plan import next_version
+from ..plan import NAME, check_segment, describe_runs, newest_named, next_version
 from ..storage import LOCAL, LocalStorage
 
 __all__ = ["DirStore", "RunDir", "Version", "new_run_id"]
 
 VERSION_DIR = re.compile(r"^v(\d{6,})$")
-NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 def new_run_id() -> str:
@@ -59,12 +58,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # another user's process
     return True
-
-
-def check_segment(value: str, what: str) -> str:
-    if not NAME.match(value):
-        raise ConfigError(f"{what} {value!r} may only hold letters, digits, '_', '.', '-'")
-    return value
 
 
 @dataclass(frozen=True)
@@ -273,8 +266,7 @@ class DirStore:
 
     def named(self, project: str, name: str) -> str | None:
         """The newest run of ``project`` called ``name``."""
-        matches = [rid for rid, meta in self.runs(project) if meta.get("name") == name]
-        return matches[-1] if matches else None
+        return newest_named(self.runs(project), name)
 
     def find(self, project: str, wanted: str) -> str | None:
         """A run by id, else by name."""
@@ -298,7 +290,6 @@ class DirStore:
 
     def describe(self, project: str, limit: int = 10) -> str:
         """The newest runs of a project, for not-found messages."""
-        runs = self.runs(project)
-        return ", ".join(f"{rid} ({meta.get('name', rid)})" for rid, meta in runs[-limit:]) or "none"
+        return describe_runs(self.runs(project), limit)
 
 

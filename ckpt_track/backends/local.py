@@ -28,10 +28,10 @@ from ..errors import CheckpointNotFound, ConfigError, InvalidRef
 from ..format import LocalCheckpoint
 from ..objstore import ObjectProjects, ObjectStore, is_url, storage_options
 from ..options import option_names, parse_options
-from ..plan import by_name, resume_decision
+from ..plan import by_name, check_segment, resume_decision
 from ..records import Capability, RunInfo, RunSpec, Stored
 from ..refs import Ref
-from ._store import DirStore, Version, check_segment, new_run_id
+from ._store import DirStore, Version, new_run_id
 
 __all__ = ["DEFAULT_ROOT", "LocalBackend", "LocalHandle"]
 

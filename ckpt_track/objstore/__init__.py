@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from .fsio import MIN_PART, is_url, open_fs, parse_size, storage_errors, storage_options
 from .runs import ObjectProjects, ObjectRun, Version
-from .store import GC_GRACE_S, ObjectStore, check_segment
+from .store import GC_GRACE_S, ObjectStore
 
-__all__ = ["GC_GRACE_S", "MIN_PART", "ObjectProjects", "ObjectRun", "ObjectStore", "Version", "check_segment", "is_url", "open_fs",
+__all__ = ["GC_GRACE_S", "MIN_PART", "ObjectProjects", "ObjectRun", "ObjectStore", "Version", "is_url", "open_fs",
            "parse_size", "storage_errors", "storage_options"]

@@ -18,9 +18,9 @@ from ..errors import (
 )
 from ..format import MANIFEST, LocalCheckpoint, Manifest, is_blob, now_iso, parse_manifest, read_manifest
 from ..format.manifest import MAX_MANIFEST_BYTES
-from ..plan import next_version
+from ..plan import NAME, check_segment, describe_runs, newest_named, next_version
 from .fsio import _translate, storage_errors
-from .store import _RESERVED, NAME, VERSION_FILE, ObjectStore, check_segment
+from .store import _RESERVED, VERSION_FILE, ObjectStore
 
 __all__ = ["ObjectProjects", "ObjectRun", "Version"]
 
@@ -206,8 +206,7 @@ class ObjectProjects:
         return sorted(found, key=lambda r: str(r[1].get("created", "")))
 
     def named(self, project: str, name: str) -> str | None:
-        matches = [rid for rid, meta in self.runs(project) if meta.get("name") == name]
-        return matches[-1] if matches else None
+        return newest_named(self.runs(project), name)
 
     def find(self, project: str, wanted: str) -> str | None:
         if NAME.match(wanted) and self.run(project, wanted).exists():
@@ -231,5 +230,4 @@ class ObjectProjects:
                 continue
 
     def describe(self, project: str, limit: int = 10) -> str:
-        runs = self.runs(project)
-        return ", ".join(f"{rid} ({meta.get('name', rid)})" for rid, meta in runs[-limit:]) or "none"
+        return describe_runs(self.runs(project), limit)

@@ -20,20 +20,13 @@ from ..format.manifest import MAX_MANIFEST_BYTES
 from ..progress import transfer_callback
 from .fsio import MIN_PART, _absent, _taken, open_fs, parse_size, storage_errors
 
-__all__ = ["GC_GRACE_S", "ObjectStore", "check_segment"]
+__all__ = ["GC_GRACE_S", "ObjectStore"]
 
 VERSION_FILE = re.compile(r"^v(\d{6,})\.json$")
-NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _HASH = re.compile(r"^[0-9a-f]{32}$")
 MAX_TABLE_BYTES = 4 * 1024 * 1024  # run.json / aliases.json
 _RESERVED = frozenset({"objects", "records"})  # top-level prefixes of the layout
 GC_GRACE_S = 3600.0  # an unreferenced object younger than this may belong to a save in progress
-
-
-def check_segment(value: str, what: str) -> str:
-    if not NAME.match(value):
-        raise ConfigError(f"{what} {value!r} may only hold letters, digits, '_', '.', '-'")
-    return value
 
 
 class ObjectStore:

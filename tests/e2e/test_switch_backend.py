@@ -6,7 +6,6 @@ Comet offline archive), never through ckpt_track."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 from fakes.clearml import CONFIG_FILE, OfflineSession
 from fakes.wandb import finished_records
+from helpers import offline_trackers_env
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "switch_backend.py"
 STEPS = [4, 8, 12]
@@ -23,28 +23,8 @@ STEPS = [4, 8, 12]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, mlflow_server) -> tuple[Path, dict[str, list[dict]], str]:
     work = tmp_path_factory.mktemp("switch")
-    # TRAINS_*: ClearML's Task.init sets TRAINS_PROC_MASTER_ID; a child inheriting it gets a stub task
-    foreign = ("CKPT_TRACK_", "WANDB_", "COMET_", "CLEARML_", "TRAINS_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(foreign)}
-    env.update({
-        # one configuration for all five; every run changes CKPT_TRACK_BACKEND only
-        "CKPT_TRACK_LOCAL__ROOT": str(work / "store"),
-        "CKPT_TRACK_MLFLOW__TRACKING_URI": mlflow_server.uri,
-        "CKPT_TRACK_WANDB__MODE": "offline", "CKPT_TRACK_WANDB__DIR": str(work / "wb"),
-        "CKPT_TRACK_CLEARML__OFFLINE": "true",
-        "CKPT_TRACK_COMET__ONLINE": "false", "CKPT_TRACK_COMET__WORKSPACE": "ws",
-        "CKPT_TRACK_COMET__OFFLINE_DIRECTORY": str(work / "comet"),
-        # the SDKs' own homes and quiet settings, all inside the test's folder
-        "HOME": str(work / "home"), "WANDB_DIR": str(work / "wb"), "WANDB_DATA_DIR": str(work / "wbdata"),
-        "WANDB_CACHE_DIR": str(work / "wbcache"), "WANDB_CONFIG_DIR": str(work / "wbconfig"),
-        "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true", "WANDB_DISABLE_CODE": "true",
-        "WANDB_X_DISABLE_STATS": "true", "WANDB_X_DISABLE_MACHINE_INFO": "true",
-        "CLEARML_CONFIG_FILE": str(CONFIG_FILE), "CLEARML_CACHE_DIR": str(work / "clearml-cache"),
-        "COMET_ERROR_TRACKING_ENABLE": "false", "COMET_DISABLE_AUTO_LOGGING": "1",
-        "COMET_AUTO_LOG_ENV_DETAILS": "false", "COMET_AUTO_LOG_GIT_METADATA": "false",
-        "COMET_AUTO_LOG_GIT_PATCH": "false", "COMET_AUTO_LOG_CODE": "false", "COMET_DISPLAY_SUMMARY_LEVEL": "0",
-        "COMET_CONFIG": str(work / "no.comet.config"),
-    })
+    # one configuration for all five; every run changes CKPT_TRACK_BACKEND only
+    env = offline_trackers_env(work, mlflow_server.uri, CONFIG_FILE)
     printed: dict[str, list[dict]] = {}
     for backend in ("local", "mlflow", "wandb", "clearml", "comet"):
         done = subprocess.run([sys.executable, str(EXAMPLE)], cwd=work, env={**env, "CKPT_TRACK_BACKEND": backend},

@@ -5,15 +5,15 @@ and restore by step fetches from the bucket, bit-identical."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import zipfile
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 from fakes.clearml import CONFIG_FILE
+from helpers import offline_trackers_env
 
 import ckpt_track as ct
 from ckpt_track.errors import IntegrityError
@@ -24,26 +24,9 @@ BACKENDS = ("local", "mlflow", "wandb", "clearml", "comet")
 
 
 def _env(work: Path, s3_server, url: str, mlflow_uri: str) -> dict[str, str]:
-    foreign = ("CKPT_TRACK_", "WANDB_", "COMET_", "CLEARML_", "TRAINS_", "AWS_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(foreign)}
+    env = offline_trackers_env(work, mlflow_uri, CONFIG_FILE, drop=("AWS_",))
     env.update(s3_server.env())
-    env.update({
-        "CKPT_TRACK_STORAGE__URL": url, "CKPT_TRACK_LOCAL__ROOT": str(work / "store"),
-        "CKPT_TRACK_MLFLOW__TRACKING_URI": mlflow_uri,
-        "CKPT_TRACK_WANDB__MODE": "offline", "CKPT_TRACK_WANDB__DIR": str(work / "wb"),
-        "CKPT_TRACK_CLEARML__OFFLINE": "true",
-        "CKPT_TRACK_COMET__ONLINE": "false", "CKPT_TRACK_COMET__WORKSPACE": "ws",
-        "CKPT_TRACK_COMET__OFFLINE_DIRECTORY": str(work / "comet"),
-        "HOME": str(work / "home"), "WANDB_DIR": str(work / "wb"), "WANDB_DATA_DIR": str(work / "wbdata"),
-        "WANDB_CACHE_DIR": str(work / "wbcache"), "WANDB_CONFIG_DIR": str(work / "wbconfig"),
-        "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true", "WANDB_DISABLE_CODE": "true",
-        "WANDB_X_DISABLE_STATS": "true", "WANDB_X_DISABLE_MACHINE_INFO": "true",
-        "CLEARML_CONFIG_FILE": str(CONFIG_FILE), "CLEARML_CACHE_DIR": str(work / "clearml-cache"),
-        "COMET_ERROR_TRACKING_ENABLE": "false", "COMET_DISABLE_AUTO_LOGGING": "1",
-        "COMET_AUTO_LOG_ENV_DETAILS": "false", "COMET_AUTO_LOG_GIT_METADATA": "false",
-        "COMET_AUTO_LOG_GIT_PATCH": "false", "COMET_AUTO_LOG_CODE": "false", "COMET_DISPLAY_SUMMARY_LEVEL": "0",
-        "COMET_CONFIG": str(work / "no.comet.config"), "XDG_CACHE_HOME": str(work / "cache"),
-    })
+    env.update({"CKPT_TRACK_STORAGE__URL": url, "XDG_CACHE_HOME": str(work / "cache")})
     return env
 
 
