@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -151,14 +151,16 @@ class LineageChain:
 
 def commit(spool: Spool, backends: list[str], step: int, epoch: int | None, metrics: dict[str, float],
            tree: dict[str, Any], tensors: dict[str, torch.Tensor], lineage: dict[str, Any],
-           aliases: tuple[str, ...], *, shard_size: int, incremental: bool) -> Pending:
-    """Commit a checkpoint to the spool (that is the save) and queue it for ``backends``."""
+           aliases: tuple[str, ...], *, shard_size: int, incremental: bool,
+           before_commit: Callable[[], None] | None = None) -> Pending:
+    """Commit a checkpoint to the spool (that is the save) and queue it for ``backends``;
+    ``before_commit`` may still refuse it once its files are written (see ``write_checkpoint``)."""
     name = spool.new_name(step)
     try:
         with spool.reusing():
             ckpt = write_checkpoint(spool.root, name, tensors, tree, step=step, epoch=epoch, metrics=metrics,
                                     lineage=lineage, shard_size=shard_size, blobs=incremental,
-                                    reuse=spool.reusable())
+                                    reuse=spool.reusable(), before_commit=before_commit)
     except (OSError, SafetensorError) as exc:  # the serializer has its own error type, e.g. on a full disk
         raise CheckpointWriteError(
             f"could not write checkpoint at step {step} to {spool.root} ({free_space(spool.root)}): "

@@ -123,6 +123,9 @@ class Settings:
     mode: str = "min"
     shard_size: int = 2 * 1024**3  # bytes; "512MB"/"2GiB" accepted
     blocking: bool = False  # save synchronously instead of in the background
+    # copy what the optimizer owns in the background while the next forward/backward runs; its
+    # step waits for the copy (ckpt_track.overlap); false: everything is copied before the call returns
+    overlap: bool = True
     max_in_flight: int = 1
     # content-addressed tensor files: unchanged tensors are neither written nor uploaded again
     incremental: bool = True

@@ -186,6 +186,7 @@ TOP_FIELDS: dict[str, Coercer] = {
     "mode": _as_mode,
     "shard_size": _as_size,
     "blocking": _as_bool,
+    "overlap": _as_bool,
     "max_in_flight": _as_pos_int,
     "incremental": _as_bool,
     "timeout": _as_seconds,

@@ -17,7 +17,7 @@ import atexit
 import logging
 import os
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from functools import partial
@@ -33,6 +33,7 @@ from .delivery import Delivery, open_targets
 from .errors import BackendUnavailable, CheckpointNotFound, CheckpointWriteError, CkptTrackError, ConfigError
 from .external import complete, is_record
 from .format import LocalCheckpoint
+from .overlap import StepGate, settle_all
 from .policy import select
 from .protocol import Backend
 from .records import ResumeMode, RunInfo, RunSpec, Stored
@@ -42,12 +43,11 @@ from .restoring import restore_from
 from .spool import DrainResult, Pending, Spool
 from .state import Restored, capture
 from .uploader import Uploader
-from .writer import Writer, snapshot_tensors, wait_staged
+from .writer import Writer, snapshot_tensors
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-    from .writer import StagedTensors
 
 __all__ = ["CheckpointHandle", "Run", "init", "list_checkpoints", "log_checkpoint", "restore"]
 
@@ -83,6 +83,7 @@ class Run:
         self.settings = settings
         self.spec = spec
         self._writer = Writer(settings.max_in_flight)
+        self._gate = StepGate()  # holds the optimizer's step while an overlapped snapshot copies
         self._delivery = Delivery(settings, spec, targets, deferred)
         self._finished = False
         static = {"run": str(self.ref), "config_hash": provenance.config_hash(spec.config),
@@ -159,11 +160,15 @@ class Run:
         extra: Mapping[str, Any] | None = None,
         epoch: int | None = None,
         blocking: bool | None = None,
+        overlap: bool | None = None,
     ) -> CheckpointHandle:
         """Record a checkpoint of the given state at ``step``.
 
-        Returns at once (the state is copied first); writing and uploading run
-        in the background unless ``blocking=True``.  An error of an earlier
+        Returns at once; writing and uploading run in the background unless
+        ``blocking=True``.  What the optimizer owns (parameters, its state) is copied in the
+        background while the next forward and backward run, and ``optimizer.step()`` waits
+        for that copy; everything else is copied before this returns (``overlap=False``, or
+        ``overlap = false`` in the settings: everything is).  An error of an earlier
         background save is raised here.
 
         >>> run.log_checkpoint(500, model=model, optimizer=opt, metrics={"val/loss": 0.31})  # doctest: +SKIP
@@ -174,6 +179,7 @@ class Run:
         chosen = user_aliases(aliases)  # every argument is checked before any state is copied
         values = metric_values(metrics)
         blocking = self.settings.blocking if blocking is None else blocking
+        overlap = self.settings.overlap if overlap is None else bool(overlap)
         self._writer.raise_errors()
         captured = capture(step=step, epoch=epoch, model=model, optimizer=optimizer,
                            scheduler=scheduler, scaler=scaler, extra=extra)
@@ -189,21 +195,17 @@ class Run:
             handle.wait()
             return handle
 
-        def stage(buffers: dict[str, torch.Tensor]) -> tuple[StagedTensors, dict[str, Any]]:
-            return snapshot_tensors(captured.tensors, copy=True, buffers=buffers), self._chain.next(ref)
-
-        def job(staged: tuple[StagedTensors, dict[str, Any]]) -> Pending:
-            tensors, lineage = staged
-            wait_staged(tensors)
-            return save(tensors, lineage)
-
-        return CheckpointHandle(step, ref, self._writer.submit_staged(stage, job), self._writer)
+        future = self._gate.submit(self._writer, step, captured.tensors, optimizer if overlap else None,
+                                   lineage=partial(self._chain.next, ref), save=save)
+        return CheckpointHandle(step, ref, future, self._writer)
 
     def _commit(self, step: int, epoch: int | None, metrics: dict[str, float], tree: dict[str, Any],
-                tensors: dict[str, torch.Tensor], lineage: dict[str, Any], *, aliases: tuple[str, ...]) -> Pending:
+                tensors: dict[str, torch.Tensor], lineage: dict[str, Any], *, aliases: tuple[str, ...],
+                before_commit: Callable[[], None] | None = None) -> Pending:
         """Commit a checkpoint to the spool (that is the save) and queue its uploads."""
         item = commit(self._spool, [b.name for b, _ in self._targets], step, epoch, metrics, tree, tensors,
-                      lineage, aliases, shard_size=self.settings.shard_size, incremental=self.settings.incremental)
+                      lineage, aliases, shard_size=self.settings.shard_size, incremental=self.settings.incremental,
+                      before_commit=before_commit)
         self._uploader.kick()
         return item
 
@@ -332,7 +334,10 @@ class Run:
         returns the checkpoints still owed (kept on disk for the next process) and their
         description.  A background write error is raised after the uploads are done."""
         try:
-            self._writer.close()
+            try:
+                self._writer.close()
+            finally:
+                self._gate.close()
         finally:
             # one last pass for everything owed (a tracker down meanwhile may be back, and one
             # that refused a checkpoint gets one more try); another only to sweep what failed
@@ -471,10 +476,13 @@ def restore(
 
     >>> ct.restore("local://resnet/3k2j1x@best", model=model)  # doctest: +SKIP
     """
-    return restore_from(resolve(ref, settings), model=model, optimizer=optimizer, scheduler=scheduler,
+    found = resolve(ref, settings)
+    settle_all("after log_checkpoint returned and before a restore")  # a background copy of a run's snapshot may still read the tensors about to be written
+    return restore_from(found, model=model, optimizer=optimizer, scheduler=scheduler,
                         scaler=scaler, strict=strict, rng=rng)  # all or nothing: see ckpt_track.restoring
 
 
 def list_checkpoints(ref: str | Ref, settings: Settings | None = None) -> list[Stored]:
     """Every committed checkpoint of the run ``ref`` points into, oldest first."""
     return list_stored(ref, settings)
+

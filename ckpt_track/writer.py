@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -37,13 +37,35 @@ class StagedTensors(dict[str, torch.Tensor]):
 
     The event travels with the tensors it guards, so waiting on them needs no table on the
     side (one keyed by ``id()`` could hand a dead snapshot's event to a new one at the same
-    address, and kept the events of snapshots nobody waited for)."""
+    address, and kept the events of snapshots nobody waited for).
+
+    ``deferred`` lists the CPU tensors named in ``defer`` whose copy was left to the caller
+    (``(name, source, buffer)``: ``buffer`` is already in the mapping, not yet filled);
+    ``deferred_copied`` is the CUDA event of the deferred device copies, which the caller's
+    stream does not wait for (:mod:`ckpt_track.overlap`)."""
 
     copied: Any = None  # torch.cuda.Event
+    deferred: list[tuple[str, torch.Tensor, torch.Tensor]]
+    deferred_copied: Any = None  # torch.cuda.Event
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deferred = []
+
+
+def _buffer(name: str, t: torch.Tensor, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The staging buffer for ``t``: the one from an earlier save when shape and dtype still
+    match, else a new one (pinned for a CUDA source)."""
+    buf = buffers.get(name)
+    if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+        buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+        buffers[name] = buf
+    return buf
 
 
 def snapshot_tensors(tensors: Mapping[str, torch.Tensor], *, copy: bool,
-                     buffers: dict[str, torch.Tensor] | None = None) -> StagedTensors:
+                     buffers: dict[str, torch.Tensor] | None = None,
+                     defer: Collection[str] = ()) -> StagedTensors:
     """Contiguous CPU tensors that share no memory (what safetensors needs).
 
     With ``copy=True`` every tensor is copied, so the caller may keep training
@@ -54,29 +76,36 @@ def snapshot_tensors(tensors: Mapping[str, torch.Tensor], *, copy: bool,
     caller's stream then waits on; with ``copy=True`` the host never blocks on them
     here and the writer thread waits for them before reading (:func:`wait_staged`),
     with ``copy=False`` (a save that writes at once) they are waited for here.
+
+    Tensors named in ``defer`` (``copy=True`` only) get their buffers but are not copied
+    before this returns: a CPU one is listed in ``deferred`` for the caller to copy, a CUDA
+    one is copied on the side stream after the others, and the caller's stream does not wait
+    for it (``deferred_copied``; see :mod:`ckpt_track.overlap`).
     """
     buffers = {} if buffers is None else buffers
     out = StagedTensors()
     side = None
+    later: list[tuple[torch.Tensor, torch.Tensor]] = []
     for name, t in tensors.items():
         t = t.detach()
         if not copy and _owned(t):
             out[name] = t
             continue
-        buf = buffers.get(name)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
-            buffers[name] = buf
+        buf = _buffer(name, t, buffers)
+        out[name] = buf
+        if copy and name in defer:
+            if t.is_cuda:
+                later.append((t, buf))
+            else:
+                out.deferred.append((name, t, buf))
+            continue
         if t.is_cuda:
-            if side is None:
-                side = torch.cuda.Stream(device=t.device)
-                side.wait_stream(torch.cuda.current_stream(t.device))  # copy what the loop computed so far
+            side = side or _side_stream(t)
             with torch.cuda.stream(side):
                 buf.copy_(t, non_blocking=True)
             t.record_stream(side)  # keep the caching allocator from reusing t's memory mid-copy
         else:
             buf.copy_(t)
-        out[name] = buf
     for name in set(buffers) - set(tensors):
         del buffers[name]  # tensors that went away: free their staging memory
     if side is not None:
@@ -84,15 +113,32 @@ def snapshot_tensors(tensors: Mapping[str, torch.Tensor], *, copy: bool,
         torch.cuda.current_stream(side.device).wait_stream(side)  # later GPU writes wait for the copies
         if not copy:  # a synchronous save writes these at once: the host copies must be complete
             wait_staged(out)
+    if later:
+        side = side or _side_stream(later[0][0])
+        with torch.cuda.stream(side):
+            for t, buf in later:
+                buf.copy_(t, non_blocking=True)
+                t.record_stream(side)
+        out.deferred_copied = side.record_event()  # waited by the optimizer step, not by the next kernel
     return out
+
+
+def _side_stream(t: torch.Tensor) -> Any:
+    """A side stream for device-to-host copies that starts after what the loop computed so far."""
+    side = torch.cuda.Stream(device=t.device)
+    side.wait_stream(torch.cuda.current_stream(t.device))
+    return side
 
 
 def wait_staged(staged: Mapping[str, torch.Tensor]) -> None:
     """Block until the device-to-host copies into ``staged`` have finished (the writer thread,
     or a blocking save, before anything reads the host copies)."""
-    if isinstance(staged, StagedTensors) and staged.copied is not None:
-        staged.copied.synchronize()
-        staged.copied = None
+    if isinstance(staged, StagedTensors):
+        for attr in ("copied", "deferred_copied"):
+            event = getattr(staged, attr)
+            if event is not None:
+                event.synchronize()
+                setattr(staged, attr, None)
 
 
 WRITER_NICENESS = 10

@@ -8,7 +8,7 @@ any point leaves no directory that looks like a checkpoint.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +38,7 @@ def write_checkpoint(
     blobs: bool = False,
     pack_size: int = PACK_SIZE,
     reuse: Iterable[LocalCheckpoint] = (),
+    before_commit: Callable[[], None] | None = None,
 ) -> LocalCheckpoint:
     """Write a checkpoint to ``parent/name`` atomically and return it.
 
@@ -47,6 +48,9 @@ def write_checkpoint(
     With ``blobs=True`` tensors go to content-addressed files (see the package
     docstring); a file whose name is already in one of the ``reuse`` checkpoints
     is hard-linked (or copied) from there instead of serialized again.
+
+    ``before_commit`` is called once every file is written, before the manifest: raising
+    there abandons the checkpoint (nothing is published).
     """
     reuse = list(reuse)
     with staging(parent, name) as (tmp, final):
@@ -55,6 +59,8 @@ def write_checkpoint(
         else:
             files = _write_shards(tmp, tensors, shard_size)
         files[STATE] = _write_state(tmp, state)
+        if before_commit is not None:
+            before_commit()
         manifest = Manifest(step=step, epoch=epoch, created=now_iso(), metrics=dict(metrics or {}),
                             lineage=dict(lineage or {}), files=files)
         manifest = _write_manifest(tmp, final, manifest)

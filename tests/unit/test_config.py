@@ -417,7 +417,7 @@ def test_typo_top_level_key_in_file(tmp_path: Path) -> None:
     assert "Did you mean 'backend'?" in msg
     assert str(cfg.resolve()) in msg
     assert ("Valid keys: backend, blocking, collective_timeout, distributed, incremental, max_in_flight, mode, "
-            "monitor, project, retries, shard_size, timeout") in msg
+            "monitor, overlap, project, retries, shard_size, timeout") in msg
     assert "sections: retention, local, mlflow, wandb" in msg
 
 
