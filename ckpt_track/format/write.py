@@ -22,6 +22,9 @@ from .atomic import now_iso, publish, staging
 from .copy import copy_one, reusable
 from .hashing import PACK_SIZE, blob_groups, blob_name, content_digest, hash_file
 from .manifest import MANIFEST, STATE, FileEntry, LocalCheckpoint, Manifest, canonical_json, parse_manifest
+from .serialize import Prepared, prepare, write_prepared
+
+_METADATA = {"format": "pt"}
 
 
 def write_checkpoint(
@@ -76,7 +79,8 @@ def _write_blobs(tmp: Path, tensors: Mapping[str, torch.Tensor], pack_size: int,
     files: dict[str, FileEntry] = {}
     written: list[Path] = []
     for group in blob_groups(tensors, pack_size):
-        fname = blob_name(content_digest(tensors, group))
+        prepared = _prepare(tensors, group)  # one pass: the group's content digest and its file's hash
+        fname = blob_name(prepared.content if prepared is not None else content_digest(tensors, group))
         if placed is not None:
             placed.update(dict.fromkeys(group, fname))
         if fname in files:
@@ -86,7 +90,7 @@ def _write_blobs(tmp: Path, tensors: Mapping[str, torch.Tensor], pack_size: int,
             copy_one(found[0], tmp / fname, link=True, expected=found[1].size)
             files[fname] = found[1]
         else:
-            files[fname] = _save(tmp / fname, {k: tensors[k] for k in group}, sync=False)
+            files[fname] = _save(tmp / fname, {k: tensors[k] for k in group}, sync=False, prepared=prepared)
             written.append(tmp / fname)
     _fsync_all(written)
     return files
@@ -153,10 +157,25 @@ def _shards(tensors: Mapping[str, torch.Tensor], shard_size: int) -> list[dict[s
     return shards if shards[0] else []
 
 
-def _save(path: Path, tensors: dict[str, torch.Tensor], *, sync: bool = True) -> FileEntry:
+def _prepare(tensors: Mapping[str, torch.Tensor], names: list[str]) -> Prepared | None:
+    """The named tensors laid out as one safetensors file, both digests computed; None when a
+    dtype has no name in this writer (then safetensors writes the file)."""
+    try:
+        return prepare(tensors, names, metadata=_METADATA)
+    except TypeError:
+        return None
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], *, sync: bool = True,
+          prepared: Prepared | None = None) -> FileEntry:
     """Serialize tensors to a safetensors file, fsync it (unless the caller does, ``sync=False``),
-    and describe it for the manifest."""
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    and describe it for the manifest: written and hashed in one pass (``ckpt_track.format.serialize``),
+    or by safetensors for a dtype that writer does not name."""
+    if prepared is None:
+        prepared = _prepare(tensors, list(tensors))
+    if prepared is not None:
+        return write_prepared(path, prepared, sync=sync)
+    save_file(tensors, str(path), metadata=_METADATA)
     if sync:
         _fsync_file(path)
     return FileEntry(path.stat().st_size, hash_file(path))

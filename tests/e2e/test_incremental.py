@@ -75,16 +75,16 @@ def test_unchanged_tensors_are_not_written_or_uploaded_again() -> None:
 
 
 def test_unchanged_files_are_linked_not_serialized(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ckpt_track.format.write as fmt_write  # the module that calls save_file
+    import ckpt_track.format.write as fmt_write  # the module that writes tensor files
 
     saved: list[list[str]] = []
-    real = fmt_write.save_file
+    real = fmt_write._save
 
-    def counting(tensors, filename, metadata=None):  # type: ignore[no-untyped-def]
+    def counting(path, tensors, **kw):  # type: ignore[no-untyped-def]
         saved.append(sorted(tensors))
-        real(tensors, filename, metadata=metadata)
+        return real(path, tensors, **kw)
 
-    monkeypatch.setattr(fmt_write, "save_file", counting)
+    monkeypatch.setattr(fmt_write, "_save", counting)
     model = _model()
     with ct.init(project="inc", name="b", monitor=None) as run:
         run.log_checkpoint(1, model=model).wait()
@@ -153,12 +153,12 @@ def test_sigkill_in_the_middle_of_a_background_write_leaves_no_partial_checkpoin
         model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)])
         run = ct.init(project="inc", name="killed", monitor=None)
         run.log_checkpoint(1, model=model).wait()
-        real = fmt_write.save_file
-        def stall(tensors, filename, metadata=None):
-            real(tensors, filename, metadata=metadata)
+        real = fmt_write._save
+        def stall(path, tensors, **kw):
+            real(path, tensors, **kw)
             open({str(marker)!r}, "w").close()  # one file of step 2 is on disk
             time.sleep(600)
-        fmt_write.save_file = stall
+        fmt_write._save = stall
         with torch.no_grad():
             model[0].weight.add_(1.0)
         run.log_checkpoint(2, model=model)  # returns; the writer thread stalls mid-checkpoint

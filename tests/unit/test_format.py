@@ -168,13 +168,13 @@ def test_one_shard_by_default(tmp_path: Path) -> None:
 # -- atomic publish ---------------------------------------------------------------------
 def test_manifest_is_written_last_into_a_hidden_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     events: list[tuple[str, str]] = []
-    real_save, real_write, real_publish = fmt_write.save_file, fmt_write._write_bytes, fmt_write.publish
+    real_save, real_write, real_publish = fmt_write.write_prepared, fmt_write._write_bytes, fmt_write.publish
 
-    def save_file(tensors: Any, filename: str, metadata: Any = None) -> None:
-        assert Path(filename).parent.name.startswith(fmt.TMP_PREFIX)
+    def write_prepared(path: Path, prepared: Any, **kw: Any) -> Any:
+        assert path.parent.name.startswith(fmt.TMP_PREFIX)
         assert not (tmp_path / "ckpt").exists()
-        events.append(("save", Path(filename).name))
-        real_save(tensors, filename, metadata=metadata)
+        events.append(("save", path.name))
+        return real_save(path, prepared, **kw)
 
     def write_bytes(path: Path, data: bytes) -> None:
         assert path.parent.name.startswith(fmt.TMP_PREFIX)
@@ -190,7 +190,7 @@ def test_manifest_is_written_last_into_a_hidden_tmp_dir(tmp_path: Path, monkeypa
         events.append(("publish", final.name))
         real_publish(tmp, final)
 
-    monkeypatch.setattr(fmt_write, "save_file", save_file)
+    monkeypatch.setattr(fmt_write, "write_prepared", write_prepared)
     monkeypatch.setattr(fmt_write, "_write_bytes", write_bytes)
     monkeypatch.setattr(fmt_write, "publish", publish)
     ckpt = write(tmp_path, shard_size=50)
@@ -207,16 +207,16 @@ def _assert_nothing_left(parent: Path) -> None:
 
 
 def test_failure_after_first_shard_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_save = fmt_write.save_file
-    calls: list[str] = []
+    real_save = fmt_write.write_prepared
+    calls: list[Path] = []
 
-    def save_file(tensors: Any, filename: str, metadata: Any = None) -> None:
+    def write_prepared(path: Path, prepared: Any, **kw: Any) -> Any:
         if calls:
             raise OSError("disk full")
-        calls.append(filename)
-        real_save(tensors, filename, metadata=metadata)
+        calls.append(path)
+        return real_save(path, prepared, **kw)
 
-    monkeypatch.setattr(fmt_write, "save_file", save_file)
+    monkeypatch.setattr(fmt_write, "write_prepared", write_prepared)
     with pytest.raises(OSError, match="disk full"):
         write(tmp_path, shard_size=50)
     assert len(calls) == 1 and not Path(calls[0]).exists()
