@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import torch
 
 from .errors import CheckpointWriteError
+from .format.serialize import aligned_empty
 
 __all__ = ["StagedTensors", "Writer", "lower_priority", "snapshot_tensors", "wait_staged"]
 
@@ -55,10 +56,11 @@ class StagedTensors(dict[str, torch.Tensor]):
 
 def _buffer(name: str, t: torch.Tensor, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
     """The staging buffer for ``t``: the one from an earlier save when shape and dtype still
-    match, else a new one (pinned for a CUDA source)."""
+    match, else a new one (pinned for a CUDA source), aligned so that a direct write reads it
+    in place (``ckpt_track.format.serialize``)."""
     buf = buffers.get(name)
     if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-        buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+        buf = aligned_empty(t.shape, t.dtype, pin_memory=t.is_cuda)
         buffers[name] = buf
     return buf
 

@@ -11,31 +11,43 @@ file back to hash it.  Tensors are laid out in name order (safetensors itself or
 first, so a file holding one dtype is byte-identical to what ``safetensors.torch.save_file``
 writes); any safetensors reader loads either.
 
-The bytes then go to the file in large writes; on Linux, writeback of each 64 MiB written is
-started at once (``sync_file_range``), so the final ``fsync`` does not meet a whole file of
-dirty pages in one burst.
+The bytes then go to the disk without the page cache (``O_DIRECT``), straight from the
+staging buffers where they are aligned (a file of 1 MiB or more gets its header padded with
+spaces so that its data starts on a 4 KiB boundary, and staging buffers are 4 KiB aligned:
+:func:`aligned_empty`), else through a small aligned bounce buffer.  Copying into the page
+cache costs this machine 1-2.5 CPU-seconds per GiB, more than all the rest of a save; a direct
+write costs under 0.1, and leaves no burst of dirty pages for the final ``fsync`` (or for the
+training loop's memory bandwidth).  Where direct I/O is refused (a file system without it) the
+file is written through the page cache in large writes, and on Linux the writeback of each
+64 MiB is started at once (``sync_file_range``) so the ``fsync`` does not meet it all at once.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
+import fcntl
 import itertools
 import json
+import math
+import mmap
 import os
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import xxhash
 
 from .hashing import tensor_bytes
 from .manifest import FileEntry
 
-__all__ = ["Prepared", "prepare", "write_prepared"]
+__all__ = ["Prepared", "aligned_empty", "prepare", "write_prepared"]
 
 _ST_NAMES: dict[torch.dtype, str] = {
     dtype: name for name, dtype in {
@@ -49,7 +61,20 @@ _ST_NAMES: dict[torch.dtype, str] = {
     }.items() if dtype is not None
 }
 _SLICE = 1 << 20  # bytes hashed at a time: both digests read the slice while it is in the CPU cache
-WRITEBACK_EVERY = 64 << 20  # start writeback of each this many bytes written
+WRITEBACK_EVERY = 64 << 20  # buffered writes: start writeback of each this many bytes written
+ALIGN = 4096  # direct I/O: file offsets, lengths and memory addresses are multiples of this
+ALIGN_FILES_FROM = 1 << 20  # files this large get their data aligned (header padding <= 4 KiB)
+_BOUNCE = 8 << 20  # the aligned buffer unaligned bytes go through on their way to a direct write
+DIRECT = hasattr(os, "O_DIRECT")  # tests turn it off to exercise the buffered path
+
+
+def aligned_empty(shape: Sequence[int], dtype: torch.dtype, *, pin_memory: bool = False) -> torch.Tensor:
+    """An uninitialized contiguous CPU tensor whose data starts on an ``ALIGN`` boundary (what a
+    direct write can read from without a bounce copy)."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin_memory)
+    start = -raw.data_ptr() % ALIGN
+    return raw[start:start + nbytes].view(dtype).view(tuple(shape))
 
 
 @dataclass
@@ -65,8 +90,9 @@ class Prepared:
 
 
 def header_bytes(tensors: Mapping[str, torch.Tensor], order: Sequence[str],
-                 metadata: Mapping[str, str] | None = None) -> bytes:
-    """The length prefix and JSON header of a safetensors file holding ``order`` in that order."""
+                 metadata: Mapping[str, str] | None = None, align: int = 8) -> bytes:
+    """The length prefix and JSON header of a safetensors file holding ``order`` in that order,
+    padded with spaces (JSON whitespace) so that the data starts at a multiple of ``align``."""
     entries: dict[str, Any] = {}
     if metadata:
         entries["__metadata__"] = dict(metadata)
@@ -80,7 +106,7 @@ def header_bytes(tensors: Mapping[str, torch.Tensor], order: Sequence[str],
         entries[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    raw += b" " * (-(8 + len(raw)) % align)  # safetensors itself aligns to 8
     return len(raw).to_bytes(8, "little") + raw
 
 
@@ -91,7 +117,8 @@ def prepare(tensors: Mapping[str, torch.Tensor], names: Sequence[str], *,
     group's content digest (equal to :func:`ckpt_track.format.hashing.content_digest`)."""
     order = sorted(names)
     _check_owned(tensors, order)
-    header = header_bytes(tensors, order, metadata)
+    data_size = sum(tensors[n].numel() * tensors[n].element_size() for n in order)
+    header = header_bytes(tensors, order, metadata, ALIGN if data_size >= ALIGN_FILES_FROM else 8)
     file_h = xxhash.xxh3_128()
     content_h = xxhash.xxh3_128()
     file_h.update(header)
@@ -128,14 +155,24 @@ def _check_owned(tensors: Mapping[str, torch.Tensor], order: Sequence[str]) -> N
 
 def write_prepared(path: Path, prepared: Prepared, *, sync: bool = True) -> FileEntry:
     """Write a prepared file (never over an existing one), fsynced unless ``sync=False``, and
-    describe it for the manifest."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)  # as the umask gives
+    describe it for the manifest.  Direct I/O where the file system takes it, else buffered."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    direct = DIRECT and prepared.size >= ALIGN_FILES_FROM
+    fd = -1
+    if direct:
+        try:
+            fd = os.open(path, flags | os.O_DIRECT, 0o666)  # as the umask gives
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            direct = False  # this file system has no direct I/O
+    if fd < 0:
+        fd = os.open(path, flags, 0o666)
     try:
-        written = _write_all(fd, memoryview(prepared.header), 0)
-        for part in prepared.parts:
-            written = _write_all(fd, part, written)
+        pieces = [memoryview(prepared.header), *prepared.parts]
+        written = _DirectWriter(fd).write(pieces) if direct else _write_buffered(fd, pieces)
         if written != prepared.size:
-            raise OSError(f"{path}: wrote {written} bytes, expected {prepared.size}")
+            raise OSError(errno.EIO, f"{path}: wrote {written} bytes, expected {prepared.size}")
         if sync:
             os.fsync(fd)
     finally:
@@ -143,16 +180,120 @@ def write_prepared(path: Path, prepared: Prepared, *, sync: bool = True) -> File
     return FileEntry(prepared.size, prepared.file_hash)
 
 
-def _write_all(fd: int, data: memoryview, offset: int) -> int:
-    """Write all of ``data`` at the file's current position (``offset`` bytes in); start the
-    writeback of each ``WRITEBACK_EVERY`` bytes; return the new offset."""
-    view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+def _bytes(view: memoryview) -> memoryview:
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _write_buffered(fd: int, pieces: Sequence[memoryview]) -> int:
+    written = 0
+    for piece in pieces:
+        written = _write_all(fd, _bytes(piece), written)
+    return written
+
+
+class _DirectWriter:
+    """Writes a file's pieces with ``O_DIRECT``: each aligned stretch of a piece straight from
+    its memory, everything else through an aligned bounce buffer; the last partial block with
+    direct I/O switched off (a direct write's length must be a multiple of ``ALIGN``).  A file
+    system that refuses a direct write part way (EINVAL) gets the rest buffered."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.offset = 0  # bytes on disk
+        self.direct = True
+        self._view = _bounce_buffer()
+        self._fill = 0
+        self.bounced = 0  # bytes that went through the bounce buffer (the rest went straight)
+
+    def write(self, pieces: Sequence[memoryview]) -> int:
+        try:
+            for piece in pieces:
+                self._piece(_bytes(piece))
+            self._flush_bounce(final=True)
+        finally:
+            self._view = memoryview(b"")
+        return self.offset
+
+    def _piece(self, data: memoryview) -> None:
+        pos = 0
+        while pos < len(data):
+            rest = data[pos:]
+            if self.direct and self._fill % ALIGN == 0 and len(rest) >= ALIGN and _address(rest) % ALIGN == 0:
+                if self._fill:
+                    self._flush_bounce()  # whole blocks (a padded header): the file offset stays aligned
+                n = len(rest) - len(rest) % ALIGN
+                self._write(rest[:n])  # straight from the staging buffer
+                pos += n
+                continue
+            n = min(len(rest), _BOUNCE - self._fill)
+            self._view[self._fill:self._fill + n] = rest[:n]
+            self._fill += n
+            self.bounced += n
+            pos += n
+            if self._fill == _BOUNCE:
+                self._flush_bounce()
+
+    def _flush_bounce(self, final: bool = False) -> None:
+        whole = self._fill - self._fill % ALIGN
+        if whole:
+            self._write(self._view[:whole])
+        tail = self._fill - whole
+        if tail and final:
+            self._buffered()
+            self._write(self._view[whole:self._fill])
+            tail = 0
+        if tail:
+            self._view[:tail] = self._view[whole:self._fill]
+        self._fill = tail
+
+    def _write(self, data: memoryview) -> None:
+        done = 0
+        while done < len(data):
+            try:
+                n = os.write(self.fd, data[done:done + (256 << 20)])
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self.direct:
+                    raise
+                self._buffered()  # direct I/O refused after all: the rest goes through the page cache
+                continue
+            if n <= 0:
+                raise OSError(errno.EIO, f"write returned {n}")
+            done += n
+            self.offset += n
+
+    def _buffered(self) -> None:
+        if self.direct:
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            self.direct = False
+
+
+_local = threading.local()
+
+
+def _bounce_buffer() -> memoryview:
+    """This thread's page-aligned bounce buffer, kept for its next file (a fresh one would
+    fault its pages in again for every file)."""
+    view = getattr(_local, "bounce", None)
+    if view is None:
+        view = _local.bounce = memoryview(mmap.mmap(-1, _BOUNCE))
+    return view
+
+
+def _address(view: memoryview) -> int:
+    """The memory address a byte view starts at (no copy)."""
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+
+
+def _write_all(fd: int, view: memoryview, offset: int) -> int:
+    """Write all of ``view`` at the file's current position (``offset`` bytes in) through the
+    page cache, in ``WRITEBACK_EVERY`` pieces whose writeback is started at once; return the
+    new offset."""
     done = 0
     started = offset - offset % WRITEBACK_EVERY
     while done < len(view):
-        n = os.write(fd, view[done:done + WRITEBACK_EVERY])  # large writes, each then sent on to the disk
+        n = os.write(fd, view[done:done + WRITEBACK_EVERY])
         if n <= 0:
-            raise OSError(f"write returned {n}")
+            raise OSError(errno.EIO, f"write returned {n}")
         done += n
         end = offset + done
         if end - started >= WRITEBACK_EVERY:

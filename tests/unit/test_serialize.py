@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import itertools
+import os
 
 import pytest
 import torch
@@ -80,3 +83,70 @@ def test_an_existing_file_is_never_overwritten(tmp_path):
     with pytest.raises(FileExistsError):
         serialize.write_prepared(tmp_path / "x.safetensors", serialize.prepare(MIXED, list(MIXED)))
     assert (tmp_path / "x.safetensors").read_bytes() == b"keep"
+
+
+def _odd_tensors() -> dict[str, torch.Tensor]:
+    """Tensors whose sizes are not multiples of 4 KiB, one of them at an unaligned address."""
+    g = torch.Generator().manual_seed(3)
+    unaligned = torch.empty(300_001)[1:]  # contiguous, owns its bytes, starts 4 bytes into an allocation
+    unaligned.copy_(torch.randn(300_000, generator=g))
+    return {"a": serialize.aligned_empty((700_003,), torch.float32).copy_(torch.randn(700_003, generator=g)),
+            "b": unaligned, "c": torch.arange(1001, dtype=torch.int16)}
+
+
+@pytest.mark.parametrize("names", [["a"], ["b"], ["a", "b", "c"], ["c", "b"]])
+def test_direct_and_buffered_writes_give_the_same_bytes(tmp_path, monkeypatch, names):
+    tensors = _odd_tensors()
+    prepared = serialize.prepare(tensors, names)
+    direct = serialize.write_prepared(tmp_path / "direct", prepared)
+    monkeypatch.setattr(serialize, "DIRECT", False)
+    buffered = serialize.write_prepared(tmp_path / "buffered", prepared)
+    assert (tmp_path / "direct").read_bytes() == (tmp_path / "buffered").read_bytes()
+    assert direct == buffered and direct.hash == hash_file(tmp_path / "direct")
+    back = load_file(tmp_path / "direct")
+    assert all(torch.equal(back[k], tensors[k]) for k in names)
+
+
+def test_an_aligned_staging_buffer_is_written_in_place(tmp_path):
+    """The bulk of a large tensor goes from its own memory to the disk: only the header block
+    and the last partial block pass through the bounce buffer."""
+    t = {"w": serialize.aligned_empty((3, 1 << 20), torch.float32).fill_(1.5)}  # 12 MiB
+    prepared = serialize.prepare(t, ["w"])
+    assert len(prepared.header) % serialize.ALIGN == 0  # the data starts on a block boundary
+    fd = os.open(tmp_path / "x", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+    try:
+        writer = serialize._DirectWriter(fd)
+        assert writer.write([memoryview(prepared.header), *prepared.parts]) == prepared.size
+    finally:
+        os.close(fd)
+    assert writer.bounced == len(prepared.header)
+    assert hash_file(tmp_path / "x") == prepared.file_hash
+
+
+def test_a_file_system_without_direct_io_gets_buffered_writes(tmp_path, monkeypatch):
+    real_open, real_write = os.open, os.write
+    refused = {"open": 0, "write": 0}
+
+    def no_direct_open(path, flags, mode=0o777):
+        if flags & os.O_DIRECT and refused["open"] == 0:
+            refused["open"] += 1
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    tensors = _odd_tensors()
+    prepared = serialize.prepare(tensors, ["a", "b"])
+    monkeypatch.setattr(os, "open", no_direct_open)
+    serialize.write_prepared(tmp_path / "x", prepared)  # refused at open: written buffered
+    assert refused["open"] == 1
+
+    def refuse_first_direct_write(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT and refused["write"] == 0:
+            refused["write"] += 1
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", refuse_first_direct_write)
+    serialize.write_prepared(tmp_path / "y", prepared)  # refused part way: the rest buffered
+    assert refused["write"] == 1
+    for name in ("x", "y"):
+        assert hash_file(tmp_path / name) == prepared.file_hash
