@@ -140,11 +140,12 @@ class DistributedRun:
                        optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, scaler: Any = None,
                        metrics: Mapping[str, Any] | None = None, aliases: Iterable[str] = (),
                        extra: Mapping[str, Any] | None = None, epoch: int | None = None,
-                       blocking: bool | None = None) -> CheckpointHandle:
+                       blocking: bool | None = None, overlap: bool | None = None) -> CheckpointHandle:
         """Collective: every rank calls it with its own objects at the same step.  Returns once
         this rank's state is copied; the sharded write, the commit on rank 0 and the upload run
         in the background.  ``wait()`` on rank 0 returns the stored version; on other ranks
-        None once this rank's part is written."""
+        None once this rank's part is written.  ``overlap`` is accepted for the single-process
+        signature's sake: under torch.distributed every tensor is copied before this returns."""
         if self._finished:
             raise CheckpointWriteError("this run is finished; start a new one with ct.init()")
         step = check_step(step)
