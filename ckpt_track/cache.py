@@ -11,19 +11,26 @@ Every backend whose checkpoints are not already on local disk implements ``get``
 ``blobs(names, into)`` writes the named content-addressed files the version shares with
 others of its run (kept once per run by the tracker).  Where the cache entry goes is decided
 by the core (``resolve.cache_dir``).
+
+A cached copy is re-hashed before it is reused, so that one that rotted since it was fetched is
+fetched again; inside :func:`hashing_deferred` that is left to the caller, which hashes every
+file itself before using any (a restore into live objects: each file is then hashed once).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from .errors import CheckpointNotFound, IntegrityError
 from .format import (
     MANIFEST,
     LocalCheckpoint,
+    check_name,
     hash_file,
     is_blob,
     link_cached,
@@ -32,8 +39,27 @@ from .format import (
     swap_in,
     verify,
 )
+from .format.copy import regular_of_size
 
-__all__ = ["cache_dir", "cached", "fetch"]
+__all__ = ["cache_dir", "cached", "fetch", "hashing_deferred"]
+
+#: the cache entries reused unhashed inside :func:`hashing_deferred` (None outside it)
+_DEFERRED: ContextVar[list[Path] | None] = ContextVar("ckpt_track_cache_deferred", default=None)
+
+
+@contextmanager
+def hashing_deferred() -> Iterator[list[Path]]:
+    """Inside, :func:`cached` reuses a copy whose files are all present, regular and of their
+    recorded sizes without re-hashing them: for a caller that hashes every file from the files
+    it opens before it uses any (``restoring.restore_from``).  Yields the list of the entries so
+    reused; when the caller's hashing refuses one, it fetches again outside this context, where
+    a rotted copy is detected and fetched anew."""
+    reused: list[Path] = []
+    token = _DEFERRED.set(reused)  # a context variable: other threads keep hashing what they reuse
+    try:
+        yield reused
+    finally:
+        _DEFERRED.reset(token)
 
 def cache_dir() -> Path:
     """Where checkpoints downloaded from remote trackers are kept."""
@@ -54,7 +80,14 @@ def cached(dest: Path, manifest_hash: str | None = None) -> LocalCheckpoint | No
     try:
         if manifest_hash is not None and hash_file(dest / MANIFEST) != manifest_hash:
             return None
-        return LocalCheckpoint(dest, verify(dest))
+        deferred = _DEFERRED.get()
+        if deferred is None:
+            return LocalCheckpoint(dest, verify(dest))
+        manifest = read_manifest(dest)  # the caller hashes the files (see hashing_deferred)
+        if not all(regular_of_size(dest / check_name(f, dest), e.size) for f, e in manifest.files.items()):
+            return None  # partial or damaged: fetched again
+        deferred.append(dest)
+        return LocalCheckpoint(dest, manifest)
     except (IntegrityError, CheckpointNotFound, OSError):
         return None
 

@@ -5,7 +5,9 @@ Both are all or nothing.
 Into live objects, the order of work, so that a checkpoint that cannot be applied changes nothing:
 
 1. every file the manifest lists is opened (regular files only, never through a
-   link) and those open files are hashed against the manifest;
+   link) and those open files are hashed against the manifest, several at a time (each file
+   is hashed once: a copy in the download cache is reused unhashed, ``cache.hashing_deferred``,
+   and fetched again the usual way when it does not verify here);
 2. ``state.json`` and every safetensors header are parsed and checked;
 3. every tensor that has no live tensor to go into (and every file holding a dtype
    the fast reader does not map) is read into fresh memory;
@@ -13,7 +15,7 @@ Into live objects, the order of work, so that a checkpoint that cannot be applie
    (:func:`ckpt_track.state.prepare`): step, epoch, model keys and shapes,
    optimizer groups and hyper-parameters, scheduler and scaler state, RNG states;
 5. only then are the remaining tensors read straight into the live tensors
-   (``readinto``, no second copy) and the rest applied.
+   (``preadv`` by a few threads, no second copy) and the rest applied.
 
 What remains possible is a failure of step 5 itself: the disk failing, or a file
 being changed in place (same inode) between its hashing in step 1 and its read in
@@ -32,15 +34,17 @@ from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import torch
 
+from .cache import hashing_deferred
 from .errors import ConfigError, IntegrityError
 from .format import (
     MANIFEST,
     STATE,
     LocalCheckpoint,
+    Manifest,
     TensorInfo,
     copy_checkpoint,
     fits,
@@ -78,18 +82,17 @@ def restore_from(found: Fetchable, *, model: torch.nn.Module | None = None,
                  strict: bool = True, rng: bool = True) -> Restored:
     """Restore the checkpoint ``found`` into the given objects, or change none of them."""
     targets = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    ckpt = found.fetch()
-    if ckpt.manifest.sharded or _sharded_model(model):
-        # written by several ranks, or a model whose parameters are shards (FSDP2, tensor
-        # parallel): through DCP's load planner, resharded to this process
-        from .distributed.comm import rank_and_world
-        from .distributed.restore import restore_dir
-
-        restored = restore_dir(ckpt.path, rank=rank_and_world()[0], strict=strict, rng=rng, **targets)
-        return replace(restored, ref=str(found.stored.ref))
     with ExitStack() as stack:
-        manifest = read_manifest(ckpt.path)
-        files = open_verified(ckpt.path, manifest, stack)  # nothing is loaded unless every file matches
+        ckpt, opened = _fetch_opened(found, stack, _sharded_model(model))
+        if opened is None:
+            # written by several ranks, or a model whose parameters are shards (FSDP2, tensor
+            # parallel): through DCP's load planner, resharded to this process
+            from .distributed.comm import rank_and_world
+            from .distributed.restore import restore_dir
+
+            restored = restore_dir(ckpt.path, rank=rank_and_world()[0], strict=strict, rng=rng, **targets)
+            return replace(restored, ref=str(found.stored.ref))
+        manifest, files = opened  # nothing is loaded unless every file matched
         if STATE not in files:
             raise IntegrityError(f"{ckpt.path}: the manifest lists no {STATE}; the checkpoint is damaged")
         tree = read_state_open(files[STATE], ckpt.path / STATE)
@@ -103,6 +106,41 @@ def restore_from(found: Fetchable, *, model: torch.nn.Module | None = None,
         tensors = {**fresh, **load_into(ckpt.path, tensor_fds, inplace_index, live)}
     restored = apply(tree, tensors, rng=rng, strict=strict, **targets)
     return replace(restored, metrics=dict(manifest.metrics), ref=str(found.stored.ref))
+
+
+def _fetch_opened(found: Fetchable, stack: ExitStack, sharded_model: bool,
+                  ) -> tuple[LocalCheckpoint, tuple[Manifest, dict[str, BinaryIO]] | None]:
+    """The checkpoint on local disk with its manifest and every file open and hashed against it
+    (None for one read through DCP, whose reader hashes what it reads).
+
+    Each file is hashed once, here: a copy in the download cache is reused without re-hashing it
+    first (:func:`ckpt_track.cache.hashing_deferred`).  When such a copy does not verify (it
+    rotted since it was fetched), or is sharded (DCP hashes only what this rank reads), it is
+    fetched again the usual way: re-hashed by the cache, fetched anew when damaged."""
+    reused: list[Path] = []
+    try:
+        with hashing_deferred() as reused:
+            ckpt = found.fetch()
+        if not reused or not _through_dcp(ckpt, sharded_model):
+            return ckpt, _opened(ckpt, stack, sharded_model)
+    except IntegrityError:
+        if not reused:
+            raise
+    ckpt = found.fetch()
+    return ckpt, _opened(ckpt, stack, sharded_model)
+
+
+def _through_dcp(ckpt: LocalCheckpoint, sharded_model: bool) -> bool:
+    return ckpt.manifest.sharded or sharded_model
+
+
+def _opened(ckpt: LocalCheckpoint, stack: ExitStack,
+            sharded_model: bool) -> tuple[Manifest, dict[str, BinaryIO]] | None:
+    """Every file of ``ckpt`` open and hashed against its manifest (None when read through DCP)."""
+    if _through_dcp(ckpt, sharded_model):
+        return None
+    manifest = read_manifest(ckpt.path)
+    return manifest, open_verified(ckpt.path, manifest, stack)
 
 
 def _sharded_model(model: torch.nn.Module | None) -> bool:

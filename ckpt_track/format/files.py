@@ -72,6 +72,27 @@ def open_regular(path: Path, limit: int | None = None) -> BinaryIO:
         raise
 
 
+_ADVICE = {"sequential": getattr(os, "POSIX_FADV_SEQUENTIAL", None), "willneed": getattr(os, "POSIX_FADV_WILLNEED", None)}
+
+
+def advise(f: BinaryIO, *advice: str, offset: int = 0, length: int = 0) -> None:
+    """Tell the kernel how an open file is about to be read (``length`` 0: to its end):
+    ``"sequential"`` widens its readahead, ``"willneed"`` starts reading the range into the page
+    cache at once (on a cold file the disk then gets the whole range queued instead of one
+    readahead window at a time; on a cached one it costs about 0.2 ms per GiB).  Only a hint:
+    where the platform or the file system takes none, nothing happens."""
+    fadvise = getattr(os, "posix_fadvise", None)
+    if fadvise is None:
+        return
+    try:
+        fd = f.fileno()
+        for name in advice:
+            if (flag := _ADVICE[name]) is not None:
+                fadvise(fd, offset, length, flag)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def read_exact(f: BinaryIO, size: int, where: Path | str, offset: int = 0) -> bytes:
     """Exactly ``size`` bytes from ``offset`` (never more); :class:`IntegrityError` if the file ends first."""
     f.seek(offset)
