@@ -301,7 +301,8 @@ def main() -> None:
                  f"(~{loop['interval']:.1f} s of compute), {loop['pairs']} interleaved triples; slowdown vs the same "
                  f"loop without checkpoints: ckpt_track {loop['ct']:+.3f}, ckpt_track with overlap=False "
                  f"{loop['ct_no_overlap']:+.3f}, plain background write + fsync {loop['plain_write']:+.3f} "
-                 f"(medians).\n")
+                 f"(medians). ckpt_track's writer thread used {loop['writer_share']:.1%} of one core over the "
+                 f"loop (hash + write + fsync).\n")
     table = "\n".join(f"| {name} | {value:.3f} | {goal} | {_verdict(value, goal)} |" for name, value, goal in rows)
     times = "\n".join(f"| {k} | {v:.3f} s | {gb / v:.2f} GB/s |" for k, v in med.items())
     body = f"""## Save and restore (`benchmarks/bench_save_restore.py`)
@@ -390,6 +391,7 @@ def e2e_loop(work: Path, pairs: int = 2) -> dict[str, float]:
         run = ct.init(project="bench-loop", monitor=None, settings={"overlap": kind != "ct_no_overlap"}) \
             if kind.startswith("ct") else None
         plain = PlainWriter(work, state_tensors(model, opt)) if kind == "plain_write" else None
+        counted = len(_writer_cpu)
         t0 = time.perf_counter()  # the one-time init is not part of the loop
         for i in range(1, steps + 1):
             step()
@@ -402,9 +404,13 @@ def e2e_loop(work: Path, pairs: int = 2) -> dict[str, float]:
             run.finish()
         if plain is not None:
             plain.finish()
-        return time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        if run is not None:
+            writer_share[kind].append(sum(_writer_cpu[counted:]) / elapsed)
+        return elapsed
 
     kinds = ["none", "ct", "plain_write", "ct_no_overlap"]
+    writer_share: dict[str, list[float]] = {"ct": [], "ct_no_overlap": []}
     slow: dict[str, list[float]] = {k: [] for k in kinds[1:]}
     for n in range(pairs):
         order = kinds if n % 2 == 0 else [kinds[0], *kinds[:0:-1]]
@@ -414,7 +420,7 @@ def e2e_loop(work: Path, pairs: int = 2) -> dict[str, float]:
     med = {k: statistics.median(v) for k, v in slow.items()}
     ratio = med["ct"] / med["plain_write"] if med["plain_write"] > 0 else float("inf")
     return {**med, "ratio": ratio, "every": every, "interval": every * per_step, "pairs": pairs,
-            "state_mb": state_mb}
+            "state_mb": state_mb, "writer_share": statistics.median(writer_share["ct"])}
 
 
 if __name__ == "__main__":
