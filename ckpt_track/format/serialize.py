@@ -46,20 +46,11 @@ import xxhash
 
 from .hashing import tensor_bytes
 from .manifest import FileEntry
+from .read import _ST_DTYPES
 
 __all__ = ["Prepared", "aligned_empty", "prepare", "write_prepared"]
 
-_ST_NAMES: dict[torch.dtype, str] = {
-    dtype: name for name, dtype in {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-        "BOOL": torch.bool, "C64": torch.complex64,
-        "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
-        "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None), "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
-        "U16": getattr(torch, "uint16", None), "U32": getattr(torch, "uint32", None),
-        "U64": getattr(torch, "uint64", None),
-    }.items() if dtype is not None
-}
+_ST_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _ST_DTYPES.items()}  # what the reader maps
 _SLICE = 1 << 20  # bytes hashed at a time: both digests read the slice while it is in the CPU cache
 WRITEBACK_EVERY = 64 << 20  # buffered writes: start writeback of each this many bytes written
 ALIGN = 4096  # direct I/O: file offsets, lengths and memory addresses are multiples of this
