@@ -13,8 +13,8 @@ directory, fsynced, then renamed into place.
 Incremental (content-addressed) layout: with ``blobs=True`` tensors are grouped
 (a tensor of ``pack_size`` bytes or more alone, smaller ones packed together in
 name order) and each group is written to ``t-<digest>.safetensors``, where the
-digest is the xxh3-128 of the group's names, dtypes, shapes and bytes.  Equal
-names mean equal contents, so a group that did not change since an earlier
+digest is the xxh3-128 of the file (earlier versions: of the group's names, dtypes,
+shapes and bytes; the schemes never share a name).  Equal names mean equal bytes, so a group that did not change since an earlier
 checkpoint is hard-linked from it instead of being written again, and a backend
 can store each such file once per run (:func:`is_blob`).  The directory is still
 a plain v1 checkpoint: any v1 reader loads it.

@@ -1,9 +1,11 @@
 """File and content hashing (xxh3-128), and the naming of content-addressed tensor files.
 
-A file's hash is what the manifest records and what verification recomputes.  A
-tensor group's *content* digest names its file (``t-<digest>.safetensors``): equal
-names mean equal contents, which is what lets an incremental checkpoint link an
-unchanged file from an earlier one and a backend store it once per run.
+A file's hash is what the manifest records and what verification recomputes, and it names a
+content-addressed tensor file (``t-<xxh3 of the file>.safetensors``, see
+:mod:`ckpt_track.format.serialize`; files of earlier versions, and of dtypes that writer does
+not name, carry a tensor group's *content* digest instead): equal names mean equal bytes,
+which is what lets an incremental checkpoint link an unchanged file from an earlier one and a
+backend store it once per run.
 """
 
 from __future__ import annotations

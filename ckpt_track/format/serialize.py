@@ -3,13 +3,18 @@
 The safetensors layout is simple: an 8-byte little-endian header length, a JSON header (each
 tensor's dtype, shape and byte range; ``__metadata__``) padded with spaces to a multiple of 8
 bytes, then the tensors' bytes back to back.  Writing it here, straight from the staging
-buffers, lets one pass over each tensor's bytes feed both digests a checkpoint needs (the
-group's content digest, which names a content-addressed file, and the file's own xxh3-128,
-which the manifest records) while the bytes are in the CPU cache, instead of a digest pass,
-a serialization that copies every tensor into a new buffer, and a second pass that reads the
-file back to hash it.  Tensors are laid out in name order (safetensors itself orders by dtype
-first, so a file holding one dtype is byte-identical to what ``safetensors.torch.save_file``
-writes); any safetensors reader loads either.
+buffers, needs one pass over the bytes for the file's xxh3-128 (which the manifest records and
+which also names a content-addressed file: ``t-<xxh3 of the file>.safetensors``), instead of a
+digest pass, a serialization that copies every tensor into a new buffer, and a second pass that
+reads the file back to hash it.  Tensors are laid out in name order (safetensors itself orders
+by dtype first, so a small file holding one dtype is byte-identical to what
+``safetensors.torch.save_file`` writes); any safetensors reader loads either.
+
+Naming a file by the hash of its own bytes keeps "equal names mean equal bytes" true across
+writers: files written before this writer are named by a digest of their tensors' names,
+dtypes, shapes and bytes (``hashing.content_digest``), and this writer lays some of the same
+tensors out differently (padding, order), so it must never reuse such a name for other bytes
+(a tracker that holds a file once per run would keep the old bytes under the new manifest's hash).
 
 The bytes then go to the disk without the page cache (``O_DIRECT``), straight from the
 staging buffers where they are aligned (a file of 1 MiB or more gets its header padded with
@@ -51,7 +56,6 @@ from .read import _ST_DTYPES
 __all__ = ["Prepared", "aligned_empty", "prepare", "write_prepared"]
 
 _ST_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _ST_DTYPES.items()}  # what the reader maps
-_SLICE = 1 << 20  # bytes hashed at a time: both digests read the slice while it is in the CPU cache
 WRITEBACK_EVERY = 64 << 20  # buffered writes: start writeback of each this many bytes written
 ALIGN = 4096  # direct I/O: file offsets, lengths and memory addresses are multiples of this
 ALIGN_FILES_FROM = 1 << 20  # files this large get their data aligned (header padding <= 4 KiB)
@@ -70,14 +74,13 @@ def aligned_empty(shape: Sequence[int], dtype: torch.dtype, *, pin_memory: bool 
 
 @dataclass
 class Prepared:
-    """A safetensors file ready to write: its header, its tensors' bytes in file order, the
-    file's xxh3-128 and size, and the content digest of the group (see ``content_digest``)."""
+    """A safetensors file ready to write: its header, its tensors' bytes in file order, and the
+    file's xxh3-128 and size."""
 
     header: bytes
     parts: list[memoryview]
     file_hash: str
     size: int
-    content: str
 
 
 def header_bytes(tensors: Mapping[str, torch.Tensor], order: Sequence[str],
@@ -104,27 +107,18 @@ def header_bytes(tensors: Mapping[str, torch.Tensor], order: Sequence[str],
 def prepare(tensors: Mapping[str, torch.Tensor], names: Sequence[str], *,
             metadata: Mapping[str, str] | None = None) -> Prepared:
     """Lay out the named tensors (contiguous CPU tensors that share no memory) as one
-    safetensors file and compute, in one pass over their bytes, the file's hash and the
-    group's content digest (equal to :func:`ckpt_track.format.hashing.content_digest`)."""
+    safetensors file and compute the file's hash in one pass over their bytes."""
     order = sorted(names)
     _check_owned(tensors, order)
     data_size = sum(tensors[n].numel() * tensors[n].element_size() for n in order)
     header = header_bytes(tensors, order, metadata, ALIGN if data_size >= ALIGN_FILES_FROM else 8)
     file_h = xxhash.xxh3_128()
-    content_h = xxhash.xxh3_128()
     file_h.update(header)
-    parts: list[memoryview] = []
-    for name in order:
-        t = tensors[name]
-        content_h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        data = tensor_bytes(t)
-        for off in range(0, len(data), _SLICE):
-            piece = data[off:off + _SLICE]
-            content_h.update(piece)
-            file_h.update(piece)
-        parts.append(data)
+    parts = [tensor_bytes(tensors[name]) for name in order]
+    for data in parts:
+        file_h.update(data)
     size = len(header) + sum(len(p) for p in parts)
-    return Prepared(header, parts, file_h.hexdigest(), size, content_h.hexdigest())
+    return Prepared(header, parts, file_h.hexdigest(), size)
 
 
 def _check_owned(tensors: Mapping[str, torch.Tensor], order: Sequence[str]) -> None:

@@ -79,8 +79,8 @@ def _write_blobs(tmp: Path, tensors: Mapping[str, torch.Tensor], pack_size: int,
     files: dict[str, FileEntry] = {}
     written: list[Path] = []
     for group in blob_groups(tensors, pack_size):
-        prepared = _prepare(tensors, group)  # one pass: the group's content digest and its file's hash
-        fname = blob_name(prepared.content if prepared is not None else content_digest(tensors, group))
+        prepared = _prepare(tensors, group)  # one pass over the bytes: the file's hash, which names it
+        fname = blob_name(prepared.file_hash if prepared is not None else content_digest(tensors, group))
         if placed is not None:
             placed.update(dict.fromkeys(group, fname))
         if fname in files:
