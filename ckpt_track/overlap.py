@@ -43,13 +43,14 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> set[int]:
     """The storages (data pointers) of what ``optimizer.step()`` changes: every parameter of
     its groups and every tensor of its state."""
     owned: set[int] = set()
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            owned.add(p.untyped_storage().data_ptr())
+    tensors = [p for group in optimizer.param_groups for p in group["params"]]
     for state in optimizer.state.values():
-        for v in state.values() if isinstance(state, dict) else ():
-            if isinstance(v, torch.Tensor) and v.numel() > 0:
-                owned.add(v.untyped_storage().data_ptr())
+        tensors += [v for v in (state.values() if isinstance(state, dict) else ()) if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        try:
+            owned.add(t.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):
+            pass  # no plain storage (a DTensor, a sparse tensor): never deferred
     owned.discard(0)
     return owned
 
@@ -88,9 +89,7 @@ class Snapshot:
         self.staged = staged
         # (name, live tensor, its version at the call): checked after the copies
         self._watch = [(name, sources[name].detach(), sources[name]._version) for name in sorted(names)]
-        self._event = staged.deferred_copied  # CUDA copies, on the side stream
-        cuda = [sources[n].device for n in names if sources[n].is_cuda]
-        self._device = cuda[0] if cuda else None
+        self._events = list(staged.deferred_copied)  # CUDA copies, one event per device's side stream
         self._lock = threading.RLock()
         self._settled = False
         self._problem: str | None = None
@@ -122,13 +121,16 @@ class Snapshot:
         """Block until every copy into the staging buffers is complete (host side); a copy
         that failed raises here (in the writer thread, which reports it)."""
         self._copies.result()
-        if self._event is not None:
-            self._event.synchronize()
+        for event in self._events:
+            event.synchronize()
 
-    def _copies_ended(self) -> None:
-        """Wait for the background copy to end, failed or not (a failure is the writer's to
-        report: the training thread never gets it from a hook)."""
+    def copies_ended(self) -> None:
+        """Wait for every copy to end, failed or not (a failure is the writer's to report: the
+        training thread never gets it from a hook), device copies included: only then may the
+        staging buffers be handed to another save."""
         wait([self._copies])
+        for event in self._events:
+            event.synchronize()
 
     def before_step(self) -> None:
         """The optimizer is about to step (its pre-hook, in the training thread): wait for the
@@ -136,9 +138,9 @@ class Snapshot:
         with self._lock:
             if self._settled:
                 return
-        self._copies_ended()
-        if self._event is not None:
-            torch.cuda.current_stream(self._device).wait_event(self._event)  # the GPU waits, not the host
+        wait([self._copies])  # a failed copy is the writer's to report
+        for event in self._events:  # the GPU waits, not the host
+            torch.cuda.current_stream(event.device).wait_event(event)
         self.settle("after log_checkpoint returned and before the optimizer's next step")
 
     def settle(self, when: str) -> None:
@@ -193,7 +195,7 @@ class StepGate:
         snap = Snapshot(step, staged, sources, names, self._copier)
         optimizer = innermost(optimizer)
         with self._lock:
-            self._open = [(o, s) for o, s in self._open if not s.settled and o() is not None]
+            self._open = [(o, s) for o, s in self._open if not s.settled]  # never drop one unsettled
             self._open.append((weakref.ref(optimizer), snap))
             hooked = self._hooks.get(id(optimizer))
             if hooked is None or hooked[0]() is not optimizer:
@@ -220,8 +222,12 @@ class StepGate:
             if snap is None:
                 wait_staged(copies)
                 return save(copies, chained)
-            snap.wait_copies()
-            wait_staged(copies)
+            try:
+                snap.wait_copies()
+            finally:
+                snap.copies_ended()  # a failed copy: the buffers go back only once nothing writes them
+                wait_staged(copies)
+            snap.check()  # refused while it was copied: do not write it at all
             return save(copies, chained, before_commit=snap.before_commit)
 
         return writer.submit_staged(stage, job)
@@ -238,9 +244,7 @@ class StepGate:
         with self._lock:
             pending, self._open = [s for _, s in self._open], []
         for snap in pending:
-            snap._copies_ended()
-            if snap._event is not None:
-                snap._event.synchronize()
+            snap.copies_ended()
             snap.settle(when)
 
     def close(self) -> None:

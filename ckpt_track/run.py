@@ -230,6 +230,7 @@ class Run:
         Returns the step to continue from (the checkpoint's step + 1), or 0 when
         there is nothing to resume.  Later checkpoints record it as ``resumed_from``.
         """
+        settle_all("after log_checkpoint returned and before a resume")  # any run's copies of these tensors
         source = self._resume_source(ref)
         if source is None:
             return 0

@@ -33,25 +33,28 @@ def _owned(t: torch.Tensor) -> bool:
 
 
 class StagedTensors(dict[str, torch.Tensor]):
-    """What :func:`snapshot_tensors` returns: the tensors, and the CUDA event at which their
-    device-to-host copies are complete (``copied``; None when nothing is in flight).
+    """What :func:`snapshot_tensors` returns: the tensors, and the CUDA events at which their
+    device-to-host copies are complete (``copied``: one per device; empty when nothing is in
+    flight).
 
-    The event travels with the tensors it guards, so waiting on them needs no table on the
+    The events travel with the tensors they guard, so waiting on them needs no table on the
     side (one keyed by ``id()`` could hand a dead snapshot's event to a new one at the same
     address, and kept the events of snapshots nobody waited for).
 
     ``deferred`` lists the CPU tensors named in ``defer`` whose copy was left to the caller
     (``(name, source, buffer)``: ``buffer`` is already in the mapping, not yet filled);
-    ``deferred_copied`` is the CUDA event of the deferred device copies, which the caller's
-    stream does not wait for (:mod:`ckpt_track.overlap`)."""
+    ``deferred_copied`` holds the events of the deferred device copies (one per device), which
+    the caller's streams do not wait for (:mod:`ckpt_track.overlap`)."""
 
-    copied: Any = None  # torch.cuda.Event
+    copied: list[Any]  # torch.cuda.Event per device
     deferred: list[tuple[str, torch.Tensor, torch.Tensor]]
-    deferred_copied: Any = None  # torch.cuda.Event
+    deferred_copied: list[Any]
 
     def __init__(self) -> None:
         super().__init__()
+        self.copied = []
         self.deferred = []
+        self.deferred_copied = []
 
 
 def _buffer(name: str, t: torch.Tensor, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -65,6 +68,27 @@ def _buffer(name: str, t: torch.Tensor, buffers: dict[str, torch.Tensor]) -> tor
     return buf
 
 
+class _SideStreams:
+    """One side stream per CUDA device for device-to-host copies, each starting after what the
+    loop queued on that device so far (a copy of a ``cuda:1`` tensor must be ordered on
+    ``cuda:1``)."""
+
+    def __init__(self) -> None:
+        self.streams: dict[torch.device, Any] = {}
+
+    def copy(self, buf: torch.Tensor, t: torch.Tensor) -> None:
+        side = self.streams.get(t.device)
+        if side is None:
+            side = self.streams[t.device] = torch.cuda.Stream(device=t.device)
+            side.wait_stream(torch.cuda.current_stream(t.device))  # copy what the loop computed so far
+        with torch.cuda.stream(side):
+            buf.copy_(t, non_blocking=True)
+        t.record_stream(side)  # keep the caching allocator from reusing t's memory mid-copy
+
+    def events(self) -> list[Any]:
+        return [side.record_event() for side in self.streams.values()]
+
+
 def snapshot_tensors(tensors: Mapping[str, torch.Tensor], *, copy: bool,
                      buffers: dict[str, torch.Tensor] | None = None,
                      defer: Collection[str] = ()) -> StagedTensors:
@@ -74,9 +98,9 @@ def snapshot_tensors(tensors: Mapping[str, torch.Tensor], *, copy: bool,
     while the copy is written; otherwise only views and device tensors are.
     ``buffers`` is a staging set reused across calls: a buffer whose shape and
     dtype still match is overwritten instead of allocating a new one (pinned
-    memory for CUDA sources).  CUDA copies are issued on a side stream that the
-    caller's stream then waits on; with ``copy=True`` the host never blocks on them
-    here and the writer thread waits for them before reading (:func:`wait_staged`),
+    memory for CUDA sources).  CUDA copies are issued on a side stream per device that the
+    caller's stream on that device then waits on; with ``copy=True`` the host never blocks
+    on them here and the writer thread waits for them before reading (:func:`wait_staged`),
     with ``copy=False`` (a save that writes at once) they are waited for here.
 
     Tensors named in ``defer`` (``copy=True`` only) get their buffers but are not copied
@@ -86,7 +110,7 @@ def snapshot_tensors(tensors: Mapping[str, torch.Tensor], *, copy: bool,
     """
     buffers = {} if buffers is None else buffers
     out = StagedTensors()
-    side = None
+    sides = _SideStreams()
     later: list[tuple[torch.Tensor, torch.Tensor]] = []
     for name, t in tensors.items():
         t = t.detach()
@@ -100,47 +124,33 @@ def snapshot_tensors(tensors: Mapping[str, torch.Tensor], *, copy: bool,
                 later.append((t, buf))
             else:
                 out.deferred.append((name, t, buf))
-            continue
-        if t.is_cuda:
-            side = side or _side_stream(t)
-            with torch.cuda.stream(side):
-                buf.copy_(t, non_blocking=True)
-            t.record_stream(side)  # keep the caching allocator from reusing t's memory mid-copy
+        elif t.is_cuda:
+            sides.copy(buf, t)
         else:
             buf.copy_(t)
     for name in set(buffers) - set(tensors):
         del buffers[name]  # tensors that went away: free their staging memory
-    if side is not None:
-        out.copied = side.record_event()
-        torch.cuda.current_stream(side.device).wait_stream(side)  # later GPU writes wait for the copies
+    if sides.streams:
+        out.copied = sides.events()
+        for device, side in sides.streams.items():
+            torch.cuda.current_stream(device).wait_stream(side)  # later GPU writes wait for the copies
         if not copy:  # a synchronous save writes these at once: the host copies must be complete
             wait_staged(out)
     if later:
-        side = side or _side_stream(later[0][0])
-        with torch.cuda.stream(side):
-            for t, buf in later:
-                buf.copy_(t, non_blocking=True)
-                t.record_stream(side)
-        out.deferred_copied = side.record_event()  # waited by the optimizer step, not by the next kernel
+        for t, buf in later:
+            sides.copy(buf, t)
+        out.deferred_copied = sides.events()  # waited by the optimizer step, not by the next kernel
     return out
-
-
-def _side_stream(t: torch.Tensor) -> Any:
-    """A side stream for device-to-host copies that starts after what the loop computed so far."""
-    side = torch.cuda.Stream(device=t.device)
-    side.wait_stream(torch.cuda.current_stream(t.device))
-    return side
 
 
 def wait_staged(staged: Mapping[str, torch.Tensor]) -> None:
     """Block until the device-to-host copies into ``staged`` have finished (the writer thread,
     or a blocking save, before anything reads the host copies)."""
     if isinstance(staged, StagedTensors):
-        for attr in ("copied", "deferred_copied"):
-            event = getattr(staged, attr)
-            if event is not None:
-                event.synchronize()
-                setattr(staged, attr, None)
+        events = [*staged.copied, *staged.deferred_copied]
+        staged.copied, staged.deferred_copied = [], []
+        for event in events:
+            event.synchronize()
 
 
 WRITER_NICENESS = 10

@@ -64,12 +64,24 @@ DIRECT = hasattr(os, "O_DIRECT")  # tests turn it off to exercise the buffered p
 
 
 def aligned_empty(shape: Sequence[int], dtype: torch.dtype, *, pin_memory: bool = False) -> torch.Tensor:
-    """An uninitialized contiguous CPU tensor whose data starts on an ``ALIGN`` boundary (what a
-    direct write can read from without a bounce copy)."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin_memory)
-    start = -raw.data_ptr() % ALIGN
-    return raw[start:start + nbytes].view(dtype).view(tuple(shape))
+    """An uninitialized contiguous CPU tensor for staging, whose data starts on an ``ALIGN``
+    boundary when it is large enough for a file of its own (what a direct write can read from
+    without a bounce copy).  It owns exactly its bytes (storage offset 0, storage size = its
+    size), as DCP's writers and safetensors expect of a tensor they write without cloning.
+
+    Pinned memory (a CUDA source) comes page-aligned from the CUDA host allocator already; a
+    large CPU buffer is an anonymous memory map (page-aligned, transparent huge pages asked
+    for where the kernel offers them on request)."""
+    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if pin_memory or size < ALIGN_FILES_FROM:
+        return torch.empty(tuple(shape), dtype=dtype, pin_memory=pin_memory)
+    region = mmap.mmap(-1, size)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            region.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass  # advisory
+    return torch.frombuffer(region, dtype=torch.uint8).view(dtype).view(tuple(shape))
 
 
 @dataclass

@@ -273,3 +273,50 @@ def test_hooks_are_removed_when_the_run_finishes():
     assert len(opt._optimizer_step_pre_hooks) == before + 1  # one hook per optimizer, not per save
     run.finish()
     assert len(opt._optimizer_step_pre_hooks) == before
+
+
+def test_an_edit_after_the_copy_and_before_the_step_is_refused_too(monkeypatch):
+    """The copy may be complete before the edit, but nothing says so until the step settles it:
+    the check at the step refuses the checkpoint (without it, only edits that land while the
+    copy runs would be caught)."""
+    from ckpt_track import overlap
+
+    stepped = threading.Event()
+    real = overlap.Snapshot.before_commit
+
+    def commit_after_the_step(self):  # type: ignore[no-untyped-def]
+        stepped.wait(30)  # the writer would otherwise commit (and settle) before the edit
+        real(self)
+
+    monkeypatch.setattr(overlap.Snapshot, "before_commit", commit_after_the_step)
+    model, opt = make()
+    train_step(model, opt)
+    run = ct.init(project="p", name="r", monitor=None)
+    handle = run.log_checkpoint(1, model=model, optimizer=opt)
+    run._gate._copier.submit(lambda: None).result()  # the snapshot thread has done its copies
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    train_step(model, opt)
+    stepped.set()
+    with pytest.raises(CheckpointWriteError, match=r"before the optimizer's next step"):
+        handle.wait()
+    run.finish()
+
+
+def test_resume_settles_another_runs_pending_copies():
+    model, opt = make()
+    train_step(model, opt)
+    first = ct.init(project="p", name="a", monitor=None)
+    first.log_checkpoint(1, model=model, optimizer=opt).wait()
+    train_step(model, opt)
+    want = state_now(model, opt)
+    other = ct.init(project="p", name="b", monitor=None)
+    release = hold_copies(other)
+    handle = other.log_checkpoint(2, model=model, optimizer=opt)
+    threading.Timer(0.05, release.set).start()
+    first.resume(model=model, optimizer=opt)  # writes into the tensors b is still to copy
+    handle.wait()
+    assert same(restored(f"{other.ref}@step=2", "adamw"), want)
+    other.finish()
+    first.finish()
+
