@@ -158,8 +158,9 @@ def _shards(tensors: Mapping[str, torch.Tensor], shard_size: int) -> list[dict[s
 
 
 def _prepare(tensors: Mapping[str, torch.Tensor], names: list[str]) -> Prepared | None:
-    """The named tensors laid out as one safetensors file, both digests computed; None when a
-    dtype has no name in this writer (then safetensors writes the file)."""
+    """The named tensors laid out as one safetensors file, its hash computed; None when a
+    dtype has no name in this writer (then safetensors writes the file, named by the group's
+    content digest as before)."""
     try:
         return prepare(tensors, names, metadata=_METADATA)
     except TypeError:
