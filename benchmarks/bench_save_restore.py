@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, write_section
+from common import count_thread_cpu, machine, write_section
 
 import ckpt_track as ct
 
@@ -130,7 +130,7 @@ def warm(path: Path) -> None:
                     pass
 
 
-_writer_cpu: list[float] = []
+_writer_cpu: list[float] = []  # CPU seconds of the thread writing each checkpoint (see count_writer_cpu)
 
 
 def count_writer_cpu() -> None:
@@ -138,16 +138,8 @@ def count_writer_cpu() -> None:
     of every file, state.json and the manifest), around ckpt_track's own write function."""
     import ckpt_track.checkpointing as checkpointing
 
-    real = checkpointing.write_checkpoint
-
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        c0 = time.thread_time()
-        try:
-            return real(*args, **kwargs)
-        finally:
-            _writer_cpu.append(time.thread_time() - c0)
-
-    checkpointing.write_checkpoint = counted
+    global _writer_cpu
+    _writer_cpu = count_thread_cpu(checkpointing, "write_checkpoint")
 
 
 def cpu_timed(fn) -> tuple[float, float]:

@@ -21,42 +21,22 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_incremental import _env  # the same offline settings per backend
-from common import machine, write_section
+from common import count_thread_cpu, machine, write_section
 
 
 def child(mib: int, versions: int, out: Path) -> None:
     import ckpt_track as ct
-    import ckpt_track.checkpointing as checkpointing
-    import ckpt_track.delivery as delivery
+    from ckpt_track import checkpointing, delivery
     from ckpt_track.state import capture
 
-    writer: list[float] = []
-    upload: list[float] = []
-    real_write, real_drain = checkpointing.write_checkpoint, delivery.Delivery.drain
-
-    def write(*args, **kwargs):  # type: ignore[no-untyped-def]
-        c0 = time.thread_time()
-        try:
-            return real_write(*args, **kwargs)
-        finally:
-            writer.append(time.thread_time() - c0)
-
-    def drain(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        c0 = time.thread_time()
-        try:
-            return real_drain(self, *args, **kwargs)
-        finally:
-            upload.append(time.thread_time() - c0)
-
-    checkpointing.write_checkpoint = write
-    delivery.Delivery.drain = drain  # type: ignore[method-assign]
+    writer = count_thread_cpu(checkpointing, "write_checkpoint")  # the writer thread, per checkpoint
+    upload = count_thread_cpu(delivery.Delivery, "drain")  # the upload thread, per pass
     width = 2048
     layers = max(1, round(mib * 2**20 / (3 * width * width * 4)))
     torch.manual_seed(0)

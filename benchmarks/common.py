@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import platform
 import socket
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -49,3 +50,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def count_thread_cpu(owner: object, name: str) -> list[float]:
+    """Replace ``owner.name`` (a function of a module, or a method of a class) by a wrapper that
+    appends the CPU seconds of the calling thread spent in each call to the returned list."""
+    real = getattr(owner, name)
+    spent: list[float] = []
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        c0 = time.thread_time()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            spent.append(time.thread_time() - c0)
+
+    setattr(owner, name, counted)
+    return spent
