@@ -24,6 +24,7 @@ from .errors import (
     InvalidRef,
     SerializationError,
     StateMismatch,
+    StepOrderWarning,
     UnknownBackend,
 )
 from .protocol import Backend
@@ -71,6 +72,7 @@ __all__ = [
     "SerializationError",
     "Settings",
     "StateMismatch",
+    "StepOrderWarning",
     "Stored",
     "UnknownBackend",
     "apply_rng",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
@@ -18,14 +19,15 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from .errors import CheckpointWriteError, CkptTrackError, ConfigError, SerializationError
+from .errors import CheckpointWriteError, CkptTrackError, ConfigError, SerializationError, StepOrderWarning
 from .format import write_checkpoint
 from .records import Stored
 from .refs import Ref
 from .spool import Pending, Spool
 from .writer import Writer
 
-__all__ = ["CheckpointHandle", "LineageChain", "check_step", "commit", "metric_values", "user_aliases"]
+__all__ = ["CheckpointHandle", "LineageChain", "check_step", "commit", "metric_values", "user_aliases",
+           "warn_step_order"]
 
 log = logging.getLogger("ckpt_track")
 RESERVED_ALIASES = frozenset({"latest", "best"})
@@ -182,3 +184,16 @@ def free_space(path: Path) -> str:
         return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB free"
     except OSError:
         return "free space unknown"
+
+
+def warn_step_order(run: Ref, step: int, last: int | None) -> int:
+    """Warn (:class:`StepOrderWarning`) when ``step`` repeats or goes below the highest step
+    the run already holds; returns the new highest step.  Both are stored, as asked:
+    ``@step=N`` selects the newest version at step N and ``latest`` the highest step."""
+    if last is not None and step <= last:
+        what = "was already logged" if step == last else f"is below step {last}, logged earlier"
+        warnings.warn(StepOrderWarning(
+            f"{run}: step {step} {what}; both are kept as separate versions: {run}@step={step} selects "
+            f"the newest at that step and @latest the highest step (pass the global step, e.g. the "
+            f"value run.resume() returned plus the steps since, to keep steps increasing)"), stacklevel=3)
+    return step if last is None else max(step, last)

@@ -19,6 +19,11 @@ style code keeps working::
         ├── BackendUnavailable (ConnectionError)
         └── AuthError (PermissionError)
 
+Warnings (``warnings.warn``, filter them by category)::
+
+    UserWarning
+    └── StepOrderWarning                -- a step repeated, or below one logged earlier
+
 A message says what was wrong and what to do about it.  Errors raised at a
 backend boundary chain the tracker SDK's original exception (``raise ... from exc``).
 """
@@ -41,6 +46,7 @@ __all__ = [
     "InvalidRef",
     "SerializationError",
     "StateMismatch",
+    "StepOrderWarning",
     "UnknownBackend",
 ]
 
@@ -122,3 +128,8 @@ class BackendUnavailable(BackendError, ConnectionError):
 
 class AuthError(BackendError, PermissionError):
     """Credentials for a tracker are missing or wrong."""
+
+
+class StepOrderWarning(UserWarning):
+    """``log_checkpoint`` was given a step the run already holds, or one below its highest:
+    both versions are kept (``@step=N`` selects the newest at that step)."""

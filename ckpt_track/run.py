@@ -27,10 +27,24 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import provenance
-from .checkpointing import CheckpointHandle, LineageChain, check_step, commit, metric_values, user_aliases
+from .checkpointing import (
+    CheckpointHandle,
+    LineageChain,
+    check_step,
+    commit,
+    metric_values,
+    user_aliases,
+    warn_step_order,
+)
 from .config import Settings, load_settings
 from .delivery import Delivery, open_targets
-from .errors import BackendUnavailable, CheckpointNotFound, CheckpointWriteError, CkptTrackError, ConfigError
+from .errors import (
+    BackendUnavailable,
+    CheckpointNotFound,
+    CheckpointWriteError,
+    CkptTrackError,
+    ConfigError,
+)
 from .external import complete, is_record
 from .format import LocalCheckpoint
 from .overlap import StepGate, settle_all
@@ -52,7 +66,16 @@ if TYPE_CHECKING:
 __all__ = ["CheckpointHandle", "Run", "init", "list_checkpoints", "log_checkpoint", "restore"]
 
 log = logging.getLogger("ckpt_track")
-_UNSET: Any = object()
+
+
+class _Unset:
+    """The default of a keyword whose ``None`` means something (``init(monitor=None)``)."""
+
+    def __repr__(self) -> str:
+        return "<from settings>"
+
+
+_UNSET: Any = _Unset()
 _active: Any = None  # the Run (or DistributedRun) init started last
 
 
@@ -88,7 +111,8 @@ class Run:
         self._finished = False
         static = {"run": str(self.ref), "config_hash": provenance.config_hash(spec.config),
                   "git": provenance.git_info(), **provenance.environment()}
-        self._chain = LineageChain(static, parent=self._last_stored())
+        parent, self._last_step = self._last_stored()
+        self._chain = LineageChain(static, parent=parent)
         weak = weakref.ref(self)
         self._atexit = lambda: (r := weak()) is not None and r._finish_at_exit()
         atexit.register(self._atexit)
@@ -96,13 +120,16 @@ class Run:
         self._uploader = Uploader(self._drain)
         self._uploader.kick()  # uploads a previous process owed this run go first; clean up what it left
 
-    def _last_stored(self) -> str | None:
-        """The newest checkpoint of a resumed run: the parent of this process's first one."""
+    def _last_stored(self) -> tuple[str | None, int | None]:
+        """The newest checkpoint of a resumed run (the parent of this process's first one) and
+        the highest step the run holds, or ``(None, None)``."""
         try:
             existing = self._primary_backend.list(self.info) if self.info.resumed else []
         except BackendUnavailable:
             existing = []
-        return str(select(existing, self.ref).ref) if existing else None
+        if not existing:
+            return None, None
+        return str(select(existing, self.ref).ref), max(s.step for s in existing)
 
     @property
     def _targets(self) -> list[tuple[Backend, RunInfo]]:
@@ -178,6 +205,7 @@ class Run:
         step = check_step(step)
         chosen = user_aliases(aliases)  # every argument is checked before any state is copied
         values = metric_values(metrics)
+        self._last_step = warn_step_order(self.ref, step, self._last_step)
         blocking = self.settings.blocking if blocking is None else blocking
         overlap = self.settings.overlap if overlap is None else bool(overlap)
         self._writer.raise_errors()

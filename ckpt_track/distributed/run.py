@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 
 from .. import errors
-from ..checkpointing import CheckpointHandle, check_step, metric_values, user_aliases
+from ..checkpointing import CheckpointHandle, check_step, metric_values, user_aliases, warn_step_order
 from ..errors import CheckpointNotFound, CheckpointWriteError, CkptTrackError, DistributedError, SerializationError
 from ..external import from_pointer, is_record, pointer_of, seal, storage_url
 from ..format import (
@@ -151,6 +151,8 @@ class DistributedRun:
         step = check_step(step)
         chosen = user_aliases(aliases)
         values = metric_values(metrics)
+        if self._leader is not None:  # rank 0 warns once for the collective
+            self._leader._last_step = warn_step_order(self.ref, step, self._leader._last_step)
         blocking = self.settings.blocking if blocking is None else blocking
         self._writer.raise_errors()
         state = capture_sharded(rank=self.rank, step=step, epoch=epoch, model=model, optimizer=optimizer,
