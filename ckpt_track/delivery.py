@@ -23,9 +23,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DEFAULT_ROOT, Settings
+from .config import DEFAULT_ROOT, Settings, load_settings
 from .errors import BackendUnavailable, CkptTrackError, ConfigError
-from .external import externalize, forget, is_record, register, storage_url
+from .external import complete, externalize, forget, is_record, register, storage_url
 from .format import LocalCheckpoint
 from .objstore import is_url
 from .policy import best_of, is_improvement, retention_plan
@@ -36,10 +36,29 @@ from .replicas import replica_urls, retry_pending, schedule
 from .resolve import open_backend
 from .spool import DrainResult, Spool
 
-__all__ = ["Delivery", "already_stored", "open_spool", "open_targets", "provisional"]
+__all__ = ["Delivery", "Spooled", "already_stored", "open_spool", "open_targets", "provisional"]
 
 log = logging.getLogger("ckpt_track")
 Target = tuple[Backend, RunInfo]
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """A checkpoint committed to this machine's spool, restored in place: no backend is asked
+    (the tracker may be the one that is down).  Has what :func:`restore_from` reads of a
+    :class:`Resolved`: ``stored.ref`` and ``fetch()``."""
+
+    stored: Stored
+    ckpt: LocalCheckpoint
+    settings: Settings | None = None
+
+    def record(self) -> LocalCheckpoint:
+        return self.ckpt
+
+    def fetch(self) -> LocalCheckpoint:
+        """The spooled checkpoint; a record (a multi-rank save with ``[storage] url``) is
+        completed from the bucket into the cache."""
+        return complete(self.ckpt, self.settings or load_settings()) if is_record(self.ckpt) else self.ckpt
 
 
 def open_targets(settings: Settings, spec: RunSpec) -> tuple[list[Target], dict[str, BaseException]]:
@@ -48,7 +67,7 @@ def open_targets(settings: Settings, spec: RunSpec) -> tuple[list[Target], dict[
     provisional run, opened for real by the upload thread once the tracker is back."""
     targets: list[Target] = []
     deferred: dict[str, BaseException] = {}
-    for bname in settings.backend:
+    for bname in settings.checked_backends():
         be = open_backend(bname, settings)
         try:
             info = be.open_run(spec)

@@ -19,7 +19,7 @@ import os
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -37,7 +37,7 @@ from .checkpointing import (
     warn_step_order,
 )
 from .config import Settings, load_settings
-from .delivery import Delivery, open_targets
+from .delivery import Delivery, Spooled, open_targets
 from .errors import (
     BackendUnavailable,
     CheckpointNotFound,
@@ -45,8 +45,6 @@ from .errors import (
     CkptTrackError,
     ConfigError,
 )
-from .external import complete, is_record
-from .format import LocalCheckpoint
 from .overlap import StepGate, settle_all
 from .policy import select
 from .protocol import Backend
@@ -77,25 +75,6 @@ class _Unset:
 
 _UNSET: Any = _Unset()
 _active: Any = None  # the Run (or DistributedRun) init started last
-
-
-@dataclass(frozen=True)
-class _Spooled:
-    """A checkpoint committed to this machine's spool, restored in place: no backend is asked
-    (the tracker may be the one that is down).  Has what :func:`restore_from` reads of a
-    :class:`Resolved`: ``stored.ref`` and ``fetch()``."""
-
-    stored: Stored
-    ckpt: LocalCheckpoint
-    settings: Settings | None = None
-
-    def record(self) -> LocalCheckpoint:
-        return self.ckpt
-
-    def fetch(self) -> LocalCheckpoint:
-        """The spooled checkpoint; a record (a multi-rank save with ``[storage] url``) is
-        completed from the bucket into the cache."""
-        return complete(self.ckpt, self.settings or load_settings()) if is_record(self.ckpt) else self.ckpt
 
 
 class Run:
@@ -262,7 +241,7 @@ class Run:
         source = self._resume_source(ref)
         if source is None:
             return 0
-        if isinstance(source, _Spooled):
+        if isinstance(source, Spooled):
             with self._spool.reusing():  # not dropped by the upload thread while it is read
                 restored = restore_from(source, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                         strict=strict, rng=rng)
@@ -272,7 +251,7 @@ class Run:
         self._resumed(source)
         return restored.step + 1
 
-    def _resume_source(self, ref: str | Ref | None) -> Resolved | _Spooled | None:
+    def _resume_source(self, ref: str | Ref | None) -> Resolved | Spooled | None:
         """What ``resume`` restores: the exact version ``ref`` resolves to, or (no ``ref``) the
         newest of what the tracker holds and what waits in the spool; None when nothing."""
         self._writer.flush()
@@ -293,15 +272,15 @@ class Run:
             if spooled is not None and (found is None or spooled.step > found.stored.step):
                 stored = Stored(ref=self.ref.select(step=spooled.step), run=self.info, version=0, step=spooled.step,
                                 metrics=dict(spooled.manifest.metrics), created=spooled.manifest.created)
-                return _Spooled(stored, spooled, self.settings)
+                return Spooled(stored, spooled, self.settings)
             if found is None:
                 return None
             ref = found.stored.ref
         return resolve(ref, self.settings)
 
-    def _resumed(self, source: Resolved | _Spooled) -> None:
+    def _resumed(self, source: Resolved | Spooled) -> None:
         """Record that this run continues from ``source`` (lineage; the tracker's own graph)."""
-        if isinstance(source, _Spooled):
+        if isinstance(source, Spooled):
             log.info("ckpt_track: resumed from step %d, spooled at %s (not uploaded yet)", source.ckpt.step,
                      source.ckpt.path)
             self._chain.resumed(source.stored.ref)

@@ -121,7 +121,7 @@ def test_unknown_run_lists_runs(logged) -> None:
 
 
 def test_malformed_ref() -> None:
-    with pytest.raises(InvalidRef, match="accepted forms"):
+    with pytest.raises(InvalidRef, match="see `ckpt-track refs` for every form"):
         ct.restore("proj/run1@best", model=_model())
 
 

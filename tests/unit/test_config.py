@@ -620,7 +620,7 @@ def test_unknown_backend_name(
 ) -> None:
     write(tmp_path / "ckpt_track.toml", toml)
     with pytest.raises(UnknownBackend) as info:
-        load(tmp_path, overrides, env=env)
+        load(tmp_path, overrides, env=env).checked_backends()
     assert isinstance(info.value, ConfigError)
     assert info.value.known == ["local", "mlflow", "wandb"]
     assert "known backends: local, mlflow, wandb" in str(info.value)
@@ -652,7 +652,7 @@ def test_backend_sections_default_to_registry(
     assert s.backend_options("fake") == {"url": "u"}
     assert calls == [1]
     with pytest.raises(UnknownBackend):
-        load_settings({"backend": "mlflow"}, cwd=tmp_path, env={})
+        load_settings({"backend": "mlflow"}, cwd=tmp_path, env={}).checked_backends()
 
 
 def test_registry_not_consulted_for_defaults(
