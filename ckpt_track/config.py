@@ -25,6 +25,11 @@ found searching upward from the working directory::
 Environment variables are ``CKPT_TRACK_<KEY>`` for top-level keys and
 ``CKPT_TRACK_<SECTION>__<KEY>`` for section keys.  Every key from every source
 is validated: a typo is an error with a suggestion, never silently ignored.
+
+The backend *choice* (``backend`` / ``CKPT_TRACK_BACKEND``) is checked where it is used,
+by :meth:`Settings.checked_backends` (``ct.init``, a command that needs the configured
+backend): a command whose reference names its backend (``ckpt-track ls local://p/r``)
+works whatever the environment chooses for training.
 """
 
 from __future__ import annotations
@@ -143,6 +148,8 @@ class Settings:
     # mappings are unhashable, so they stay out of __hash__ (but count for ==)
     backends: Mapping[str, Mapping[str, Any]] = field(default_factory=_empty_proxy, hash=False)
     sources: Mapping[str, str] = field(default_factory=_empty_proxy, hash=False)
+    # the backend names load_settings knew of (None: ask the registry when checked)
+    known_backends: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name, coercer in TOP_FIELDS.items():
@@ -152,6 +159,28 @@ class Settings:
             raise ConfigError(f"Settings.retention must be a Retention, not {self.retention!r}")
         object.__setattr__(self, "backends", _freeze_sections(self.backends))
         object.__setattr__(self, "sources", MappingProxyType(dict(self.sources)))
+
+    def checked_backends(self) -> tuple[str, ...]:
+        """The chosen backends, each one checked to exist; :class:`UnknownBackend` (a
+        ConfigError) naming the setting that chose it otherwise.  Call it where the choice is
+        used (``ct.init``, a reference without a backend), not when settings are loaded.
+
+        >>> Settings().checked_backends()
+        ('local',)
+        """
+        known = self.known_backends
+        if known is None:
+            from ckpt_track.backends.registry import names  # here: the registry imports backends
+
+            known = tuple(names())
+        for name in self.backend:
+            if name not in known:
+                error = UnknownBackend(name, known)
+                source = self.sources.get("backend")
+                if source:
+                    error.args = (f"{error} (set by {where(source)})",)
+                raise error
+        return self.backend
 
     def backend_options(self, name: str) -> dict[str, Any]:
         """The options section for backend ``name`` (a fresh dict; ``{}`` when absent)."""
@@ -357,7 +386,8 @@ def load_settings(
     values are ignored.  ``env`` defaults to ``os.environ`` and ``cwd`` to the
     working directory.  ``backend_sections`` maps each backend name to its
     allowed option names; by default it comes from the backend registry.
-    Raises :class:`ConfigError` (or :class:`UnknownBackend`) naming the bad key and its source.
+    Raises :class:`ConfigError` naming the bad key and its source.  The backend names are
+    checked where they are used (:meth:`Settings.checked_backends`), not here.
     """
     env = os.environ if env is None else env
     cwd = Path.cwd() if cwd is None else Path(cwd)
@@ -371,15 +401,9 @@ def load_settings(
     if overrides:
         merged.update(_mapping_layer(overrides, SOURCE_KWARG, sections))
 
-    if "backend" in merged:  # the default is trusted; it needs no registry lookup
-        names, source = merged["backend"]
-        known = sections.get()
-        for name in names:
-            if name not in known:
-                error = UnknownBackend(name, known)
-                if hasattr(error, "add_note"):  # Python 3.11+
-                    error.add_note(f"set by {where(source)}")
-                raise error
+    # an unknown backend name is reported where the choice is used (Settings.checked_backends):
+    # CKPT_TRACK_BACKEND=nosuch must not break `ckpt-track ls local://p/r`
+    known = tuple(sections.get()) if "backend" in merged else None
 
     top: dict[str, Any] = {}
     retention: dict[str, Any] = {}
@@ -397,4 +421,5 @@ def load_settings(
         retention=Retention(**retention),
         backends=backends,
         sources={key: source for key, (_value, source) in merged.items()},
+        known_backends=None if known is None else tuple(k for k in known if k != STORAGE_SECTION),
     )

@@ -16,15 +16,19 @@ Examples::
 
 Backends add their own forms (web-UI URLs, native SDK references) through
 ``parse_ref`` hooks collected by the backend registry; they all normalise to a
-``Ref``.  This module knows nothing of backends: the registry installs itself as the source
+``Ref``.  A reference that does not parse raises :class:`InvalidRef` with one line: what is
+wrong, a did-you-mean when a backend name or selector word was mistyped (``lcoal://``,
+``@bset``, ``@setp=5``, ``:V3``), and a pointer to ``ckpt-track refs``, which lists every form.  This module knows nothing of backends: the registry installs itself as the source
 of those forms (:func:`use_native_refs`) when it is imported, so the core never imports the
 backends to parse a reference (and ``refs`` <-> ``registry`` is no import cycle).
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -32,7 +36,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 from .errors import InvalidRef
 
-__all__ = ["CANONICAL_FORMS", "NativeRefs", "Ref", "parse_ref", "use_native_refs"]
+__all__ = ["CANONICAL_FORMS", "HELP_HINT", "SELECTOR_WORDS", "NativeRefs", "Ref", "parse_ref", "use_native_refs"]
 
 _SEGMENT = r"[A-Za-z0-9_.\-]+"
 _ALIAS = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -45,6 +49,12 @@ _CANONICAL = re.compile(
 _STEP = re.compile(r"^step=(\d+)$")
 MAX_LENGTH = 4096  # characters of a whole reference
 MAX_SEGMENT = 255  # bytes of one path segment: a file name on every common file system (caches use them)
+
+#: The selector words ckpt_track moves itself (``@step-N`` aliases too); a near miss of one
+#: (``@bset``, ``@lateset``, ``@Best``) is refused as a typo rather than taken as a user alias.
+SELECTOR_WORDS = ("latest", "best")
+#: How every one-line :class:`InvalidRef` from the parser ends.
+HELP_HINT = "(see `ckpt-track refs` for every form)"
 
 CANONICAL_FORMS = (
     "<backend>://<run>                 the run's latest checkpoint",
@@ -61,6 +71,16 @@ class Ref:
     At most one of ``step``, ``alias`` and ``version`` is set; none of them means
     the run's latest checkpoint.  ``params`` are sorted ``(key, value)`` pairs,
     e.g. ``(("root", "/data/ckpts"),)`` for a local store elsewhere.
+
+    ``@step=N`` selects the checkpoint logged at step N; when step N was logged more than
+    once (a restart that repeated steps), it selects the one logged last, i.e. the highest
+    version ``:vK`` at that step.  The earlier ones stay reachable by their version
+    (``ckpt-track ls`` lists every version with its step).  ``@latest`` is the one holding
+    the ``latest`` alias (the last one logged), else the highest step.
+
+    An alias is letters, digits, ``_``, ``.``, ``-``; a near miss of a selector word
+    (``bset``, ``lateset``, ``Best``) is refused as a typo, so it never silently means another
+    checkpoint than the user meant.
 
     >>> r = Ref.parse("local://resnet/3k2j1x@step=500")
     >>> (r.backend, r.path, r.step, str(r))
@@ -83,6 +103,8 @@ class Ref:
             raise InvalidRef(f"versions start at v1, got v{self.version}")
         if self.alias is not None and not (isinstance(self.alias, str) and _ALIAS.fullmatch(self.alias)):
             raise InvalidRef(f"alias {self.alias!r} may only hold letters, digits, '_', '.', '-'")
+        if self.alias is not None and (word := typo_of(self.alias, SELECTOR_WORDS)) is not None:
+            raise InvalidRef(f"alias {self.alias!r} looks like a typo of @{word}")
         if self.path and not re.fullmatch(rf"{_SEGMENT}(?:/{_SEGMENT})*", self.path):
             raise InvalidRef(f"path {self.path!r} may only hold '/'-separated letters, digits, '_', '.', '-'")
         if any(len(seg) > MAX_SEGMENT for seg in self.path.split("/")):
@@ -97,26 +119,10 @@ class Ref:
     @classmethod
     def parse(cls, text: str) -> Ref:
         """Parse the canonical form only (no backend hooks); see :func:`parse_ref`."""
-        m = _CANONICAL.fullmatch(text.strip())
-        if not m:
-            raise InvalidRef(_bad(text))
-        sel, ver = m.group("sel"), m.group("ver")
-        step = alias = version = None
-        if ver is not None:
-            version = int(ver)
-        elif sel is not None:
-            sm = _STEP.match(sel)
-            if sm:
-                step = int(sm.group(1))
-            elif sel.startswith("step="):
-                raise InvalidRef(_bad(text, reason="step must be a non-negative integer, e.g. @step=500"))
-            else:
-                alias = sel
-        params = tuple(parse_qsl(m.group("query") or "", keep_blank_values=True, strict_parsing=False))
         try:
-            return cls(m.group("backend"), m.group("path") or "", step, alias, version, params)
-        except InvalidRef as exc:
-            raise InvalidRef(_bad(text, reason=str(exc))) from None
+            return _canonical(text.strip())
+        except _NoParse as exc:
+            raise InvalidRef(_bad(text, exc.reason, _suggest(text.strip(), None))) from None
 
     # -- views ----------------------------------------------------------------
     @property
@@ -155,11 +161,128 @@ class Ref:
         return f"{self.backend}://{self.path}{self.selector}{query}"
 
 
-def _bad(text: str, extra_forms: tuple[str, ...] = (), reason: str = "") -> str:
-    forms = "\n  ".join(CANONICAL_FORMS + extra_forms)
-    why = f" ({reason})" if reason else ""
+class _NoParse(Exception):
+    """Internal: ``text`` is not in a form; ``reason`` says why (no message is built yet)."""
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _canonical(text: str) -> Ref:
+    """The canonical grammar; :class:`_NoParse` with the reason when ``text`` is not in it."""
+    m = _CANONICAL.fullmatch(text)
+    if not m:
+        raise _NoParse(_why_not(text))
+    sel, ver = m.group("sel"), m.group("ver")
+    step = alias = version = None
+    if ver is not None:
+        version = int(ver)
+    elif sel is not None:
+        sm = _STEP.match(sel)
+        if sm:
+            step = int(sm.group(1))
+        elif sel.startswith("step="):
+            raise _NoParse("step must be a non-negative integer, e.g. @step=500")
+        else:
+            alias = sel
+    params = tuple(parse_qsl(m.group("query") or "", keep_blank_values=True, strict_parsing=False))
+    try:
+        return Ref(m.group("backend"), m.group("path") or "", step, alias, version, params)
+    except InvalidRef as exc:
+        raise _NoParse(str(exc)) from None
+
+
+def _why_not(text: str) -> str:
+    """Why ``text`` is not canonical, as far as one look can tell ('' when it cannot)."""
+    scheme, sep, rest = text.partition("://")
+    if not sep or not re.fullmatch(r"[a-z][a-z0-9_\-]*", scheme):
+        return ""
+    body = rest.partition("?")[0]
+    if body.count("@") > 1 or ("@" in body and ":" in body):
+        return "a reference selects by one of @step=N, @alias or :vN, not several"
+    if body.endswith("@"):
+        return "nothing after '@': write @latest, @best, @step=N or an alias"
+    if ":" in body:
+        return "a version is written :v<N> with N >= 1, e.g. :v3"
+    return f"expected {scheme}://<run>[@latest | @best | @step=N | @<alias> | :vN][?key=value]"
+
+
+def _bad(text: str, reason: str = "", suggestion: str | None = None) -> str:
+    """The one line an unparsable reference gets: what, why, a did-you-mean, where the forms are."""
     shown = text if len(text) <= 200 else f"{text[:200]}... ({len(text)} characters)"
-    return f"cannot parse checkpoint reference {shown!r}{why}; accepted forms:\n  {forms}"
+    why = f": {reason}" if reason else ": not a reference form ckpt_track knows, e.g. local://<project>/<run>@best"
+    hint = f"; did you mean {suggestion!r}?" if suggestion else ""
+    return f"cannot parse checkpoint reference {shown!r}{why}{hint} {HELP_HINT}"
+
+
+def typo_of(word: str, targets: Sequence[str]) -> str | None:
+    """The target ``word`` mistypes, or None: another case, two letters swapped, or one letter
+    more or fewer, with the same first letter (``bset``/``lateset``/``Best`` -> ``best``/
+    ``latest``; ``test`` or ``last`` are words of their own and stay aliases)."""
+    low = word.lower()
+    for target in targets:
+        if word == target:
+            return None
+    for target in targets:
+        if not low or low[0] != target[0] or abs(len(low) - len(target)) > 1:
+            continue
+        if low == target:
+            return target
+        more, fewer = Counter(low) - Counter(target), Counter(target) - Counter(low)
+        if len(low) == len(target) and not more and not fewer:
+            return target  # the same letters in another order
+        if len(target) > 3 and sum(more.values()) + sum(fewer.values()) == 1 and all(c.isalpha() for c in more):
+            return target  # one letter added or dropped (an added digit is deliberate: best2)
+    return None
+
+
+def _fix_selector(text: str) -> str:
+    """``text`` with a mistyped selector corrected (``@bset``, ``@setp=5``, ``:V3``, ``:3``)."""
+    head, sep, query = text.partition("?")
+    scheme_end = head.find("://") + 3 if "://" in head else 0
+    body = head[scheme_end:]
+    at = body.find("@")
+    colon = body.rfind(":")
+    if at >= 0:
+        path, sel = body[:at], body[at + 1:]
+        key, eq, value = sel.partition("=")
+        if eq and key != "step" and (key.lower() == "step" or typo_of(key, ("step",))):
+            sel = f"step={value}"
+        elif not eq and (word := typo_of(sel, SELECTOR_WORDS)) is not None:
+            sel = word
+        return f"{head[:scheme_end]}{path}@{sel}{sep}{query}"
+    if colon >= 0:
+        path, sel = body[:colon], body[colon + 1:]
+        if re.fullmatch(r"[vV]?\d+", sel):
+            sel = f"v{sel.lstrip('vV')}"
+        elif sel.lower() in SELECTOR_WORDS or sel.startswith("step"):
+            return f"{head[:scheme_end]}{path}@{sel.lower() if sel.lower() in SELECTOR_WORDS else sel}{sep}{query}"
+        return f"{head[:scheme_end]}{path}:{sel}{sep}{query}"
+    return text
+
+
+def _fix_scheme(text: str, schemes: Sequence[str]) -> str:
+    """``text`` with a mistyped scheme corrected (``lcoal://`` -> ``local://``)."""
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme in schemes:
+        return text
+    match = difflib.get_close_matches(scheme.lower(), list(schemes), n=1, cutoff=0.6)
+    return f"{match[0]}://{rest}" if match else text
+
+
+def _suggest(text: str, native: NativeRefs | None) -> str | None:
+    """A corrected ``text`` that parses, or None."""
+    schemes: list[str] = list(native.names()) if native is not None else []
+    schemes += list(getattr(native, "schemes", lambda: ())()) if native is not None else []
+    fixed = _fix_selector(_fix_scheme(text, schemes))
+    if fixed == text:
+        return None
+    try:
+        _parse(fixed, native)
+    except (_NoParse, ValueError):  # InvalidRef is a ValueError
+        return None
+    return fixed
 
 
 def _bad_char(text: str) -> str | None:
@@ -213,7 +336,8 @@ def parse_ref(text: str | Ref, native: NativeRefs | None = None) -> Ref:
     recognises (a tracker web-UI URL, a native SDK reference).  ``native`` overrides the
     installed source of backend forms (:func:`use_native_refs`).
 
-    Raises :class:`InvalidRef` listing the accepted forms.
+    Raises :class:`InvalidRef` with one line: what is wrong, a did-you-mean for a mistyped
+    backend or selector, and ``(see `ckpt-track refs` for every form)``.
 
     >>> str(parse_ref("local://proj/run1@best"))
     'local://proj/run1@best'
@@ -221,27 +345,34 @@ def parse_ref(text: str | Ref, native: NativeRefs | None = None) -> Ref:
     if isinstance(text, Ref):
         return text
     if not isinstance(text, str) or not text.strip():
-        raise InvalidRef(_bad(repr(text) if not isinstance(text, str) else text))
+        raise InvalidRef(_bad(repr(text) if not isinstance(text, str) else text, "the reference is empty"))
     text = _screen(text)
+    source = native if native is not None else _native
     try:
-        ref = _parse(text, native if native is not None else _native)
+        ref = _parse(text, source)
         str(ref)  # what is returned can always be printed and parsed back
         return ref
-    except InvalidRef:
-        raise
+    except _NoParse as exc:
+        raise InvalidRef(_bad(text, exc.reason, _suggest(text, source))) from None
+    except InvalidRef as exc:  # a backend's own message: one line, ending like ours
+        message = " ".join(str(exc).split("\n")[:1]).rstrip()
+        if HELP_HINT not in message:
+            message = f"{message} {HELP_HINT}"
+        raise InvalidRef(message) from exc
     except ValueError as exc:  # incl. UnicodeError: urlsplit on "http://[::1", a port over 65535, ...
         shown = text if len(text) <= 200 else f"{text[:200]}..."
-        raise InvalidRef(f"cannot parse checkpoint reference {shown!r}: {exc}") from exc
+        raise InvalidRef(f"cannot parse checkpoint reference {shown!r}: {exc} {HELP_HINT}") from exc
 
 
 def _parse(text: str, native: NativeRefs | None) -> Ref:
+    """``text`` as a Ref; :class:`_NoParse` when no form fits, a backend's InvalidRef as raised."""
     if native is None:  # no backends installed: the canonical grammar only
-        return Ref.parse(text)
+        return _canonical(text)
     scheme = text.split("://", 1)[0] if "://" in text else None
     if scheme in native.names():
         try:
-            return Ref.parse(text)
-        except InvalidRef:
+            return _canonical(text)
+        except _NoParse:
             # a backend may also own URLs under its own scheme (e.g. richer native forms)
             ref = native.parse_native(text)
             if ref is not None:
@@ -250,4 +381,6 @@ def _parse(text: str, native: NativeRefs | None) -> Ref:
     ref = native.parse_native(text)
     if ref is not None:
         return ref
-    raise InvalidRef(_bad(text, native.ref_forms()))
+    if scheme is not None and not scheme.startswith(("http", "https")):
+        raise _NoParse(f"unknown backend {scheme!r}; known: {', '.join(native.names())}")
+    raise _NoParse()

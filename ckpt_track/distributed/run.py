@@ -304,9 +304,9 @@ class DistributedRun:
     def _describe(self, source: Any, hold: ExitStack) -> dict[str, Any]:
         if source is None:
             return {"ok": True, "none": True}
-        from ..run import _Spooled
+        from ..delivery import Spooled
 
-        if isinstance(source, _Spooled) and self._leader is not None:  # keep it on disk while it is read
+        if isinstance(source, Spooled) and self._leader is not None:  # keep it on disk while it is read
             hold.enter_context(self._leader._spool.reusing())
         ckpt = source.record() if hasattr(source, "record") else source.fetch()
         if is_record(ckpt):  # its files are in the bucket, where every rank fetches them (no shared filesystem)

@@ -1,5 +1,7 @@
 """Comet's names and references: experiment keys, the ``ckpt-v<N>-step<S>`` model names, the
-SDK's ``experiment://`` and ``registry://`` model URIs and the web UI's experiment pages.
+SDK's ``experiment://`` and ``registry://`` model URIs and the web UI's experiment and
+model-registry pages (``https://www.comet.com/<workspace>/model-registry/<model>[/<version>]``),
+on comet.com or a self-hosted server (kept as ``?url=``).
 
 Nothing here imports comet_ml: references parse (and ``ckpt-track`` explains a malformed one)
 on a machine without the SDK.
@@ -23,11 +25,13 @@ MODEL = re.compile(r"^ckpt-v(\d+)-step(\d+)$")
 SEGMENT = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _REGISTRY_NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 _SAAS_HOSTS = frozenset({"comet.com", "www.comet.com", "comet.ml", "www.comet.ml"})
+_VERSION = re.compile(r"^\d+\.\d+\.\d+(?:[-+][A-Za-z0-9.\-]+)?$")  # a registry version: semver
 
 REF_FORMS = (
     "comet://<workspace>/<project>/<experiment key or name>[@selector | :vN]",
     "comet://<project>/<experiment key or name>   (workspace from [comet] workspace)",
     "https://www.comet.com/<workspace>/<project>/<experiment key>[/...]   (self-hosted hosts too)",
+    "https://www.comet.com/<workspace>/model-registry/<model>[/<version>]   (= registry://<workspace>/<model>)",
     "experiment://<experiment key>/ckpt-v<N>-step<S>",
     "experiment://<workspace>/<project>/<experiment name>/ckpt-v<N>-step<S>",
     "registry://<workspace>/<model>[:<version or stage>]   (= comet://registry/<workspace>/<model>@<version>)",
@@ -96,12 +100,18 @@ def _page(text: str) -> Ref | None:
     u = urlparse(text)
     u.port  # noqa: B018 -- a port out of range raises ValueError: InvalidRef at refs.parse_ref
     parts = [p for p in u.path.split("/") if p]
-    saas = (u.hostname or "") in _SAAS_HOSTS
+    saas = (u.hostname or "").lower() in _SAAS_HOSTS
+    params = () if saas else (("url", f"{u.scheme}://{u.netloc}"),)
+    if len(parts) >= 3 and parts[1] == "model-registry" and SEGMENT.match(parts[0]) and SEGMENT.match(parts[2]):
+        # <ws>/model-registry/<model>[/<version>][/<tab>]: a registry model (its newest version) or one version
+        version = parts[3] if len(parts) > 3 and _VERSION.match(parts[3]) else None
+        return Ref(NAME, f"registry/{parts[0]}/{parts[2]}", alias=version, params=params)
     if len(parts) >= 3 and KEY.match(parts[2]):  # <ws>/<project>/<key>[/...]: an experiment page
-        return Ref(NAME, "/".join(parts[:3]), params=() if saas else (("url", f"{u.scheme}://{u.netloc}"),))
+        return Ref(NAME, "/".join(parts[:3]), params=params)
     if saas:
-        raise InvalidRef(f"{text!r} is not a Comet experiment page; copy an experiment's URL: "
-                         "https://www.comet.com/<workspace>/<project>/<experiment key>")
+        raise InvalidRef(f"{text!r} is not a Comet experiment or model-registry page; copy an experiment's URL "
+                         "(https://www.comet.com/<workspace>/<project>/<experiment key>) or a registry model's "
+                         "(https://www.comet.com/<workspace>/model-registry/<model>/<version>)")
     return None
 
 

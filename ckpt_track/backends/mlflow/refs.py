@@ -1,6 +1,15 @@
 """The references MLflow users paste: UI URLs, ``runs:/`` and ``models:/`` URIs, and the
 lookup that turns a LoggedModel or a registry version into ``mlflow://<run_id>:vN``.
 
+UI URLs of an MLflow server (``http://host/#/experiments/<id>/runs/<run_id>``) and of
+Databricks, where the SDK prints ``https://<workspace>/ml/experiments/<id>/runs/<run_id>``
+(and logged models under ``/ml/experiments/<id>/models/m-<id>``), older pages are
+``https://<workspace>/?o=<org>#mlflow/experiments/<id>/runs/<run_id>`` and
+``#mlflow/models/<name>/versions/<v>``, and Unity Catalog versions
+``/explore/data/models/<catalog>/<schema>/<model>/version/<v>``.  Every one keeps the UI's
+address as ``?ui=``: the tracking URI to use when none is configured (``databricks`` for a
+Databricks workspace, see :func:`is_databricks_host`).
+
 Parsing needs no SDK and no server; :func:`resolve` asks the tracking server which run and
 version a model reference stands for.
 """
@@ -16,20 +25,32 @@ from ...refs import Ref
 from .client import MlflowSdk
 from .handles import TAG_VERSION
 
-__all__ = ["REF_FORMS", "parse", "resolve"]
+__all__ = ["DATABRICKS_HOSTS", "REF_FORMS", "is_databricks_host", "parse", "resolve"]
 
 NAME = "mlflow"
 _RUN_ID = r"[0-9a-f]{32}"
 _MODEL_ID = r"m-[0-9a-f]{32}"
 _NAME = r"[A-Za-z0-9_.\-]+"
-_UI = re.compile(r"^(?P<base>https?://[^#\s]+?)/?#/(?P<route>[^?\s]*)(?:\?.*)?$")
+_UI = re.compile(r"^(?P<base>https?://[^#\s]+?)/?#(?:/|mlflow/)(?P<route>[^?\s]*)(?:\?.*)?$")
+#: Web hosts of Databricks workspaces (AWS, Azure, GCP)
+DATABRICKS_HOSTS = (".cloud.databricks.com", ".azuredatabricks.net", ".gcp.databricks.com")
 
 REF_FORMS = (
     "mlflow://<run_id>[@selector]   runs:/<run_id>[/<alias>]",
     "models:/m-<model_id>   models:/<name>/<version>   models:/<name>@<alias>",
     ("MLflow UI URLs: http://host/#/experiments/<id>/runs/<run_id>, .../models/m-<id>, "
      "http://host/#/models/<name>/versions/<v>"),
+    ("Databricks: https://<workspace>/ml/experiments/<id>/runs/<run_id>, .../ml/experiments/<id>/models/m-<id>, "
+     "/ml/models/<name>/versions/<v>, /explore/data/models/<catalog>/<schema>/<model>/version/<v>, "
+     "#mlflow/experiments/<id>/runs/<run_id>"),
 )
+
+
+def is_databricks_host(url_or_host: str) -> bool:
+    """True for a Databricks workspace's web host (or a URL on one)."""
+    host = urlsplit(url_or_host).hostname if "://" in url_or_host else url_or_host
+    host = (host or "").lower().rstrip(".")
+    return any(host.endswith(suffix) for suffix in DATABRICKS_HOSTS)
 
 
 def parse(text: str) -> Ref | None:
@@ -37,6 +58,8 @@ def parse(text: str) -> Ref | None:
     text = text.strip()
     if m := _UI.match(text):
         return _ui(m)
+    if text.lower().startswith(("http://", "https://")):
+        return _workspace_page(text)
     if m := re.fullmatch(rf"runs:/({_RUN_ID})(?:/({_NAME}))?/?", text):
         sel = m.group(2)
         if sel is None:
@@ -58,9 +81,36 @@ def parse(text: str) -> Ref | None:
 def _ui(m: re.Match[str]) -> Ref | None:
     """A run page, a LoggedModel page or a registry version page of the MLflow UI; the UI's
     address is kept (``?ui=``) as the tracking URI to use when none is configured."""
-    _ = urlsplit(m.group("base")).port  # ValueError for a bad port or host: InvalidRef at refs.parse_ref
-    params = (("ui", m.group("base").rstrip("/")),)
+    base = urlsplit(m.group("base"))
+    _ = base.port  # ValueError for a bad port or host: InvalidRef at refs.parse_ref
+    # Databricks puts ?o=<org id> before the fragment: the address is the part before it
+    params = (("ui", f"{base.scheme}://{base.netloc}{base.path}".rstrip("/")),)
     route = [unquote(p) for p in m.group("route").strip("/").split("/")]
+    return _route(route, params)
+
+
+def _workspace_page(text: str) -> Ref | None:
+    """A Databricks page addressed by path (``/ml/...``, ``/explore/data/models/...``); on a
+    Databricks host any other page is refused, elsewhere it is not MLflow's."""
+    url = urlsplit(text)
+    _ = url.port  # ValueError for a bad port or host: InvalidRef at refs.parse_ref
+    params = (("ui", f"{url.scheme}://{url.netloc}"),)
+    parts = [unquote(p) for p in url.path.split("/") if p]
+    ref = None
+    if parts[:1] == ["ml"]:
+        ref = _route(parts[1:], params)
+    elif parts[:3] == ["explore", "data", "models"] and len(parts) >= 8 and parts[6] == "version" \
+            and parts[7].isdigit():  # Unity Catalog: <catalog>/<schema>/<model>/version/<v>
+        ref = _registered(".".join(parts[3:6]), version=int(parts[7]), params=params)
+    if ref is None and is_databricks_host(text):
+        raise InvalidRef(f"{text!r} is a Databricks page that is no MLflow run, logged model or model version; "
+                         "copy the URL of the run's page (https://<workspace>/ml/experiments/<id>/runs/<run_id>)")
+    return ref
+
+
+def _route(route: list[str], params: tuple[tuple[str, str], ...]) -> Ref | None:
+    """``experiments/<id>/runs/<run_id>``, ``experiments/<id>/models/m-<id>`` or
+    ``models/<name>/versions/<v>`` (anything after them is a tab of the page)."""
     if len(route) < 4:
         return None
     if route[0] == "experiments" and route[2] == "runs" and re.fullmatch(_RUN_ID, route[3]):

@@ -2,6 +2,12 @@
 ``wandb-artifact://`` URIs and the web app's run and artifact pages, turned into canonical
 ``wandb://`` refs.  W&B numbers versions from 0, ckpt_track from 1: W&B ``v3`` is our ``:v4``.
 
+Web hosts: the W&B cloud (``wandb.ai``; ``forge.coreweave.com/wandb`` since 0.31) needs no
+server setting; a Dedicated Cloud instance (``https://<name>.wandb.io``) or a self-hosted
+server is kept as ``?base_url=``.  A page of a W&B host that is no run or model artifact is
+refused here; on any other host the URL is only W&B's when no other tracker claims it too
+(the registry decides, see :mod:`ckpt_track.backends.registry`).
+
 Parsing only: no SDK import, so ``ct.parse_ref`` works without ``wandb`` installed.
 """
 
@@ -23,11 +29,13 @@ SEGMENT = re.compile(rf"^{_ID}$")  # what W&B accepts in an entity, project or r
 _NATIVE = re.compile(rf"^(?:(?P<entity>{_ID})/)?(?P<project>{_ID})/(?P<name>{_ID}):(?P<sel>{_ID})$")
 # UI hosts of the W&B cloud (0.31 moved it to CoreWeave Forge under /wandb): no base_url needed
 _SAAS = {"wandb.ai": (), "www.wandb.ai": (), "app.wandb.ai": (), "forge.coreweave.com": ("wandb",)}
+DEDICATED = ".wandb.io"  # W&B Dedicated Cloud: https://<instance>.wandb.io, its own server
 
 REF_FORMS = (
     "wandb://[<entity>/]<project>/<run id>[@latest|@best|@step=N|:vN][?base_url=https://your-server]",
     "[<entity>/]<project>/ckpt-<run id>:v<K> | :<alias>   (W&B artifact; W&B v0 is ckpt_track :v1)",
-    "https://wandb.ai/<entity>/<project>/runs/<run id>   (also forge.coreweave.com/wandb/..., self-hosted)",
+    ("https://wandb.ai/<entity>/<project>/runs/<run id>   (also forge.coreweave.com/wandb/..., "
+     "https://<instance>.wandb.io/..., self-hosted)"),
     "https://wandb.ai/<entity>/<project>/artifacts/model/ckpt-<run id>/v<K>",
 )
 
@@ -64,6 +72,7 @@ def _parse_url(text: str) -> Ref | None:
     host = (url.hostname or "").lower()
     parts = [unquote(p) for p in url.path.split("/") if p]
     known = host in _SAAS
+    dedicated = host.endswith(DEDICATED)
     for i, seg in enumerate(parts):
         if seg not in ("runs", "artifacts") or i < 2:
             continue
@@ -80,7 +89,7 @@ def _parse_url(text: str) -> Ref | None:
                 raise InvalidRef(f"{text!r}: ckpt_track checkpoints are W&B artifacts of type 'model', not {rest[0]!r}")
             return _artifact_ref(entity, project, rest[1], rest[2] if len(rest) > 2 else None, params, text)
         break
-    if known:
+    if known or dedicated:
         raise InvalidRef(f"{text!r}: not a W&B run or model artifact page; expected "
                          "https://wandb.ai/<entity>/<project>/runs/<run id> or "
                          ".../artifacts/model/ckpt-<run id>/v<N>")
