@@ -35,6 +35,7 @@ from .format import (
     is_blob,
     link_cached,
     read_manifest,
+    seal,
     staged_dir,
     swap_in,
     verify,
@@ -112,6 +113,7 @@ def fetch(dest: Path, own: Own, blobs: Blobs | None = None, *, manifest_hash: st
                 raise IntegrityError(f"{where or dest}: tensor file(s) {', '.join(wanted)} are missing from the "
                                      "downloaded checkpoint")
             blobs(wanted, tmp)
+        seal(tmp)  # whatever mode the tracker's SDK gave the files: the umask's read bits, read-only
         swap_in(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -255,6 +255,15 @@ class DirStore:
     def lock_project(self, project: str) -> Any:
         return self.storage.lock(self.project_dir(project))
 
+    def projects(self) -> list[str]:
+        """The projects under the root that hold at least one run, by name (hidden entries
+        such as the spool, and names the store would refuse, are not projects)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(d.name for d in self.root.iterdir()
+                      if NAME.match(d.name) and not d.name.startswith(".") and d.is_dir()
+                      and any((r / "run.json").is_file() for r in d.iterdir() if r.is_dir()))
+
     def runs(self, project: str) -> list[tuple[str, dict[str, Any]]]:
         """``(run_id, run.json)`` of every run of ``project``, oldest first."""
         pdir = self.project_dir(project)

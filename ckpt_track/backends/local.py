@@ -98,12 +98,31 @@ class LocalBackend:
     def _rdir(self, run: RunInfo) -> Any:  # RunDir, or ObjectRun for a URL root
         return self.store.run(run.project, run.run_id)
 
-    def _info(self, project: str, run_id: str, resumed: bool) -> RunInfo:
+    def _info(self, project: str, run_id: str, resumed: bool, meta: Any = None) -> RunInfo:
         rdir = self.store.run(project, run_id)
+        meta = rdir.meta() if meta is None else meta
         return RunInfo(
-            backend=self.name, project=project, run_id=run_id, name=str(rdir.meta().get("name", run_id)),
+            backend=self.name, project=project, run_id=run_id, name=str(meta.get("name", run_id)),
             ref=Ref(self.name, f"{project}/{run_id}"), resumed=resumed, native=LocalHandle(str(rdir.path)),
         )
+
+    # -- listing (``ckpt-track projects`` / ``runs``) ------------------------------------
+    def list_projects(self) -> list[str]:
+        """The projects in the store that hold at least one run, by name."""
+        if self.remote:
+            self.store.check()
+        return list(self.store.projects())
+
+    def list_runs(self, project: str) -> list[RunInfo]:
+        """Every run of ``project``, oldest first, each as :meth:`find_run` returns it (a run
+        with no committed checkpoint yet too: every run in the store is ckpt_track's).
+        ``CheckpointNotFound`` names an unknown project and lists the known ones."""
+        known = self.list_projects()
+        if project not in known:
+            raise CheckpointNotFound(
+                f"no project {project!r} under {self.root}; projects there: {', '.join(known) or 'none'} "
+                f"(set [local] root, or ?root=, if the store is elsewhere)")
+        return [self._info(project, rid, resumed=True, meta=meta) for rid, meta in self.store.runs(project)]
 
     # -- runs -------------------------------------------------------------------------
     def open_run(self, spec: RunSpec) -> RunInfo:

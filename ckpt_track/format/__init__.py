@@ -28,7 +28,8 @@ The package's modules:
 - :mod:`.write`: :func:`write_checkpoint`; :func:`write_blobs` and :func:`commit_staged` (a sharded save);
 - :mod:`.copy`: :func:`copy_checkpoint` and the download cache's :func:`link_cached`;
 - :mod:`.read`: :func:`verify`, :func:`load_checkpoint` and reading tensors in place;
-- :mod:`.atomic`: the atomic file-system steps every store shares.
+- :mod:`.atomic`: the atomic file-system steps every store shares;
+- :mod:`.modes`: committed files are read-only, readable as the umask allows (:func:`seal`).
 
 Everything is importable from ``ckpt_track.format`` itself.
 """
@@ -70,6 +71,7 @@ from .manifest import (
     parse_manifest,
     read_manifest,
 )
+from .modes import read_only_mode, seal
 from .read import (
     MAX_HEADER_BYTES,
     TensorInfo,
@@ -139,11 +141,13 @@ __all__ = [
     "read_header",
     "read_json_file",
     "read_manifest",
+    "read_only_mode",
     "read_state",
     "read_state_open",
     "read_tensor",
     "refuse_sharded",
     "remove_dir",
+    "seal",
     "staged_dir",
     "staging",
     "swap_in",

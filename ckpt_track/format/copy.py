@@ -3,13 +3,20 @@
 A copy is published like a new checkpoint (staged, manifest last, renamed into
 place).  A source file is opened once, as a regular file, and what was opened is
 what is linked or copied, even if the name is swapped for a link in between.
+
+Linking is safe because a committed checkpoint's files are read-only and never changed in
+place (:mod:`.modes`); :func:`linking` turns it off, or counts the links made, for every
+:func:`copy_checkpoint` in its context (``ops.copy.copy(link=False)``: an independent copy).
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -18,22 +25,57 @@ from .atomic import publish, staging
 from .files import check_name, chunks, open_regular
 from .hashing import hash_file, is_blob
 from .manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, LocalCheckpoint, Manifest, read_manifest
+from .modes import seal
+
+
+@dataclass
+class Links:
+    """What :func:`linking` yields: ``allowed`` is whether copies may hard-link, ``linked``
+    counts the files hard-linked so far."""
+
+    allowed: bool = True
+    linked: int = 0
+
+
+_LINKS: ContextVar[Links | None] = ContextVar("ckpt_track_links", default=None)
+
+
+@contextmanager
+def linking(allowed: bool = True) -> Iterator[Links]:
+    """Inside, :func:`copy_checkpoint` hard-links only when ``allowed`` (else every file is
+    an independent copy, with its own inode) and counts the files it links.
+
+    >>> with linking(False) as links:  # doctest: +SKIP
+    ...     copy_checkpoint(ckpt, parent, "v000002")
+    """
+    links = Links(allowed)
+    token = _LINKS.set(links)  # a context variable: other threads' copies are not affected
+    try:
+        yield links
+    finally:
+        _LINKS.reset(token)
 
 
 def copy_checkpoint(src: LocalCheckpoint, parent: Path, name: str, *, link: bool = True,
                     progress: Any = None, sources: Mapping[str, Path] | None = None) -> LocalCheckpoint:
     """Copy (or hard-link when ``link`` and on the same filesystem) a checkpoint,
-    manifest last, publishing atomically.  ``progress(nbytes)`` is called as bytes move.
-    ``sources`` names another file with the same contents to take a file from (a
-    content-addressed tensor file already in the destination store)."""
+    manifest last, publishing atomically; the copy's files are read-only (:func:`seal`).
+    ``progress(nbytes)`` is called as bytes move.  ``sources`` names another file with the
+    same contents to take a file from (a content-addressed tensor file already in the
+    destination store).  See :func:`linking`."""
     sources = sources or {}
+    links = _LINKS.get()
+    link = link and (links is None or links.allowed)
     with staging(parent, name) as (tmp, final):
         for fname, entry in src.manifest.files.items():
             check_name(fname, src.path)
-            copy_one(sources.get(fname, src.path / fname), tmp / fname, link=link, expected=entry.size)
+            linked = copy_one(sources.get(fname, src.path / fname), tmp / fname, link=link, expected=entry.size)
+            if linked and links is not None:
+                links.linked += 1
             if progress is not None:
                 progress(entry.size)
         copy_one(src.path / MANIFEST, tmp / MANIFEST, link=False, limit=MAX_MANIFEST_BYTES)
+        seal(tmp)  # copies get the umask's read bits; links are sealed already
         publish(tmp, final)
     return LocalCheckpoint(final, src.manifest)
 
@@ -95,20 +137,21 @@ def regular_of_size(path: Path, size: int) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_size == size
 
 
-def copy_one(src: Path, dst: Path, *, link: bool, expected: int | None = None, limit: int | None = None) -> None:
+def copy_one(src: Path, dst: Path, *, link: bool, expected: int | None = None, limit: int | None = None) -> bool:
     """Hard-link or copy one regular file (never a link's target; see :func:`open_regular`),
-    of exactly ``expected`` bytes when given, else of at most ``limit``."""
+    of exactly ``expected`` bytes when given, else of at most ``limit``; True when linked."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     with open_regular(src, limit) as f:
         st = os.fstat(f.fileno())
         if expected is not None and st.st_size != expected:
             raise IntegrityError(f"{src}: size {st.st_size} bytes, manifest says {expected} (truncated or modified)")
         if link and _link_same(src, dst, st):
-            return
+            return True
         with open(dst, "wb") as out:
             _copy_bytes(f, out, st.st_size, src)
             out.flush()
             os.fsync(out.fileno())
+    return False
 
 
 def _link_same(src: Path, dst: Path, opened: os.stat_result) -> bool:

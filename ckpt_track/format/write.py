@@ -22,6 +22,7 @@ from .atomic import now_iso, publish, staging
 from .copy import copy_one, reusable
 from .hashing import PACK_SIZE, blob_groups, blob_name, content_digest, hash_file
 from .manifest import MANIFEST, STATE, FileEntry, LocalCheckpoint, Manifest, canonical_json, parse_manifest
+from .modes import seal
 from .serialize import Prepared, prepare, write_prepared
 
 _METADATA = {"format": "pt"}
@@ -67,6 +68,7 @@ def write_checkpoint(
         manifest = Manifest(step=step, epoch=epoch, created=now_iso(), metrics=dict(metrics or {}),
                             lineage=dict(lineage or {}), files=files)
         manifest = _write_manifest(tmp, final, manifest)
+        seal(tmp)  # committed: never changed in place again, so it may be hard-linked anywhere
         publish(tmp, final)
     return LocalCheckpoint(final, manifest)
 
@@ -128,6 +130,7 @@ def commit_staged(tmp: Path, final: Path, files: Mapping[str, FileEntry], state:
         _write_bytes(tmp / name, raw)
         entries[name] = FileEntry(len(raw), xxhash.xxh3_128(raw).hexdigest())
     done = _write_manifest(tmp, final, replace(manifest, files=entries))
+    seal(tmp)
     publish(tmp, final)
     return LocalCheckpoint(final, done)
 
@@ -198,8 +201,11 @@ def _write_manifest(tmp: Path, final: Path, manifest: Manifest) -> Manifest:
 
 
 def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))  # never opened for writing: it may be sealed
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

@@ -196,6 +196,13 @@ class ObjectProjects:
     def lock_project(self, project: str) -> Any:
         return contextlib.nullcontext()  # run creation is a create-only write: no lock needed
 
+    def projects(self) -> list[str]:
+        """The projects under the prefix that hold at least one run, by name (the layout's
+        reserved prefixes are not projects)."""
+        names = [n for n in self.store.listdir(self.store.root)
+                 if n not in _RESERVED and NAME.match(n) and not n.startswith(".")]
+        return sorted(n for n in names if any(NAME.match(r) for r in self.store.listdir(self.store.path(n))))
+
     def runs(self, project: str) -> list[tuple[str, dict[str, Any]]]:
         found = []
         for name in self.store.listdir(self.project_dir(project)):

@@ -11,7 +11,9 @@ Copy targets (``to=`` of :func:`copy`, a reference output of
                                     ?root=/data/ckpts (local), ?entity=acme (W&B)
 
 Steps, metrics, aliases and the manifest (so lineage) travel unchanged; files are verified
-before they are sent.
+before they are sent.  Into a local store on the same file system the files are hard-linked
+(safe: a committed checkpoint's files are read-only and never changed in place);
+``link=False`` makes every file an independent copy.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import CheckpointNotFound, ConfigError, InvalidRef
+from ..format.copy import linking
 from ..policy import select
 from ..protocol import Backend
 from ..records import RunInfo, RunSpec, Stored
@@ -67,12 +70,15 @@ def open_target(target: str | Ref, settings: SettingsLike = None) -> tuple[Backe
 @dataclass(frozen=True)
 class CopyResult:
     """``copied`` and ``skipped`` pair each source version with its version in the target;
-    a skipped one was already there (same step, creation time and size)."""
+    a skipped one was already there (same step, creation time and size).  ``linked`` counts
+    the files hard-linked rather than copied (read-only, sharing their inode with the source
+    or with the target's other versions); 0 when none, always with ``link=False``."""
 
     source: RunInfo
     target: RunInfo
     copied: tuple[tuple[Stored, Stored], ...]
     skipped: tuple[tuple[Stored, Stored], ...]
+    linked: int = 0
 
 
 def _identity(s: Stored) -> tuple[int, str, int]:
@@ -85,6 +91,7 @@ def copy(
     *,
     settings: SettingsLike = None,
     progress: Callable[[int, int, Stored], None] | None = None,
+    link: bool = True,
 ) -> CopyResult:
     """Copy one checkpoint (``ref`` with a selector) or a whole run (no selector: every
     version, oldest first) into the run ``to`` names, on any backend.
@@ -92,7 +99,8 @@ def copy(
     Steps, metrics, the source's aliases and the manifest (so lineage) travel unchanged;
     files are verified before they are sent.  Versions already in the target are skipped,
     so an interrupted copy can simply be run again.  ``progress(done, total, stored)`` is
-    called before each source version is handled.
+    called before each source version is handled.  ``link=False``: no file of the target is
+    hard-linked (each has its own inode), where a local target would otherwise link them.
 
     >>> copy("mlflow://0f1e2d3c4b5a69788796a5b4c3d2e1f0", "local://resnet/mirror")  # doctest: +SKIP
     """
@@ -106,21 +114,21 @@ def copy(
     copied: list[tuple[Stored, Stored]] = []
     skipped: list[tuple[Stored, Stored]] = []
     try:
-        present = {_identity(x): x for x in backend.list(target)}
-        for done, src in enumerate(chosen):
-            if progress is not None:
-                progress(done, len(chosen), src)
-            there = present.get(_identity(src))
-            if there is not None:
-                if src.aliases:
-                    backend.set_aliases(there, src.aliases)
-                skipped.append((src, there))
-                continue
-            ckpt = Resolved(src_backend, src_run, src, s).fetch_verified()
-            stored = backend.put(target, ckpt, src.aliases)
-            present[_identity(stored)] = stored
-            copied.append((src, stored))
+        with linking(link) as links:
+            present = {_identity(x): x for x in backend.list(target)}
+            for done, src in enumerate(chosen):
+                if progress is not None:
+                    progress(done, len(chosen), src)
+                there = present.get(_identity(src))
+                if there is not None:
+                    if src.aliases:
+                        backend.set_aliases(there, src.aliases)
+                    skipped.append((src, there))
+                    continue
+                ckpt = Resolved(src_backend, src_run, src, s).fetch_verified()
+                stored = backend.put(target, ckpt, src.aliases)
+                present[_identity(stored)] = stored
+                copied.append((src, stored))
     finally:
         backend.finish_run(target)
-    return CopyResult(src_run, target, tuple(copied), tuple(skipped))
-
+    return CopyResult(src_run, target, tuple(copied), tuple(skipped), links.linked)

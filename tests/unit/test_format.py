@@ -19,8 +19,8 @@ import ckpt_track.format.write as fmt_write
 from ckpt_track.errors import CheckpointNotFound, IntegrityError
 from ckpt_track.format import (
     FORMAT_VERSION,
-    MAX_FORMAT_VERSION,
     MANIFEST,
+    MAX_FORMAT_VERSION,
     STATE,
     LocalCheckpoint,
     copy_checkpoint,
@@ -54,17 +54,23 @@ def entries(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir())
 
 
+def overwrite(path: Path, data: bytes) -> None:
+    """Overwrite a committed (read-only) file, as a tool or a disk error might."""
+    os.chmod(path, 0o644)
+    path.write_bytes(data)
+
+
 def rewrite_manifest(ckpt: Path, change: Any) -> None:
     data = json.loads((ckpt / MANIFEST).read_text())
     data.pop("manifest_hash")  # a hand-edited manifest: only a legacy one (no digest) can be
     change(data)
-    (ckpt / MANIFEST).write_text(json.dumps(data))
+    overwrite(ckpt / MANIFEST, json.dumps(data).encode())
 
 
 def flip_byte(path: Path, offset: int) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
+    overwrite(path, bytes(data))
 
 
 def shard_names(ckpt: LocalCheckpoint) -> list[str]:
@@ -300,7 +306,7 @@ def test_truncated_file(tmp_path: Path) -> None:
     ckpt = write(tmp_path)
     f = _tensor_file(ckpt)
     size = f.stat().st_size
-    f.write_bytes(f.read_bytes()[:-10])
+    overwrite(f, f.read_bytes()[:-10])
     with pytest.raises(IntegrityError, match="size") as info:
         load_checkpoint(ckpt.path)
     msg = str(info.value)
@@ -320,7 +326,7 @@ def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
     shards = shard_names(ckpt)
     (ckpt.path / shards[0]).unlink()
     flip_byte(ckpt.path / shards[1], (ckpt.path / shards[1]).stat().st_size - 1)
-    (ckpt.path / STATE).write_bytes(b"{}")
+    overwrite(ckpt.path / STATE, b"{}")
     with pytest.raises(IntegrityError) as info:
         verify(ckpt.path)
     msg = str(info.value)
@@ -333,7 +339,7 @@ def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
                                     b'{"format": "ckpt_track", "format_version": 1, "step": 1, "files": {"a": 3}}'])
 def test_damaged_manifest(tmp_path: Path, damage: bytes) -> None:
     ckpt = write(tmp_path)
-    (ckpt.path / MANIFEST).write_bytes(damage)
+    overwrite(ckpt.path / MANIFEST, damage)
     for fn in (read_manifest, verify, load_checkpoint):
         with pytest.raises(IntegrityError, match=MANIFEST):
             fn(ckpt.path)
