@@ -671,3 +671,26 @@ def test_get_links_tensor_files_an_earlier_download_holds(comet_env: FakeComet, 
     assert {f: (got.path / f).read_bytes() for f in b.manifest.files} == {
         f: (b.path / f).read_bytes() for f in b.manifest.files}
     be.close()
+
+
+# -- listing projects and runs (ckpt-track runs / projects) ---------------------------------------------
+def test_list_projects_and_runs_offline(comet_env: FakeComet, tmp_path: Path) -> None:
+    from ckpt_track.errors import CheckpointNotFound
+
+    be = CometBackend({"workspace": "ws", "online": False, "offline_directory": str(tmp_path / "off")})
+    assert be.list_projects() == []
+    first = be.open_run(RunSpec(project="resnet", name="first"))
+    be.put(first, make_checkpoint(tmp_path / "spool", 1), ["latest"])
+    second = be.open_run(RunSpec(project="resnet", name="second"))
+    be.open_run(RunSpec(project="bert", name="b"))
+    be.close()
+    assert be.list_projects() == ["bert", "resnet"]
+    runs = be.list_runs("resnet")
+    assert [(r.run_id, r.name, r.ref) for r in runs] == [(first.run_id, "first", first.ref),
+                                                         (second.run_id, "second", second.ref)]
+    assert [s.step for s in be.list(runs[0])] == [1]  # each as find_run returns it
+    assert be.find_run(runs[0].ref).ref == runs[0].ref
+    with pytest.raises(CheckpointNotFound, match=r"'gpt'.*projects: bert, resnet"):
+        be.list_runs("gpt")
+    with pytest.raises(BackendError, match="online = false"):
+        CometBackend({"workspace": "ws"}).list_projects()

@@ -635,3 +635,27 @@ def test_offline_sweep_removes_what_a_killed_writer_left(tmp_path: Path) -> None
         d.mkdir(parents=True)
     be.sweep(run)
     assert not dead.exists() and alive.exists()
+
+
+# -- listing projects and runs (ckpt-track runs / projects) ---------------------------------------------
+def test_list_projects_and_runs_offline(tmp_path: Path) -> None:
+    from ckpt_track.errors import BackendError, CheckpointNotFound
+
+    be = WandbBackend({"mode": "offline", "dir": str(tmp_path / "wb")})
+    assert be.list_projects() == []
+    first = be.open_run(RunSpec(project="resnet", name="first"))
+    be.put(first, make_checkpoint(tmp_path / "spool", 1), ["latest"])
+    second = be.open_run(RunSpec(project="resnet", name="second"))
+    other = be.open_run(RunSpec(project="bert", run_id=RUN))
+    for run in (first, second, other):
+        be.finish_run(run)
+    assert be.list_projects() == ["bert", "resnet"]
+    runs = be.list_runs("resnet")
+    assert [(r.run_id, r.name, r.ref) for r in runs] == [(first.run_id, "first", first.ref),
+                                                         (second.run_id, "second", second.ref)]
+    assert [s.step for s in be.list(runs[0])] == [1]  # each as find_run returns it
+    assert be.find_run(runs[0].ref) == runs[0]
+    with pytest.raises(CheckpointNotFound, match=r"'gpt'.*projects: bert, resnet"):
+        be.list_runs("gpt")
+    with pytest.raises(BackendError, match="offline"):
+        WandbBackend({"mode": "online"}).list_projects()

@@ -7,7 +7,6 @@ offline.  Where checkpoints are read back from is the mode, chosen once in ``__i
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import uuid
 import weakref
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ...errors import BackendError, CheckpointNotFound, ConfigError, InvalidRef
+from ...errors import BackendError, BackendNotInstalled, CheckpointNotFound, ConfigError, InvalidRef
 from ...format import LocalCheckpoint
 from ...options import option_names, parse_options
 from ...plan import by_name, resume_decision
@@ -28,6 +27,7 @@ from .mode import Mode
 from .offline import OfflineMode
 from .online import OnlineMode
 from .sdk import CometSdk
+from .settings import project_for, read_defaults
 
 __all__ = ["CometBackend", "CometOptions"]
 
@@ -38,11 +38,12 @@ _ours: weakref.WeakSet[Any] = weakref.WeakSet()  # experiments ckpt_track starte
 class CometOptions:
     """The ``[comet]`` section (the API key is never one: COMET_API_KEY or ``comet login``)."""
 
-    workspace: str | None = None  # default: the API key's default workspace (online) / none (offline)
-    project: str | None = None  # default: ct.init(project=...)
-    online: bool = True  # false: OfflineExperiment, then `comet upload`
+    # Each default is comet_ml's own setting when it has one (see settings.py)
+    workspace: str | None = None  # default: $COMET_WORKSPACE, else the API key's default (online) / none
+    project: str | None = None  # default: ct.init(project=...), else $COMET_PROJECT_NAME
+    online: bool | None = None  # default: $COMET_START_ONLINE, else not $COMET_OFFLINE, else true
     offline_directory: str | None = None  # default: $COMET_OFFLINE_DIRECTORY or ./.cometml-runs
-    url: str | None = None  # a self-hosted server's root
+    url: str | None = None  # a self-hosted server's root; default: $COMET_URL_OVERRIDE, else comet.com
     register_as: str | None = None  # also register every checkpoint in this registry model
 
 
@@ -56,19 +57,32 @@ class CometBackend:
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         opts = parse_options(CometOptions, options, backend=self.name,
                              note="; the API key is read from COMET_API_KEY, never from the settings")
-        self.workspace = None if opts.workspace is None else refs.segment(opts.workspace, "workspace")
-        self.project = None if opts.project is None else refs.segment(opts.project, "project")
-        if not isinstance(opts.online, bool):
-            raise ConfigError(f"[comet] online must be true or false, got {opts.online!r}")
         self.url = refs.server_root(opts.url)
-        self.register_as = refs.registry_name(opts.register_as)
-        root = opts.offline_directory or os.environ.get("COMET_OFFLINE_DIRECTORY") or ".cometml-runs"
-        self.offline_directory = Path(root).expanduser().absolute()
         self.sdk = CometSdk(self.url)
-        self.mode: Mode = (OnlineMode(self.sdk, self.workspace) if opts.online
+        if opts.online is not None and not isinstance(opts.online, bool):
+            raise ConfigError(f"[comet] online must be true or false, got {opts.online!r}")
+        sdk = read_defaults(self._sdk_if_installed())
+        online = opts.online if opts.online is not None else (True if sdk.online is None else sdk.online)
+        # run ids derive experiment keys from the [comet] workspace alone: stable across releases
+        self._key_workspace = None if opts.workspace is None else refs.segment(opts.workspace, "workspace")
+        workspace = opts.workspace or sdk.workspace
+        self.workspace = None if workspace is None else refs.segment(workspace, "workspace")
+        self.project = None if opts.project is None else refs.segment(opts.project, "project")
+        self.sdk_project = sdk.project
+        self.register_as = refs.registry_name(opts.register_as)
+        root = opts.offline_directory or sdk.offline_directory or ".cometml-runs"
+        self.offline_directory = Path(root).expanduser().absolute()
+        self.mode: Mode = (OnlineMode(self.sdk, self.workspace) if online
                            else OfflineMode(self.sdk, self.offline_directory))
         self._open: dict[str, tuple[Any, bool]] = {}  # key -> (experiment, started by us)
         self._lock = threading.RLock()
+
+    def _sdk_if_installed(self) -> Any | None:
+        """comet_ml, or None when it is not installed (its settings are then unknown)."""
+        try:
+            return self.sdk.module()
+        except BackendNotInstalled:
+            return None
 
     def _sdk(self) -> Any:
         """comet_ml (imported on first use; tests check it leaves the global random generator alone)."""
@@ -79,7 +93,7 @@ class CometBackend:
         """A run id as an experiment key, the same in every process (Comet keys are global)."""
         if refs.KEY.match(run_id):
             return run_id
-        return hashlib.sha256(f"ckpt_track/{self.workspace or ''}/{project}/{run_id}".encode()).hexdigest()[:32]
+        return hashlib.sha256(f"ckpt_track/{self._key_workspace or ''}/{project}/{run_id}".encode()).hexdigest()[:32]
 
     def _info(self, f: Found, resumed: bool) -> RunInfo:
         segs = [s for s in (f.workspace, f.project, f.key) if s]
@@ -100,7 +114,7 @@ class CometBackend:
         return self.mode.by_name(project, wanted, workspace) if project is not None and names else None
 
     def open_run(self, spec: RunSpec) -> RunInfo:
-        project = refs.segment(self.project or spec.project, "project")
+        project = refs.segment(project_for(self.project, spec.project, self.sdk_project), "project")
         comet_ml = self.sdk.module()
         self.mode.ready()
         running = comet_ml.get_running_experiment()
@@ -191,6 +205,21 @@ class CometBackend:
         if found is None:
             raise CheckpointNotFound(self.mode.not_found(segs[-1], project))
         return self._info(found, resumed=True)
+
+    def list_projects(self) -> list[str]:
+        """The projects that hold ckpt_track experiments (offline: the offline store)."""
+        return self._lister().list_projects()
+
+    def list_runs(self, project: str) -> list[RunInfo]:
+        """The experiments of ``project`` that hold ckpt_track checkpoints, oldest first; each
+        one as :meth:`find_run` returns it.  ``CheckpointNotFound`` for an unknown project."""
+        return [self._info(f, resumed=True) for f in self._lister().list_runs(project)]
+
+    def _lister(self) -> OfflineMode:
+        if not isinstance(self.mode, OfflineMode):
+            raise BackendError("listing Comet projects and experiments reads the offline store "
+                               "([comet] online = false); online, open them in Comet's UI")
+        return self.mode
 
     # -- checkpoints ------------------------------------------------------------------------
     def put(self, run: RunInfo, ckpt: LocalCheckpoint, aliases: Sequence[str] = ()) -> Stored:

@@ -15,9 +15,11 @@ from ...errors import IntegrityError
 from ...format import MANIFEST, LocalCheckpoint, is_blob
 from ...plan import AliasTable
 from ...records import RunInfo, Stored
+from ...refs import Ref
 
 __all__ = ["BLOB_PREFIX", "RESUMED_FROM_KEY", "RUN_ID_KEY", "STATE_KEY", "AliasState", "CometCopy", "CometModel",
-           "CometRegistryModel", "CometRun", "Found", "checkpoint_meta", "read_meta", "stored"]
+           "CometRegistryModel", "CometRun", "Found", "checkpoint_meta", "read_meta", "restore_commands", "stored",
+           "summary_others"]
 
 STATE_KEY = "ckpt_track.state"
 RUN_ID_KEY = "ckpt_track.run_id"
@@ -117,17 +119,44 @@ class AliasState:
         return AliasTable(self.aliases).of(version)
 
 
-def checkpoint_meta(version: int, ckpt: LocalCheckpoint, aliases: Sequence[str]) -> dict[str, Any]:
+def restore_commands(ref: str) -> dict[str, str]:
+    """How to get a checkpoint back, as the UI shows it: the CLI line and the Python call."""
+    return {"cli": f'ckpt-track restore "{ref}" -o DIR', "python": f'ct.restore("{ref}", model=model)'}
+
+
+def checkpoint_meta(version: int, ckpt: LocalCheckpoint, aliases: Sequence[str],
+                    run_ref: Ref | None = None) -> dict[str, Any]:
     """The metadata of every element of a checkpoint's model: what listing reads back, and
     the size of each file (``files``: the model's elements, ``blobs``: shared tensor files),
-    so that a half-uploaded model is never listed."""
+    so that a half-uploaded model is never listed; with ``run_ref``, also the reference of
+    this step and the commands that restore it (what the Models tab shows)."""
     m = ckpt.manifest
     files = {f: e.size for f, e in m.files.items() if not is_blob(f)}
     files[MANIFEST] = (ckpt.path / MANIFEST).stat().st_size
     blobs = {f: e.size for f, e in m.files.items() if is_blob(f)}
     return {"ckpt_track": 1, "version": version, "step": m.step, "epoch": m.epoch, "metrics": dict(m.metrics),
             "aliases": sorted(aliases), "created": m.created, "size": m.size, "lineage": dict(m.lineage),
-            "files": files, **({"blobs": blobs} if blobs else {})}
+            "files": files, **({"blobs": blobs} if blobs else {}), **_restore(run_ref, m.step)}
+
+
+def _restore(run_ref: Ref | None, step: int) -> dict[str, Any]:
+    if run_ref is None:
+        return {}
+    ref = str(run_ref.select(step=step))
+    return {"ref": ref, "restore": restore_commands(ref)}
+
+
+def summary_others(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The experiment others a checkpoint sets: the newest one, and the best one when it is
+    ``best`` (Comet's Others tab), with the line that restores it."""
+    out: dict[str, Any] = {}
+    for which in ("latest", "best"):
+        if which == "latest" or which in meta.get("aliases", ()):
+            out[f"ckpt_track.{which}_step"] = meta["step"]
+            if "ref" in meta:
+                out[f"ckpt_track.{which}"] = meta["ref"]
+                out[f"ckpt_track.{which}_restore"] = meta["restore"]["cli"]
+    return out
 
 
 def read_meta(assets: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ...errors import BackendError
+from ...errors import BackendError, CheckpointNotFound
 from ...format import LocalCheckpoint, now_iso
 from ...records import RunInfo, Stored
 from .._store import DirStore, RunDir
@@ -98,6 +98,20 @@ class OfflineMode(Mode):
         hits = [key for key, m in self.store.runs(_RUNS) if m.get("project") == project and m.get("name") == name]
         return self.by_key(hits[-1]) if hits else None  # runs() is oldest first
 
+    def list_projects(self) -> list[str]:
+        """The projects of the experiments in the offline store."""
+        return sorted({str(m["project"]) for _, m in self.store.runs(_RUNS) if m.get("project")})
+
+    def list_runs(self, project: str) -> list[Found]:
+        """The experiments of ``project`` in the offline store, oldest first."""
+        found = [f for key, m in self.store.runs(_RUNS) if m.get("project") == project
+                 and (f := self.by_key(key)) is not None]
+        if not found:
+            known = ", ".join(self.list_projects()) or "none"
+            raise CheckpointNotFound(f"no Comet project {project!r} in the offline store {self.directory} "
+                                     f"(projects: {known})")
+        return found
+
     def not_found(self, wanted: str, project: str | None) -> str:
         return f"no Comet experiment {wanted!r} in project {project!r} in the offline store {self.directory}"
 
@@ -139,7 +153,7 @@ class OfflineMode(Mode):
         metas: list[dict[str, Any]] = []
 
         def commit(version: int, path: Path) -> None:
-            meta = checkpoint_meta(version, ckpt, aliases)
+            meta = checkpoint_meta(version, ckpt, aliases, run.ref)
             name = model_name(version, m.step)
             state = self._state(rdir).point(aliases, version)
             with self.sdk.calling(f"logging checkpoint v{version} (step {m.step}) to experiment {key}"):

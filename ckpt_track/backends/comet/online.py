@@ -119,7 +119,7 @@ class OnlineMode(Mode):
         state = self.state(key)
         version = next_version([*state.deleted, *self._versions(key)], state.last_version)
         name = model_name(version, m.step)
-        meta = checkpoint_meta(version, ckpt, aliases)
+        meta = checkpoint_meta(version, ckpt, aliases, run.ref)
         new_blobs = blobs_to_send(m, self.blobs_held(key))
         new_state = state.point(aliases, version)
         try:

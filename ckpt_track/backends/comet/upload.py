@@ -14,7 +14,7 @@ from typing import Any
 from ...external import objects_of
 from ...format import MANIFEST, LocalCheckpoint, Manifest, is_blob
 from ...plan import files_to_send
-from .handles import BLOB_PREFIX
+from .handles import BLOB_PREFIX, summary_others
 
 __all__ = ["blobs_to_send", "log_checkpoint", "register", "uploaded_bytes"]
 
@@ -40,6 +40,7 @@ def log_checkpoint(exp: Any, src: Path, name: str, meta: Mapping[str, Any], mani
                              metadata={"size": size, "xxh3": digest, "checkpoint": name})
     if manifest.metrics:
         exp.log_metrics(dict(manifest.metrics), step=manifest.step, epoch=manifest.epoch)
+    exp.log_others(summary_others(meta))
 
 
 def register(exp: Any, name: str, registry: str, version: str | None, aliases: Sequence[str], comment: str) -> None:

@@ -4,13 +4,12 @@ disabled: :mod:`.online`, :mod:`.offline`)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from ...errors import CheckpointNotFound, ConfigError, InvalidRef
+from ...errors import BackendError, CheckpointNotFound, ConfigError, InvalidRef
 from ...format import LocalCheckpoint
 from ...options import option_names, parse_options
 from ...plan import by_name, resume_decision
@@ -23,6 +22,7 @@ from .live import LiveRuns
 from .offline import DisabledMode, OfflineMode
 from .online import OnlineMode
 from .sdk import Sdk
+from .settings import project_for, read_defaults
 
 __all__ = ["Mode", "WandbBackend", "WandbOptions"]
 
@@ -34,11 +34,12 @@ _KEY_NOTE = " (the API key is read from WANDB_API_KEY, never from settings)"
 class WandbOptions:
     """The ``[wandb]`` keys (the API key is never one: ``WANDB_API_KEY``)."""
 
+    # Each default is W&B's own setting when it has one (environment or settings file: settings.py)
     entity: str | None = None  # default: $WANDB_ENTITY, else the API key's default entity
-    project: str | None = None  # default: ct.init(project=...)
+    project: str | None = None  # default: ct.init(project=...), else $WANDB_PROJECT
     mode: str | None = None  # online | offline | disabled; default: $WANDB_MODE, else online
     dir: str | None = None  # where wandb/ is created; default: $WANDB_DIR, else the working directory
-    base_url: str | None = None  # a self-hosted server; default: the SDK's
+    base_url: str | None = None  # a self-hosted server; default: $WANDB_BASE_URL, else the W&B cloud
     registry: str | None = None  # a registry collection each `best` checkpoint is linked into
 
 
@@ -65,7 +66,7 @@ class Mode(Protocol):
 
 
 def _mode(raw: str | None) -> str:
-    value = str(raw or os.environ.get("WANDB_MODE") or "online").lower()
+    value = str(raw or "online").lower()
     if value not in _MODES:
         raise ConfigError(f"wandb backend: mode {value!r} is not one of 'online', 'offline', 'disabled'")
     return _MODES[value]
@@ -81,11 +82,13 @@ class WandbBackend:
 
     def __init__(self, options: Any = None) -> None:
         opts = parse_options(WandbOptions, options, backend=self.name, note=_KEY_NOTE)
-        self.mode: str = _mode(opts.mode)
-        self.entity: str | None = opts.entity or os.environ.get("WANDB_ENTITY") or None
+        sdk = read_defaults()
+        self.mode: str = _mode(opts.mode or sdk.mode)
+        self.entity: str | None = opts.entity or sdk.entity
         self.project: str | None = opts.project
-        self.dir = Path(opts.dir or os.environ.get("WANDB_DIR") or ".").expanduser().absolute()
-        self.base_url: str | None = (opts.base_url or "").rstrip("/") or None
+        self.sdk_project = sdk.project
+        self.dir = Path(opts.dir or sdk.dir or ".").expanduser().absolute()
+        self.base_url: str | None = (opts.base_url or sdk.base_url or "").rstrip("/") or None
         self.registry: str | None = opts.registry
         self._sdk = Sdk(self.base_url)
         self._live = LiveRuns(self.mode, self.base_url or "")
@@ -107,7 +110,7 @@ class WandbBackend:
 
     # -- runs ---------------------------------------------------------------------------
     def open_run(self, spec: RunSpec) -> RunInfo:
-        project = self.project or spec.project
+        project = project_for(self.project, spec.project, self.sdk_project)
         for what, value in (("project", project), ("run id", spec.run_id)):
             if value is not None and not refs.SEGMENT.match(value):
                 raise ConfigError(f"W&B {what} {value!r} may only hold letters, digits, '_', '.', '-'")
@@ -153,9 +156,25 @@ class WandbBackend:
         run_id, name, found_entity = found
         return self._info(found_entity or None, project, run_id, name, resumed=True)
 
+    def list_projects(self) -> list[str]:
+        """The projects that hold ckpt_track runs (offline and disabled: the local store)."""
+        return self._lister().list_projects()
+
+    def list_runs(self, project: str) -> list[RunInfo]:
+        """The runs of ``project`` that hold ckpt_track checkpoints, oldest first; each one
+        as :meth:`find_run` returns it.  ``CheckpointNotFound`` for an unknown project."""
+        return [self._info(entity or None, project, run_id, name, resumed=True)
+                for run_id, name, entity in self._lister().list_runs(project)]
+
+    def _lister(self) -> OfflineMode:
+        if not isinstance(self._impl, OfflineMode):
+            raise BackendError("listing W&B projects and runs reads the local store of mode = \"offline\" or "
+                               "\"disabled\"; online, open them in the W&B UI")
+        return self._impl
+
     # -- checkpoints --------------------------------------------------------------------
     def put(self, run: RunInfo, ckpt: LocalCheckpoint, aliases: Sequence[str] = ()) -> Stored:
-        return self._impl.put(run, ckpt, sorted(set(aliases)), metadata(ckpt))
+        return self._impl.put(run, ckpt, sorted(set(aliases)), metadata(ckpt, run.ref))
 
     def list(self, run: RunInfo) -> list[Stored]:
         return self._impl.list(run)

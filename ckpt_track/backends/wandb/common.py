@@ -10,9 +10,11 @@ from typing import Any
 
 from ...format import MANIFEST, LocalCheckpoint, hash_file
 from ...records import RunInfo, Stored
+from ...refs import Ref
 from .refs import artifact_name
 
-__all__ = ["Found", "WandbRun", "WandbVersion", "artifact_path", "metadata", "sent_bytes", "to_stored"]
+__all__ = ["Found", "WandbRun", "WandbVersion", "artifact_path", "description", "metadata", "restore_commands",
+           "sent_bytes", "to_stored"]
 
 Found = tuple[str, str, str]  # run id, name, entity of an existing run
 
@@ -42,12 +44,33 @@ def artifact_path(run: RunInfo, selector: int | str) -> str:
     return artifact_name(entity or None, run.project, run.run_id, selector)
 
 
-def metadata(ckpt: LocalCheckpoint) -> dict[str, Any]:
-    """The artifact metadata W&B shows for a checkpoint (and ``list`` reads back online)."""
+def restore_commands(ref: str) -> dict[str, str]:
+    """How to get a checkpoint back, as the UI shows it: the CLI line and the Python call."""
+    return {"cli": f'ckpt-track restore "{ref}" -o DIR', "python": f'ct.restore("{ref}", model=model)'}
+
+
+def metadata(ckpt: LocalCheckpoint, run_ref: Ref | None = None) -> dict[str, Any]:
+    """The artifact metadata W&B shows for a checkpoint (and ``list`` reads back online); with
+    ``run_ref``, also the reference of this step and the commands that restore it."""
     m = ckpt.manifest
-    return {"step": m.step, "epoch": m.epoch, "metrics": dict(m.metrics), "created": m.created,
+    meta = {"step": m.step, "epoch": m.epoch, "metrics": dict(m.metrics), "created": m.created,
             "size": m.size, "lineage": dict(m.lineage), "format_version": m.format_version,
             "manifest_xxh3": hash_file(ckpt.path / MANIFEST)}
+    if run_ref is not None:
+        ref = str(run_ref.select(step=m.step))
+        meta.update(ref=ref, restore=restore_commands(ref))
+    return meta
+
+
+def description(meta: Mapping[str, Any], aliases: Sequence[str]) -> str:
+    """The artifact version's description: what W&B's artifact page shows first."""
+    metrics = ", ".join(f"{k}={v:g}" for k, v in sorted((meta.get("metrics") or {}).items()))
+    lines = [f"ckpt_track checkpoint at step {meta['step']}" + (f" ({metrics})" if metrics else "")]
+    if aliases:
+        lines.append(f"aliases: {', '.join(sorted(aliases))}")
+    if restore := meta.get("restore"):
+        lines += ["restore:", f"    {restore['cli']}", f"    {restore['python']}"]
+    return "\n".join(lines)
 
 
 def to_stored(run: RunInfo, version: int, meta: Mapping[str, Any], aliases: Sequence[str],

@@ -108,6 +108,20 @@ class OfflineMode:
         return (f"no W&B run {wanted!r} in project {project_path} under {self.store.root} (offline: only runs "
                 "written on this machine; synced runs are read with mode = \"online\")")
 
+    def list_projects(self) -> list[str]:
+        """The projects of the store that hold at least one run."""
+        root = self.store.root
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and self.store.runs(p.name)) \
+            if root.is_dir() else []
+
+    def list_runs(self, project: str) -> list[Found]:
+        """(run id, name, entity) of every run of ``project`` in the store, oldest first."""
+        if project not in self.list_projects():
+            known = ", ".join(self.list_projects()) or "none"
+            raise CheckpointNotFound(f"no W&B project {project!r} under {self.store.root} (projects: {known})")
+        return [(run_id, str(m.get("name") or run_id), str(m.get("entity") or ""))
+                for run_id, m in self.store.runs(project)]
+
     # -- checkpoints ------------------------------------------------------------------------
     def _logger(self, run: RunInfo) -> Any:
         """The live run whose record log gets each checkpoint."""

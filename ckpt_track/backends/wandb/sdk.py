@@ -23,6 +23,7 @@ from ...errors import (
 )
 from ...format import MANIFEST, LocalCheckpoint
 from ...records import RunSpec
+from .common import description
 from .refs import ARTIFACT_PREFIX
 
 __all__ = ["METRIC", "Sdk"]
@@ -125,7 +126,8 @@ class Sdk:
         import wandb
 
         with self.errors(f"logging the checkpoint at step {ckpt.step} to W&B"):
-            art = wandb.Artifact(f"{ARTIFACT_PREFIX}{run_id}", type="model", metadata=dict(meta))
+            art = wandb.Artifact(f"{ARTIFACT_PREFIX}{run_id}", type="model", metadata=dict(meta),
+                                 description=description(meta, aliases))
             for fname in [*sorted(ckpt.manifest.files), MANIFEST]:
                 # immutable: W&B hashes and uploads the file in place instead of copying it to staging
                 art.add_file(str(src / fname), name=fname, policy="immutable", skip_cache=True)
@@ -137,6 +139,7 @@ class Sdk:
             if ckpt.manifest.epoch is not None:
                 row[f"{METRIC}epoch"] = ckpt.manifest.epoch
             live.log(row)
+            live.summary.update(summary(meta, aliases))
             if registry and "best" in aliases:
                 self.link(live, logged, registry)
         return logged, files
@@ -146,6 +149,19 @@ class Sdk:
         """Link ``artifact`` into a registry collection as its ``best`` (online only:
         ``link_artifact`` needs the server)."""
         live.link_artifact(artifact, target_path=registry, aliases=["best"])
+
+
+def summary(meta: Mapping[str, Any], aliases: list[str]) -> dict[str, Any]:
+    """The run summary keys a checkpoint sets: the newest one, and the best one when it is ``best``
+    (what the run's Overview shows, with the line that restores it)."""
+    out: dict[str, Any] = {}
+    for which in ("latest", "best"):
+        if which == "latest" or which in aliases:
+            out[f"ckpt_track/{which}_step"] = meta["step"]
+            if "ref" in meta:
+                out[f"ckpt_track/{which}"] = meta["ref"]
+                out[f"ckpt_track/{which}_restore"] = meta["restore"]["cli"]
+    return out
 
 
 def _http_timeout() -> int | None:
