@@ -194,12 +194,21 @@ def test_offline_aliases_move_and_deletes_never_reuse_a_version(clearml: FakeCle
     assert a.version == 1
 
 
-def test_offline_run_cannot_be_continued_and_says_how(clearml: FakeClearmlServer, tmp_path: Path) -> None:
+def test_offline_run_id_continues_the_earlier_session(clearml: FakeClearmlServer, tmp_path: Path) -> None:
+    """The SDK cannot reopen an offline session: a new one continues it, holding its newest checkpoint
+    (and its best); a run killed before closing is tests/backends/test_clearml_resume.py."""
     be = ClearmlBackend({"offline": True})
     run = be.open_run(RunSpec(project="offline-proj", run_id="crashy"))
+    be.put(run, make_checkpoint(tmp_path / "spool", 1, {"val/loss": 0.1}), ["best", "step-1"])
+    be.put(run, make_checkpoint(tmp_path / "spool", 2, {"val/loss": 0.5}), ["latest", "step-2"])
     be.finish_run(run)
-    with pytest.raises(ConfigError, match="import-offline-session"):
-        ClearmlBackend({"offline": True}).open_run(RunSpec(project="offline-proj", run_id="crashy"))
+    again = ClearmlBackend({"offline": True})
+    cont = again.open_run(RunSpec(project="offline-proj", run_id="crashy"))
+    assert cont.resumed and cont.run_id == "crashy" and cont.ref != run.ref
+    assert [(s.step, s.aliases) for s in again.list(cont)] == [(1, ("best", "step-1")), (2, ("latest", "step-2"))]
+    again.finish_run(cont)
+    with pytest.raises(ConfigError, match="resume='never'"):
+        ClearmlBackend({"offline": True}).open_run(RunSpec(project="offline-proj", run_id="crashy", resume="never"))
     with pytest.raises(CheckpointNotFound):
         ClearmlBackend({"offline": True}).open_run(RunSpec(project="offline-proj", run_id="never-was", resume="must"))
     # find by <project>/<run id> among the sessions on disk
@@ -310,6 +319,9 @@ def test_online_checkpoints_are_native_clearml_models(clearml: FakeClearmlServer
     assert sorted(models["20"]["tags"]) == ["best", "step-20"]
     assert models["10"]["tags"] == ["step-10"] and "package" in models["10"]["system_tags"]
     assert models["20"]["framework"] == "PyTorch" and models["20"]["uri"].startswith(clearml.files_host)
+    # the model's description (the UI's "Description") and metadata say how to restore it
+    assert f"ckpt-track restore clearml://{run.id}@step=20 -o DIR" in models["20"]["comment"]
+    assert models["20"]["metadata"]["restore_python"]["value"] == f"ct.restore('clearml://{run.id}@step=20', model=model)"
     assert {e["model"] for e in task["models"]["output"]} == {m["id"] for m in models.values()}
     scalars = sorted((e["metric"], e["variant"], e["iter"], e["value"]) for e in clearml.scalars(run.id))
     assert scalars == sorted([("val", "loss", 10, 0.7), ("val", "loss", 20, 0.3), ("val", "loss", 30, 0.5),

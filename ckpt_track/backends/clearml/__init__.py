@@ -31,6 +31,8 @@ The package, by concern:
 - :mod:`.backend`: the Protocol mapped onto ClearML (``ClearmlBackend``);
 - :mod:`.online` / :mod:`.offline`: where a run's checkpoints live, on the server or in an
   offline session (one strategy per run); :mod:`.offline` also reads the sessions on disk;
+- :mod:`.continuation`: an offline run restarted with the same name continues in a new session;
+- :mod:`.listing`: ``list_projects`` / ``list_runs``;
 - :mod:`.tasks`: the tasks this process writes to (``Task.init``, ``Task.create``, closing);
 - :mod:`.client`: the REST client over the SDK's session; :mod:`.sdk`: the SDK boundary
   (import, error table, ``Task.init`` without reseeding);

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ... import cache
-from ...errors import CheckpointNotFound, ConfigError, InvalidRef
+from ...errors import CheckpointNotFound, InvalidRef
 from ...format import LocalCheckpoint, is_blob
 from ...options import option_names, parse_options
 from ...plan import by_name, files_to_send, next_version, resume_decision, unreferenced
 from ...records import Capability, RunInfo, RunSpec, Stored
 from ...refs import Ref
-from . import _compat
+from . import _compat, continuation, listing
 from .client import Api
 from .metadata import (
     BLOB,
@@ -63,6 +63,9 @@ class ClearmlOptions:
     output_uri: str | None = None  # where model packages go (default: the files server)
     web_host: str | None = None  # base of UI links (default: the SDK's web_server)
     offline_dir: str | None = None  # where offline sessions are looked up (default: <clearml cache>/offline)
+    # let Task.init detect the repository (default: only when clearml.conf configures sdk.development's
+    # vcs_repo_detect_async / store_uncommitted_code_diff; the SDK's own default hangs finish())
+    detect_repository: bool | None = None
 
 
 def _tid(run: RunInfo) -> str:
@@ -95,9 +98,9 @@ class ClearmlBackend:
         opts = parse_options(ClearmlOptions, options, backend=self.name)
         self.project = opts.project or None
         self.offline = opts.offline
-        self.api = Api(web_host=(opts.web_host or "").rstrip("/") or None)
+        self.api = Api(web_host=(opts.web_host or "").rstrip("/") or None, force_online=opts.offline is False)
         self.sessions = Sessions(Path(opts.offline_dir).expanduser() if opts.offline_dir else None)
-        self.tasks = Tasks(opts.output_uri or None)
+        self.tasks = Tasks(opts.output_uri or None, opts.detect_repository)
         self._online, self._offline = Online(self.api), Offline(self.sessions)
 
     def _place(self, run: RunInfo) -> Place:
@@ -131,14 +134,20 @@ class ClearmlBackend:
             return self._info(self.tasks.create(spec, project), resumed=False)
 
     def _open_offline(self, spec: RunSpec, project: str) -> RunInfo:
-        if spec.run_id and self.sessions.find(run_id=spec.run_id):
-            raise ConfigError(
-                f"run {spec.run_id!r} is an offline ClearML session, which cannot be continued; import it "
-                "(clearml-task --import-offline-session <zip>) and resume online, or start a new run and call "
-                "run.resume(ref='clearml://offline-...') to continue from its checkpoint")
-        resume_decision(spec, False, what=f"offline run {spec.run_id or spec.name!r}",
-                        missing=lambda: f"no offline ClearML session for run {spec.run_id or spec.name!r}")
-        return self._info(self.tasks.create_offline(spec, project), resumed=False)
+        """A new offline session; with the run id or name of an earlier session (a crashed or a
+        finished one), a session that continues it (see :mod:`.continuation`)."""
+        wanted = spec.run_id or spec.name
+        previous = continuation.previous(self.sessions, spec, project)
+        what = f"offline ClearML run {wanted!r} in project {project!r}" + (
+            f" (session {previous['id']})" if previous else "")
+        decision = resume_decision(spec, previous is not None, what=what, missing=lambda: (
+            f"no offline ClearML session of run {wanted!r} in project {project!r} in "
+            f"{', '.join(map(str, self.sessions.dirs()))}; set [clearml] offline_dir to where the sessions are"))
+        info = self._info(self.tasks.create_offline(spec, project), resumed=decision == "attach")
+        if decision == "attach":
+            assert previous is not None
+            continuation.carry_over(self, self._run_info(previous, True), info)
+        return info
 
     def _info(self, op: OpenTask, resumed: bool) -> RunInfo:
         t = op.task
@@ -256,7 +265,7 @@ class ClearmlBackend:
             sent = sorted(f for f in files_to_send(m, state.held_sizes()) if is_blob(f))
             upload_blobs(op, run, ckpt, sent)
             uploaded = sum(m.files[f].size for f in sent) + sum((ckpt.path / f).stat().st_size for f in own_files(m))
-            item, table = place.store(op, run, ckpt, version, make_record(m, version), aliases, state, table)
+            item, table = place.store(op, run, ckpt, version, make_record(m, version, f"{self.name}://{_tid(run)}"), aliases, state, table)
             self._set_props(run, **{P_VERSION: str(version), P_ALIASES: encode_table(table)})
             _report_scalars(op.task, ckpt)
             return replace(self._stored(run, item, table, state), uploaded=uploaded)
@@ -306,6 +315,19 @@ class ClearmlBackend:
                 from clearml import InputModel
 
                 InputModel(model_id=h.key).connect(op.task, name=f"resumed_from_v{source.version}")
+
+    # -- runs and projects (``ckpt-track runs`` / ``projects``) ----------------------------------------
+    def list_projects(self) -> list[str]:
+        """The projects holding ckpt_track runs: offline sessions on disk, and the server's when
+        online and configured."""
+        with self._boundary("listing ClearML projects"):
+            return listing.projects(self)
+
+    def list_runs(self, project: str) -> list[RunInfo]:
+        """The runs of ``project`` that hold ckpt_track checkpoints, oldest first;
+        ``CheckpointNotFound`` naming the known projects when there is no such project."""
+        with self._boundary(f"listing the runs of ClearML project {project!r}"):
+            return listing.runs(self, project)
 
     def finish_run(self, run: RunInfo) -> None:
         with self._boundary(f"closing {run.ref}"):

@@ -31,8 +31,9 @@ _NO_SERVER = ("no ClearML server is configured: set CLEARML_API_HOST (e.g. http:
 class Api:
     """The server of this process's ClearML configuration."""
 
-    def __init__(self, web_host: str | None = None) -> None:
+    def __init__(self, web_host: str | None = None, force_online: bool = False) -> None:
         self.web_host = web_host
+        self.force_online = force_online  # [clearml] offline = false: it overrides CLEARML_OFFLINE_MODE
         self._session: Any = None
         self._probed = -1e9
 
@@ -54,6 +55,8 @@ class Api:
         from clearml import Task
         from clearml.backend_api import Session
 
+        if Task.is_offline() and self.force_online:
+            Task.set_offline(False)
         if Task.is_offline():
             raise ConfigError("this needs the ClearML server, but ClearML offline mode is on "
                               "(CLEARML_OFFLINE_MODE or [clearml] offline); turn it off to read online runs")

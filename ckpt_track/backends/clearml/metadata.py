@@ -18,9 +18,9 @@ from typing import Any
 from ...errors import IntegrityError
 from ...format import MANIFEST, Manifest, is_blob
 
-__all__ = ["BLOB", "FORMAT", "HEX", "P_ALIASES", "P_RESUMED", "P_VERSION", "RUN_TAG", "ClearmlCheckpoint",
+__all__ = ["BLOB", "FORMAT", "HEX", "P_ALIASES", "P_CONTINUES", "P_RESUMED", "P_VERSION", "RUN_TAG", "ClearmlCheckpoint",
            "ClearmlRun", "Item", "Record", "State", "alias_table", "artifact_items", "blob_missing", "encode_table", "make_record", "model_item",
-           "own_files", "parse_record", "stored_blobs", "user_properties"]
+           "own_files", "parse_record", "restore_commands", "stored_blobs", "user_properties"]
 
 HEX = r"[0-9a-f]{32}"
 FORMAT = "ckpt_track/1"  # metadata marker: an item without it is not one of our checkpoints
@@ -28,6 +28,8 @@ FORMAT = "ckpt_track/1"  # metadata marker: an item without it is not one of our
 # version's number is never reused), the alias table (offline checkpoints have no tags), and
 # the checkpoint a resumed run continues from
 P_VERSION, P_ALIASES, P_RESUMED = "ckpt_track_last_version", "ckpt_track_aliases", "ckpt_track_resumed_from"
+# user property of an offline session that continues an earlier one (the SDK cannot reopen a session)
+P_CONTINUES = "ckpt_track_continues"
 BLOB = "ckpt_track-blob-"  # + file name: the task artifact holding one content-addressed tensor file
 RUN_TAG = "ckpt_track_run_id="  # task system tag holding a user-chosen run id (ClearML picks task ids itself)
 
@@ -103,11 +105,21 @@ def _size(artifact: Any) -> int | None:
     return int(size) if isinstance(size, int) else None
 
 
-def make_record(m: Manifest, version: int) -> dict[str, str]:
-    """Checkpoint metadata as strings (what both model metadata and artifact metadata hold)."""
+def restore_commands(task_ref: str, step: int) -> tuple[str, str]:
+    """The exact commands that restore the checkpoint at ``step`` of the run ``task_ref``
+    (``clearml://<task_id>``): the CLI one and the Python one, as the UI shows them."""
+    ref = f"{task_ref}@step={step}"
+    return f"ckpt-track restore {ref} -o DIR", f"ct.restore({ref!r}, model=model)"
+
+
+def make_record(m: Manifest, version: int, task_ref: str | None = None) -> dict[str, str]:
+    """Checkpoint metadata as strings (what both model metadata and artifact metadata hold);
+    with ``task_ref``, also the commands that restore it (``restore``, ``restore_python``)."""
     rec = {"format": FORMAT, "version": str(version), "step": str(m.step), "created": m.created,
            "size": str(m.size), "metrics": json.dumps(dict(m.metrics), sort_keys=True),
            "lineage": json.dumps(dict(m.lineage), sort_keys=True, default=str)}
+    if task_ref:
+        rec["restore"], rec["restore_python"] = restore_commands(task_ref, m.step)
     if m.epoch is not None:
         rec["epoch"] = str(m.epoch)
     if blobs := sorted(f for f in m.files if is_blob(f)):

@@ -44,6 +44,15 @@ _REREADS = 3  # the SDK rewrites task.json in place while the run is open
 _SESSION = re.compile(rf"offline-{HEX}(\.zip)?")
 
 
+def _written(where: Path) -> int:
+    """When a session was last written: its task.json (a folder the SDK still writes) or zip."""
+    target = where / "task.json" if where.is_dir() else where
+    try:
+        return target.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
 class Sessions:
     """The offline sessions on this machine: ``[clearml] offline_dir`` (or ``?offline_dir=``)
     first, then the SDK's own offline folder."""
@@ -75,22 +84,26 @@ class Sessions:
         raise CheckpointNotFound(f"no offline ClearML session {task_id} in {where}; pass ?offline_dir=<folder> "
                                  "or set [clearml] offline_dir to where the session folder or zip is")
 
+    def ids(self) -> list[str]:
+        """The ids of every session folder or zip in :meth:`dirs`."""
+        return sorted({p.name.removesuffix(".zip") for d in self.dirs() if d.is_dir()
+                       for p in d.glob("offline-*") if _SESSION.fullmatch(p.name)})
+
     def find(self, *, run_id: str | None = None, name: str | None = None,
              project: str | None = None) -> list[dict[str, Any]]:
-        """The task documents of the sessions with that run id, name and project."""
-        ids = sorted({p.name.removesuffix(".zip") for d in self.dirs() if d.is_dir()
-                      for p in d.glob("offline-*") if _SESSION.fullmatch(p.name)})
+        """The task documents of the sessions with that run id, name and project, the most
+        recently written last (session ids are random, so the order is the files' times)."""
         found = []
-        for tid in ids:
-            doc = self.doc(tid)[0]
+        for tid in self.ids():
+            doc, where = self.doc(tid)
             if project is not None and doc.get("project_name") != project:
                 continue
             if run_id is not None and RUN_TAG + run_id not in (doc.get("system_tags") or []):
                 continue
             if name is not None and doc.get("name") != name:
                 continue
-            found.append(doc)
-        return found
+            found.append((_written(Path(where)), tid, doc))
+        return [doc for _, _, doc in sorted(found, key=lambda f: (f[0], f[1]))]
 
     def copy_file(self, h: ClearmlCheckpoint, uri: str, target: Path) -> None:
         """Copy one stored file (artifact ``uri``) out of the session's folder or zip."""

@@ -20,7 +20,15 @@ from .metadata import BLOB, ClearmlCheckpoint, Item, State, blob_missing, own_fi
 from .package import scratch_dir, unzip, zip_files
 from .tasks import OpenTask
 
-__all__ = ["Online"]
+__all__ = ["Online", "model_comment"]
+
+
+def model_comment(version: int, step: int, record: Mapping[str, str]) -> str:
+    """The model's description in the UI: what it is and the exact commands that restore it."""
+    lines = [f"ckpt_track checkpoint v{version} at step {step}"]
+    if record.get("restore"):
+        lines += ["", "Restore:", f"  {record['restore']}", f"  {record['restore_python']}"]
+    return "\n".join(lines)
 
 
 class Online:
@@ -61,7 +69,7 @@ class Online:
         from clearml import OutputModel
 
         model = OutputModel(task=op.task, name=f"{op.task.name} v{version} step {ckpt.step}", tags=aliases,
-                            framework="PyTorch", comment=f"ckpt_track checkpoint v{version} at step {ckpt.step}")
+                            framework="PyTorch", comment=model_comment(version, ckpt.step, record))
         tmp = scratch_dir(ckpt.path.parent)
         try:
             archive = tmp / f"ckpt-v{version:06d}.zip"

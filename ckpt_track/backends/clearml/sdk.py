@@ -24,8 +24,8 @@ from ...errors import (
 )
 from . import _compat
 
-__all__ = ["CREDS", "ApiFailure", "configured_api_host", "probe", "sdk", "session_kwargs", "task_init",
-           "translate"]
+__all__ = ["CREDS", "REPO_DETECTION_KEYS", "ApiFailure", "configured_api_host", "detect_repository", "probe", "sdk",
+           "session_kwargs", "task_init", "translate", "user_configured_repo_detection"]
 
 CREDS = "set CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY (and CLEARML_API_HOST), or run clearml-init"
 _UNREACHABLE = ("LoginError", "ConnectionError", "MaxRetryError", "Timeout")
@@ -82,16 +82,50 @@ def translate(exc: Exception, doing: str) -> CkptTrackError:
     return BackendError(f"ClearML failed while {doing}: {name}: {text}")
 
 
-def task_init(**kwargs: Any) -> Any:
+# clearml.conf keys that say the user configured the SDK's repository detection themselves
+REPO_DETECTION_KEYS = ("sdk.development.vcs_repo_detect_async", "sdk.development.store_uncommitted_code_diff")
+
+
+def user_configured_repo_detection() -> str | None:
+    """The clearml.conf the SDK reads (``CLEARML_CONFIG_FILE``, else ``~/clearml.conf``) when it
+    sets one of :data:`REPO_DETECTION_KEYS`, else None."""
+    from clearml.backend_config.defs import get_active_config_file
+    from clearml.utilities.pyhocon import ConfigFactory
+
+    path = get_active_config_file()
+    if not path:
+        return None
+    try:
+        tree = ConfigFactory.parse_file(os.path.expanduser(os.path.expandvars(path)))
+    except Exception:  # noqa: BLE001  # the SDK reports a broken file itself, at Task.init
+        return None
+    return path if any(tree.get(k, None) is not None for k in REPO_DETECTION_KEYS) else None
+
+
+def detect_repository(option: bool | None) -> bool:
+    """Whether ckpt_track's ``Task.init`` lets the SDK detect the repository: ``[clearml]
+    detect_repository`` when set; else only when the user's clearml.conf configures that
+    detection.  The SDK's default (a background scan that ``Task.close()`` waits up to 300 s
+    for) hangs ``run.finish()`` in about one run in five."""
+    if option is not None:
+        return option
+    return user_configured_repo_detection() is not None
+
+
+def task_init(*, detect_repo: bool = False, **kwargs: Any) -> Any:
     """``Task.init`` without its side effect on training: it reseeds random/numpy/torch
-    (ClearML's seed 1337), so the same script would train differently on this backend."""
+    (ClearML's seed 1337), so the same script would train differently on this backend; and
+    without repository detection unless ``detect_repo`` (see :func:`detect_repository`)."""
     from clearml import Task
 
+    frameworks: dict[str, Any] = {"pytorch": False}
+    if not detect_repo:
+        frameworks["detect_repository"] = False
     seed = _compat.default_seed()  # what Task.set_random_seed last chose, restored after
     Task.set_random_seed(None)
     state = random.getstate()  # the SDK also draws from Python's global generator while starting
     try:
-        task = Task.init(auto_connect_frameworks={"pytorch": False}, **kwargs)
+        task = Task.init(auto_connect_frameworks=frameworks, **kwargs)
     finally:
         random.setstate(state)
         Task.set_random_seed(seed)

@@ -16,7 +16,7 @@ from ...errors import BackendError, ConfigError
 from ...format import LocalCheckpoint
 from ...records import RunInfo, RunSpec
 from .metadata import BLOB, RUN_TAG
-from .sdk import task_init
+from .sdk import detect_repository, task_init
 
 __all__ = ["OpenTask", "Tasks", "upload_blobs"]
 
@@ -34,9 +34,13 @@ class OpenTask:
 class Tasks:
     """The tasks this process holds open, by task id."""
 
-    def __init__(self, output_uri: str | None) -> None:
+    def __init__(self, output_uri: str | None, detect_repository: bool | None = None) -> None:
         self.output_uri = output_uri
+        self.detect_repository = detect_repository  # [clearml] detect_repository (None: sdk.detect_repository)
         self.open: dict[str, OpenTask] = {}
+
+    def _init(self, **kwargs: Any) -> Any:
+        return task_init(detect_repo=detect_repository(self.detect_repository), **kwargs)
 
     def held(self, task_id: str) -> OpenTask | None:
         """The open task ``task_id``: one of ours, or the process's main task when it is that."""
@@ -57,7 +61,7 @@ class Tasks:
         if current is not None and current.id == tid:
             op = OpenTask(current, owned=False, main=True)
         elif current is None:
-            task = task_init(task_name=row.get("name"), continue_last_task=tid, output_uri=self.output_uri or True)
+            task = self._init(task_name=row.get("name"), continue_last_task=tid, output_uri=self.output_uri or True)
             task.set_initial_iteration(0)  # scalars are reported at the real step, not offset by ClearML
             op = OpenTask(task, owned=True, main=True)
         else:
@@ -75,7 +79,7 @@ class Tasks:
         if current is not None and spec.run_id is None and spec.name is None:
             op = OpenTask(current, owned=False, main=True)  # the user's own Task.init: log into it
         elif current is None:
-            task = task_init(project_name=project, task_name=spec.name or spec.run_id, reuse_last_task_id=False,
+            task = self._init(project_name=project, task_name=spec.name or spec.run_id, reuse_last_task_id=False,
                              output_uri=self.output_uri or True)
             op = OpenTask(task, owned=True, main=True)
         else:  # a second run in this process: ClearML allows one Task.init per process
@@ -98,7 +102,7 @@ class Tasks:
                               "finish the other run first")
         was = bool(Task.is_offline())
         Task.set_offline(True)
-        task = task_init(project_name=project, task_name=spec.name or spec.run_id, reuse_last_task_id=False)
+        task = self._init(project_name=project, task_name=spec.name or spec.run_id, reuse_last_task_id=False)
         return self.adopt(OpenTask(task, owned=True, main=True, restore_offline=was), spec)
 
     def adopt(self, op: OpenTask, spec: RunSpec) -> OpenTask:
