@@ -70,7 +70,7 @@ def train(out: str, callbacks: list[TrainerCallback], resume: str | None = None)
     args = TrainingArguments(
         output_dir=out, max_steps=STEPS, per_device_train_batch_size=8, learning_rate=5e-3, warmup_steps=2,
         logging_steps=EVERY, save_steps=EVERY, eval_strategy="steps", eval_steps=EVERY,
-        save_only_model=True,  # the Trainer keeps only weights; ckpt_track records the full state
+        save_only_model=True,  # the Trainer skips its optimizer/RNG pickles; ckpt_track records the full state
         report_to="none", seed=0, use_cpu=True, disable_tqdm=True,
     )
     trainer = Trainer(model=make_model(), args=args, train_dataset=Tokens(56, 0), eval_dataset=Tokens(16, 1),

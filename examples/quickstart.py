@@ -45,6 +45,9 @@ def main() -> None:
                 val = torch.nn.functional.mse_loss(model(x_val).squeeze(1), y_val).item()
             run.log_checkpoint(step, model=model, optimizer=opt, scheduler=sched,
                                metrics={"train/loss": loss.item(), "val/loss": val})
+            # returns before the save is done: its reference is restorable once handle.wait()
+            # (or run.finish()) returned, so report the save, not the reference, here
+            print(f"step {step}: val/loss {val:.4f}, saving")
     run.finish()  # waits for the background saves
 
     table = Table(title=f"checkpoints of {run.ref}")

@@ -7,7 +7,8 @@
     CKPT_TRACK_BACKEND=comet  CKPT_TRACK_COMET__ONLINE=false    python examples/switch_backend.py
 
 or put the same keys in ckpt_track.toml.  Prints one JSON line per checkpoint (step,
-metrics, reference) so the output of every backend can be compared.
+metrics, reference) so the output of every backend can be compared; each line is printed
+once the tracker holds that checkpoint (``handle.wait()``), so its reference restores.
 """
 
 from __future__ import annotations
@@ -34,9 +35,12 @@ def main() -> None:
             opt.step()
             if step % EVERY == 0:
                 metrics = {"train/loss": round(loss.item(), 6), "val/loss": round(loss.item() * 1.1, 6)}
-                run.log_checkpoint(step, model=model, optimizer=opt, metrics=metrics)
+                handle = run.log_checkpoint(step, model=model, optimizer=opt, metrics=metrics)
+                # log_checkpoint returns before the save is done: the reference names a
+                # restorable checkpoint only once wait() returned (a real loop would not wait)
+                stored = handle.wait()
                 print(json.dumps({"backend": run.ref.backend, "step": step, "metrics": metrics,
-                                  "ref": str(run.ref.select(step=step))}), flush=True)
+                                  "ref": str(handle.ref) if stored is not None else None}), flush=True)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,9 @@ Limits: only the world-process-zero state is recorded (single-process training; 
 Trainer's per-rank RNG files of distributed runs are not reproduced), the mixed-precision
 ``GradScaler`` is not reachable from a callback and so not stored, and DeepSpeed/FSDP
 sharded states are not supported.  With ``save_only_model=True`` the Trainer skips its
-own pickles while ckpt_track still records the full state.
+optimizer, scheduler and RNG pickles (it still writes the weights and ``training_args.bin``)
+while ckpt_track records the full state; with ``CkptTrackCallback(trainer_checkpoints=False)``
+the Trainer writes no checkpoint directory at all and only ckpt_track's format is kept.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -115,10 +118,29 @@ class CkptTrackCallback(TrainerCallback):
 
     Without ``run`` the callback starts a run when training begins (``ct.init`` with the
     keywords given here; the run name defaults to ``args.run_name``) and finishes it when
-    training ends.  With ``run`` it logs into that run and leaves finishing it to you;
-    ``best`` then follows that run's ``monitor``.
+    training ends; ``cb.run`` is that :class:`ckpt_track.Run` (None before training), still
+    readable afterwards (``cb.run.ref``, ``cb.run.id`` to continue it by ``run_id=``).  With
+    ``run`` it logs into that run and leaves finishing it to you; ``best`` then follows that
+    run's ``monitor``.  ``cb.handles`` holds one :class:`ckpt_track.CheckpointHandle` per save.
+
+    ``best`` follows an evaluation metric (``metric_for_best_model``, ``eval_loss`` by
+    default), so it needs evaluation configured (``eval_strategy`` matching ``save_strategy``
+    and an ``eval_dataset``); asked for a best evaluation metric with ``eval_strategy="no"``,
+    the callback warns once when training begins.  ``monitor="loss"`` follows the training loss.
+
+    ``trainer_checkpoints=False`` keeps only ckpt_track's format: the Trainer writes no
+    ``checkpoint-N`` directories (no ``optimizer.pt``, ``rng_state.pth``, ``training_args.bin``
+    pickles, no second copy of the weights).  At each save the Trainer schedules
+    (``save_steps``/``save_strategy``), the callback records the checkpoint itself, once that
+    step's logs and evaluation are in, and clears ``control.should_save``; so the Trainer's
+    ``on_save`` event does not fire.  A save another callback forces anyway is recorded and its
+    directory removed once committed.  :meth:`checkpoint_dir` then writes the directory a
+    resumed Trainer reads in the cache and removes it once the Trainer has loaded it.  Not with
+    ``save_strategy="best"`` or ``load_best_model_at_end`` (they need the Trainer's own
+    directories): restore ``f"{cb.run.ref}@best"`` with ``ct.restore`` instead.
 
     >>> trainer = Trainer(..., callbacks=[CkptTrackCallback(project="bert-tiny")])  # doctest: +SKIP
+    >>> cb = CkptTrackCallback(project="bert-tiny", trainer_checkpoints=False)      # doctest: +SKIP
     """
 
     def __init__(
@@ -133,6 +155,7 @@ class CkptTrackCallback(TrainerCallback):
         monitor: str | None = None,
         mode: str | None = None,
         resume: ResumeMode = "auto",
+        trainer_checkpoints: bool = True,
     ) -> None:
         given = {k: v for k, v in {"project": project, "name": name, "run_id": run_id, "backend": backend,
                                    "settings": settings, "monitor": monitor, "mode": mode}.items() if v is not None}
@@ -147,6 +170,12 @@ class CkptTrackCallback(TrainerCallback):
         self._settings = dict(settings or {})
         self._monitor, self._mode = monitor, mode
         self._resumed_from: str | None = None
+        self.trainer_checkpoints = trainer_checkpoints
+        self._pending = False  # a save the Trainer scheduled and this callback took over
+        self._last_logged = -1  # the last step the Trainer logged its training loss at
+        self._recorded: int | None = None  # the step of the last checkpoint recorded
+        self._resume_dir: Path | None = None  # made by checkpoint_dir; removed once the Trainer read it
+        self._warned = False
 
     # -- the run -----------------------------------------------------------------------
     def settings(self) -> ct.Settings:
@@ -185,34 +214,112 @@ class CkptTrackCallback(TrainerCallback):
         >>> path = callback.checkpoint_dir("mlflow://<run_id>@latest")  # doctest: +SKIP
         >>> trainer.train(resume_from_checkpoint=str(path))             # doctest: +SKIP
         """
+        if dest is None and not self.trainer_checkpoints:
+            # a directory of its own, removed once the Trainer has loaded it: no pickle stays
+            self._resume_dir = ct.cache_dir() / EXTRA_KEY / "resume" / uuid.uuid4().hex
+            dest = self._resume_dir / "checkpoint"
         path = checkpoint_dir(ref, dest, settings=self.settings())
         self._resumed_from = json.loads((path / SOURCE_FILE).read_text())["ref"]
         return path
 
+    def _remove_resume_dir(self) -> None:
+        if self._resume_dir is not None:
+            shutil.rmtree(self._resume_dir, ignore_errors=True)
+            self._resume_dir = None
+
     # -- Trainer events ----------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
+        if not self.trainer_checkpoints:
+            _check_without_trainer_checkpoints(args)
+        self._pending, self._recorded, self._last_logged = False, None, state.global_step
         run = self._ensure_run(args, state)
+        if run is not None:
+            self._warn_if_best_cannot_be_judged(args, run)
         if run is not None and self._resumed_from is not None:
             # nothing is applied here (the Trainer loads the directory itself): this only
             # records resumed-from in the run's lineage and the tracker's input graph
             run.mark_resumed(self._resumed_from)
             self._resumed_from = None
 
+    def _warn_if_best_cannot_be_judged(self, args: TrainingArguments, run: ct.Run) -> None:
+        asked = self._monitor is not None or args.metric_for_best_model is not None or not self._owns_run
+        metric = run.settings.monitor
+        if self._warned or not asked or not metric.startswith("eval_") or args.eval_strategy != "no":
+            return
+        self._warned = True
+        warnings.warn(
+            f"ckpt_track: `best` follows {metric!r}, an evaluation metric, but the Trainer never evaluates "
+            "(eval_strategy='no'), so no checkpoint becomes `best`; set eval_strategy (and eval_steps) like "
+            "save_strategy and give an eval_dataset, or follow the training loss with monitor='loss'",
+            UserWarning, stacklevel=2)
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      **kwargs: Any) -> None:
+        self._remove_resume_dir()  # the Trainer has read it all (weights, optimizer, RNG) by now
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        self._take_over_save(args, state, control, kwargs)
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        self._take_over_save(args, state, control, kwargs)
+
+    def _take_over_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                        kwargs: dict[str, Any]) -> None:
+        """Without Trainer checkpoints: turn the save the Trainer just scheduled into ours.  It is
+        recorded at the last event before the Trainer would have saved: after the evaluation when
+        one is due, else after the training log when one is due, else now."""
+        if self.trainer_checkpoints or not control.should_save:
+            return
+        control.should_save, self._pending = False, True
+        logs_due = control.should_log and state.global_step > self._last_logged
+        if not control.should_evaluate and not logs_due:
+            self._record_pending(args, state, control, kwargs)
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        if logs is not None and "loss" in logs:
+            self._last_logged = state.global_step
+        if not control.should_evaluate:  # an evaluation due at this step logs (and records) later
+            self._record_pending(args, state, control, kwargs)
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    metrics: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        self._record_pending(args, state, control, kwargs, metrics)
+
+    def _record_pending(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                        kwargs: Mapping[str, Any], metrics: Mapping[str, Any] | None = None) -> None:
+        if not self._pending:
+            return
+        self._pending = False
+        saved = _trainer_state_at_save(args, state, control, metrics)
+        self._record(args, state, kwargs.get("model"), kwargs.get("optimizer"), kwargs.get("lr_scheduler"), saved)
+
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, *,
                 model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
                 lr_scheduler: Any = None, **kwargs: Any) -> None:
+        handle = self._record(args, state, model, optimizer, lr_scheduler, dataclasses.asdict(state))
+        if handle is None and self.handles and self.handles[-1].step == state.global_step:
+            handle = self.handles[-1]  # this step was recorded already (taken over earlier)
+        if handle is not None and not self.trainer_checkpoints:
+            # a save another callback forced: ours is committed, so the Trainer's copy can go
+            handle.committed()
+            shutil.rmtree(Path(args.output_dir) / f"checkpoint-{state.global_step}", ignore_errors=True)
+
+    def _record(self, args: TrainingArguments, state: TrainerState, model: torch.nn.Module | None,
+                optimizer: torch.optim.Optimizer | None, lr_scheduler: Any,
+                trainer_state: dict[str, Any]) -> ct.CheckpointHandle | None:
         run = self._ensure_run(args, state)
-        if run is None:
-            return
-        extra: dict[str, Any] = {
-            "trainer_state": dataclasses.asdict(state),
-            "version": transformers.__version__,
-        }
+        if run is None or self._recorded == state.global_step:
+            return None
+        self._recorded = state.global_step
+        extra: dict[str, Any] = {"trainer_state": trainer_state, "version": transformers.__version__}
         config = _model_config(model)
         if config is not None:
             extra["model_config"] = config
-        self.handles.append(run.log_checkpoint(
+        handle = run.log_checkpoint(
             state.global_step,
             model=model,
             optimizer=optimizer,
@@ -220,10 +327,14 @@ class CkptTrackCallback(TrainerCallback):
             metrics=_metrics_at(state.log_history, state.global_step),
             epoch=None if state.epoch is None else int(state.epoch),
             extra={EXTRA_KEY: extra},
-        ))
+        )
+        self.handles.append(handle)
+        return handle
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
+        self._record_pending(args, state, control, kwargs)
+        self._remove_resume_dir()
         if self.run is None or not self._live:
             return
         if self._owns_run:
@@ -231,6 +342,39 @@ class CkptTrackCallback(TrainerCallback):
             self.run.finish()  # waits for the background saves
         else:
             self.run.wait()
+
+
+def _check_without_trainer_checkpoints(args: TrainingArguments) -> None:
+    for option, on in (("save_strategy='best'", args.save_strategy == "best"),
+                       ("load_best_model_at_end=True", args.load_best_model_at_end)):
+        if on:
+            raise ct.ConfigError(
+                f"CkptTrackCallback(trainer_checkpoints=False) cannot serve {option}: it needs the Trainer's own "
+                "checkpoint directories; use save_strategy='steps' or 'epoch' and, after training, "
+                "ct.restore(f'{callback.run.ref}@best', model=trainer.model)")
+
+
+def _trainer_state_at_save(args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                           metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``state`` as the Trainer's own save would write it at this step: after its update of the
+    best metric from ``metrics`` (it makes it after the evaluation callbacks ran) and with the
+    control state it records (``restore_callback_states_from_checkpoint``)."""
+    saved = dataclasses.asdict(state)
+    name = args.metric_for_best_model
+    if metrics is not None and name is not None:
+        value = metrics.get(name if name.startswith("eval_") else f"eval_{name}")
+        best = saved["best_metric"]
+        if isinstance(value, (int, float)) and (
+                best is None or (value > best if args.greater_is_better else value < best)):
+            saved["best_metric"] = value
+            if args.save_strategy in ("steps", "epoch"):
+                saved["best_global_step"] = state.global_step
+    callbacks = saved.get("stateful_callbacks")
+    if isinstance(callbacks, dict) and "TrainerControl" in callbacks:
+        recorded = control.state()
+        recorded["args"]["should_save"] = True  # as the Trainer's save records it
+        callbacks["TrainerControl"] = recorded
+    return saved
 
 
 # -- the reverse: a ckpt_track checkpoint as a Trainer checkpoint directory ------------------

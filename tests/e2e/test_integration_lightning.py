@@ -22,6 +22,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from test_examples_output import checked_command, checked_refs, unrestorable
 from torch.utils.data import DataLoader, TensorDataset
 
 import ckpt_track as ct
@@ -151,7 +152,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
     store = root / "store"
     (root / "example").mkdir()
     interrupted = _start([__file__, str(store), "interrupted", str(STOP)], root)
-    example = _start([str(EXAMPLE)], root / "example")
+    example = _start(checked_command(EXAMPLE)[1:], root / "example")  # records each printed reference
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(root)
@@ -267,6 +268,8 @@ def test_example_runs_and_resumes_bit_identical(runs: Runs) -> None:
     assert "stopped at step 14" in out
     assert "final weights identical to an uninterrupted run: True" in out
     assert "restored best checkpoint local://lightning-demo/" in out
+    log = runs.store.parent / "example" / "refs.jsonl"
+    assert checked_refs(log) and not unrestorable(log)  # every reference it printed was stored by then
 
 
 # -- unstorable values, the CheckpointIO plugin, an existing run ------------------------------
@@ -326,6 +329,29 @@ def test_checkpoint_io_plugin_saves_and_loads_ckpt_track_directories(tmp_path: P
     assert t2.global_step == EPOCHS * BATCHES
     with pytest.raises(ct.CheckpointNotFound, match="never unpickles"):
         CkptTrackCheckpointIO().load_checkpoint(str(tmp_path / "model.ckpt"))
+
+
+def test_documented_snippet_writes_no_pickled_ckpt_files(tmp_path: Path) -> None:
+    import ckpt_track.integrations.lightning as integration
+
+    store = tmp_path / "store"
+    # Lightning's default (enable_checkpointing=True) adds a ModelCheckpoint that pickles: warned
+    t = trainer(tmp_path / "default", [callback(store, "default", every_n_epochs=1)], epochs=1,
+                enable_checkpointing=True, limit_val_batches=0)
+    with pytest.warns(UserWarning, match=r"enable_checkpointing=False"):
+        t.fit(Tiny())
+    assert list((tmp_path / "default").rglob("*.ckpt"))
+
+    # the documented snippet: Trainer(callbacks=[cb], enable_checkpointing=False)
+    assert "enable_checkpointing=False" in integration.__doc__  # type: ignore[operator]
+    assert "enable_checkpointing=False" in (CkptTrackCallback.__doc__ or "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        t = trainer(tmp_path / "snippet", [callback(store, "snippet", every_n_epochs=1)], epochs=1,
+                    enable_checkpointing=False, limit_val_batches=0)
+        t.fit(Tiny())
+    assert not list((tmp_path / "snippet").rglob("*.ckpt"))  # nothing pickled: only ckpt_track's version
+    assert [s.step for s in ct.list_checkpoints(run_ref(store, "snippet"))] == [BATCHES]
 
 
 def test_callback_logs_to_an_existing_run_and_leaves_it_open(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_examples_output import checked_command, checked_refs, unrestorable
 
 import ckpt_track as ct
 
@@ -126,6 +127,77 @@ def test_resume_from_a_reference_is_bit_identical(settings: dict[str, Any]) -> N
     assert later[0].lineage["resumed_from"] == str(stored[0].ref)
 
 
+PICKLES = {".pt", ".pth", ".bin", ".pkl"}
+
+
+@pytest.mark.slow
+def test_without_trainer_checkpoints_no_pickle_is_written_and_resume_is_bit_identical() -> None:
+    from ckpt_track.integrations.transformers import CkptTrackCallback
+
+    full_cb = CkptTrackCallback(project="hf", name="full", trainer_checkpoints=False)
+    full = _train("out-full", full_cb)
+    assert full_cb.run is not None
+    ref = full_cb.run.ref
+    stored = ct.list_checkpoints(ref)
+    assert [s.step for s in stored] == [4, 8]  # the saves the Trainer scheduled (save_steps), each once
+    for s in stored:  # recorded after that step's log and evaluation, as the Trainer's own save
+        entries = [e for e in full.state.log_history if e["step"] == s.step]
+        assert s.metrics["loss"] == next(e["loss"] for e in entries if "loss" in e)
+        assert s.metrics["eval_loss"] == next(e["eval_loss"] for e in entries if "eval_loss" in e)
+    assert next(s for s in stored if "best" in s.aliases).step == full.state.best_global_step
+    last = ct.restore(f"{ref}@step=8").extra["transformers"]["trainer_state"]
+    assert (last["best_metric"], last["best_global_step"]) == (full.state.best_metric, full.state.best_global_step)
+
+    resumed_cb = CkptTrackCallback(project="hf", name="resumed", trainer_checkpoints=False)
+    path = resumed_cb.checkpoint_dir(f"{ref}@step={RESUME_AT}")
+    assert (path / "optimizer.pt").exists()  # what the Trainer reads; gone once it has read it
+    resumed = _train("out-resumed", resumed_cb, resume=str(path))
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _logged(resumed, RESUME_AT) == _logged(full, RESUME_AT)
+    assert resumed_cb.run is not None
+    assert [s.step for s in ct.list_checkpoints(resumed_cb.run.ref)] == [8]
+
+    assert not path.exists()
+    left = [p for p in Path.cwd().rglob("*") if p.suffix in PICKLES]  # outputs, cache, store: none
+    assert left == []
+    assert not list(Path.cwd().rglob("checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_best_without_evaluation_warns_and_a_forced_trainer_save_is_removed() -> None:
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+    from ckpt_track.integrations.transformers import CkptTrackCallback
+
+    no_eval = {"max_steps": 2, "save_steps": 1, "eval_strategy": "no"}
+    with pytest.warns(UserWarning, match="never evaluates") as record:
+        _train("out-a", CkptTrackCallback(project="hf", name="a"), **no_eval)  # metric_for_best_model="loss"
+    assert sum("never evaluates" in str(w.message) for w in record) == 1  # once, at train begin
+
+    class Force(TrainerCallback):  # another callback asks the Trainer for a save after ours ran
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            control.should_save = True
+
+    cb = CkptTrackCallback(project="hf", name="b", monitor="loss", trainer_checkpoints=False)
+
+    trainer = Trainer(model=_model(), train_dataset=_Tokens(48, 0), callbacks=[cb, Force()],
+                      args=TrainingArguments(output_dir="out-b", max_steps=2, per_device_train_batch_size=8,
+                                             save_steps=10, logging_steps=1, report_to="none", use_cpu=True,
+                                             disable_tqdm=True, log_level="error"))
+    trainer.remove_callback(PrinterCallback)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # monitor="loss" needs no evaluation: no warning
+        trainer.train()
+    assert cb.run is not None
+    assert [s.step for s in ct.list_checkpoints(cb.run.ref)] == [1, 2]
+    assert not list(Path("out-b").glob("checkpoint-*"))  # recorded, then the Trainer's copy removed
+
+    with pytest.raises(ct.ConfigError, match="load_best_model_at_end"):
+        _train("out-c", CkptTrackCallback(project="hf", name="c", trainer_checkpoints=False),
+               load_best_model_at_end=True)
+
+
 @pytest.mark.slow
 def test_checkpoint_dir_matches_the_trainers_own_directory() -> None:
     from transformers.trainer_pt_utils import safe_globals
@@ -226,9 +298,11 @@ def test_checkpoint_dir_needs_a_trainer_checkpoint() -> None:
 
 @pytest.mark.slow
 def test_example_runs(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, str(EXAMPLE)], cwd=tmp_path, capture_output=True, text=True, timeout=240,
+    done = subprocess.run(checked_command(EXAMPLE), cwd=tmp_path, capture_output=True, text=True, timeout=240,
                           check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+    log = tmp_path / "refs.jsonl"
+    assert checked_refs(log) and not unrestorable(log)  # every reference it printed was stored by then
     assert "weights identical to uninterrupted training: True" in done.stdout
     assert "restored the best checkpoint" in done.stdout
 

@@ -2,11 +2,13 @@
 
 >>> from ckpt_track.integrations.lightning import CkptTrackCallback, resume_ref
 >>> cb = CkptTrackCallback(project="mnist", name="run-1", every_n_train_steps=100)  # doctest: +SKIP
->>> trainer = L.Trainer(callbacks=[cb])                                             # doctest: +SKIP
+>>> trainer = L.Trainer(callbacks=[cb], enable_checkpointing=False)                 # doctest: +SKIP
 >>> trainer.fit(model, ckpt_path=resume_ref("local://mnist/run-1"))                 # doctest: +SKIP
 
-``resume_ref`` gives the run's latest checkpoint, or None on the first start (a fresh
-fit); any reference works as ``ckpt_path``: ``"local://mnist/run-1@best"``,
+``enable_checkpointing=False`` turns off Lightning's own ``ModelCheckpoint``, which would
+also write pickled ``.ckpt`` files (the callback warns when it is on).  ``resume_ref``
+gives the run's latest checkpoint, or None on the first start (a fresh fit); any
+reference works as ``ckpt_path``: ``"local://mnist/run-1@best"``,
 ``"mlflow://<run_id>@step=300"``, a tracker UI URL.
 
 Logging

@@ -98,8 +98,14 @@ class CkptTrackCallback(Callback):
     checkpoint that falls on the last batch of an epoch is logged at the epoch's end,
     after validation, so that its metrics and resume point include it.
 
+    Pass ``enable_checkpointing=False`` to the Trainer: otherwise Lightning's own
+    ``ModelCheckpoint`` (on by default) also writes pickled ``.ckpt`` files, a second save
+    of the same state that unpickles when loaded (a warning says so at ``fit``).  To keep a
+    ``ModelCheckpoint`` (``save_top_k`` files on disk), add ``plugins=[CkptTrackCheckpointIO()]``:
+    its files are then ckpt_track checkpoint directories.
+
     >>> cb = CkptTrackCallback(project="mnist", every_n_train_steps=100, monitor="val/loss")  # doctest: +SKIP
-    >>> L.Trainer(callbacks=[cb]).fit(model)                                               # doctest: +SKIP
+    >>> L.Trainer(callbacks=[cb], enable_checkpointing=False).fit(model)                   # doctest: +SKIP
     >>> cb.run.ref                                                                         # doctest: +SKIP
     """
 
@@ -172,6 +178,22 @@ class CkptTrackCallback(Callback):
             io.settings = io.settings or settings
         elif self.install_checkpoint_io:
             trainer.strategy.checkpoint_io = CkptTrackCheckpointIO(settings, fallback=io)
+        if stage == "fit" and trainer.is_global_zero:
+            self._warn_of_pickles(trainer)
+
+    def _warn_of_pickles(self, trainer: pl.Trainer) -> None:
+        """Say so when Lightning's own ModelCheckpoint (on by default) writes pickled ``.ckpt``
+        files beside ckpt_track's checkpoints: they cost a second save, and loading one unpickles."""
+        io = trainer.strategy.checkpoint_io
+        if not trainer.checkpoint_callbacks or (isinstance(io, CkptTrackCheckpointIO) and io.fallback is None):
+            return  # no ModelCheckpoint, or it writes ckpt_track directories through the plugin
+        if "pickles" not in self._warned:
+            self._warned.add("pickles")
+            warnings.warn(
+                "ckpt_track: Lightning's ModelCheckpoint also writes pickled .ckpt files (on by default); pass "
+                "Trainer(enable_checkpointing=False) to keep only ckpt_track's checkpoints, or "
+                "Trainer(plugins=[CkptTrackCheckpointIO()]) to write them as ckpt_track directories",
+                UserWarning, stacklevel=2)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
