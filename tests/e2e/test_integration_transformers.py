@@ -317,7 +317,7 @@ def test_the_trainer_layout_matches_the_installed_transformers() -> None:
     from transformers import Trainer
     from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 
-    from ckpt_track.integrations import transformers as integration
+    from ckpt_track.integrations import trainer_dir as integration
 
     assert (integration.WEIGHTS, integration.CONFIG) == (SAFE_WEIGHTS_NAME, CONFIG_NAME)
     assert (integration.TRAINER_STATE, integration.OPTIMIZER, integration.SCHEDULER, integration.SCALER) == (
