@@ -11,7 +11,7 @@ from .errors import CheckpointNotFound
 from .records import Stored
 from .refs import Ref
 
-__all__ = ["best_of", "is_improvement", "retention_plan", "select"]
+__all__ = ["best_of", "is_improvement", "retention_plan", "retention_reasons", "select"]
 
 PROTECTED_ALIASES = frozenset({"latest", "best"})
 
@@ -41,13 +41,26 @@ def best_of(stored: Sequence[Stored], metric: str | None, mode: str) -> Stored |
     return best
 
 
+def _spans(numbers: Sequence[int]) -> str:
+    """``v1..v3, v5, v7..v8``: which versions exist, contiguous runs shortened."""
+    spans: list[list[int]] = []
+    for n in sorted(set(numbers)):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    shown = [f"v{a}" if a == b else f"v{a}..v{b}" for a, b in spans]
+    return ", ".join(shown[:20]) + (f" ... ({len(set(numbers))} in all)" if len(shown) > 20 else "")
+
+
 def _summary(stored: Sequence[Stored]) -> str:
     if not stored:
         return "the run has no committed checkpoints yet"
     steps = sorted({s.step for s in stored})
     shown = ", ".join(map(str, steps[:20])) + (f" ... ({len(steps)} in all)" if len(steps) > 20 else "")
     aliases = sorted({a for s in stored for a in s.aliases if not a.startswith("step-")})
-    return (f"available steps: {shown}; versions v1..v{max(s.version for s in stored)}"
+    # the versions that exist: after gc or a delete the numbers have gaps
+    return (f"available steps: {shown}; versions {_spans([s.version for s in stored])}"
             f"{'; aliases: ' + ', '.join(aliases) if aliases else ''}")
 
 
@@ -75,25 +88,43 @@ def select(stored: Sequence[Stored], ref: Ref) -> Stored:
     return found
 
 
-def retention_plan(stored: Sequence[Stored], retention: Retention, metric: str | None, mode: str) -> list[Stored]:
-    """Versions to delete; never one holding ``latest``, ``best`` or a user alias."""
+def retention_reasons(stored: Sequence[Stored], retention: Retention, metric: str | None,
+                      mode: str) -> dict[int, tuple[str, ...]]:
+    """Version -> the rules that keep it (``keep_last``, ``keep_best``, ``keep_every``,
+    ``alias latest``, ``alias best``, ``alias <yours>``); a version no rule keeps maps to ``()``.
+
+    >>> retention_reasons(stored, Retention(keep_last=1), "val/loss", "min")  # doctest: +SKIP
+    {1: (), 2: ('keep_last', 'alias latest')}
+    """
+    by_version = sorted(stored, key=lambda s: s.version)
+    reasons: dict[int, list[str]] = {s.version: [] for s in by_version}
     if not retention.enabled():
-        return []
+        return {v: ("no rule",) for v in reasons}  # retention off: nothing is deleted
     metric = retention.metric or metric
     mode = retention.mode or mode
-    by_version = sorted(stored, key=lambda s: s.version)
-    keep: set[int] = set()
     if retention.keep_last:  # the newest by step: an older checkpoint uploaded late is not "newer"
         by_step = sorted(stored, key=lambda s: (s.step, s.version))
-        keep.update(s.version for s in by_step[-retention.keep_last:])
+        for s in by_step[-retention.keep_last:]:
+            reasons[s.version].append("keep_last")
     if retention.keep_best:
         scored = [s for s in by_version if _metric(s, metric) is not None]
         sign = 1.0 if mode == "min" else -1.0
         scored.sort(key=lambda s: (sign * _metric(s, metric), s.version))  # type: ignore[operator]
-        keep.update(s.version for s in scored[: retention.keep_best])
+        for s in scored[: retention.keep_best]:
+            reasons[s.version].append("keep_best")
     if retention.keep_every:
-        keep.update(s.version for s in by_version if s.step % retention.keep_every == 0)
+        for s in by_version:
+            if s.step % retention.keep_every == 0:
+                reasons[s.version].append("keep_every")
     for s in by_version:
-        if any(a in PROTECTED_ALIASES or not a.startswith("step-") for a in s.aliases):
-            keep.add(s.version)
-    return [s for s in by_version if s.version not in keep]
+        reasons[s.version].extend(f"alias {a}" for a in s.aliases if a in PROTECTED_ALIASES
+                                  or not a.startswith("step-"))
+    return {v: tuple(r) for v, r in reasons.items()}
+
+
+def retention_plan(stored: Sequence[Stored], retention: Retention, metric: str | None, mode: str) -> list[Stored]:
+    """Versions to delete; never one holding ``latest``, ``best`` or a user alias."""
+    if not retention.enabled():
+        return []
+    reasons = retention_reasons(stored, retention, metric, mode)
+    return [s for s in sorted(stored, key=lambda s: s.version) if not reasons[s.version]]

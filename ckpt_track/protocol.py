@@ -98,6 +98,15 @@ class Backend(Protocol):
     # - ``sweep(self, run) -> None`` removes what an upload cut short (a killed process, a
     #   failed put) left half-created in the tracker; called from the upload thread, once per
     #   process for a resumed run and after a put failed part way.  One writer per run.
+    # - ``list_projects(self) -> list[str]`` names the projects (experiments) this backend can
+    #   see, offline SDK directories included; behind ``ckpt-track projects``.
+    # - ``list_runs(self, project) -> list[RunInfo]`` gives the runs of ``project`` that hold
+    #   ckpt_track checkpoints, each as ``find_run`` returns it (so ``list(info)`` works on it);
+    #   an unknown project is ``CheckpointNotFound`` naming it and listing the known ones.
+    #   Behind ``ckpt-track runs``; without these two, the verbs say the backend cannot list.
+    # - ``run_config(self, run) -> Mapping[str, Any] | None`` is the training config the run was
+    #   opened with (``RunSpec.config``) as the tracker holds it, None when it cannot tell; the
+    #   checkpoint itself records only its hash (lineage ``config_hash``).  Shown by ``show``.
     # ``put`` must be safe to call again for a checkpoint whose earlier put was cut short: the
     # core recognises one already stored by its step and ``created`` (``Stored.created`` must
     # be the manifest's), so the tracker never holds it twice.

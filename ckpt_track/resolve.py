@@ -4,29 +4,36 @@ This is the one place that turns a reference into a :class:`Stored` (:func:`reso
 :class:`Resolver` for many references) and decides where a download lands in the cache
 (:func:`cache_path`): the library, the working tools (``ckpt_track.ops``) and the CLI all go
 through it, so a reference means the same checkpoint everywhere.
+
+A checkpoint directory on local disk (what ``ckpt-track restore -o DIR`` and ``average -o DIR``
+write: a directory holding ``manifest.json``) is accepted wherever a reference is: it reads as
+a run of one version (:class:`CheckpointDirectory`), verified like any stored checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, NoReturn
 
 from . import network
 from .backends import registry
 from .cache import cache_dir
 from .config import STORAGE_SECTION, Settings, load_settings
-from .errors import CheckpointNotFound, IntegrityError
+from .errors import CheckpointNotFound, ConfigError, IntegrityError
 from .external import is_record, materialize
-from .format import LocalCheckpoint, verify
+from .format import MANIFEST, LocalCheckpoint, read_manifest, verify
 from .policy import select
 from .protocol import Backend
 from .records import RunInfo, Stored
 from .refs import Ref, parse_ref
 
-__all__ = ["Resolved", "Resolver", "RunListing", "cache_dir", "cache_path", "canonical", "list_stored",
-           "open_backend", "resolve"]
+__all__ = ["CheckpointDirectory", "PathRef", "Resolved", "Resolver", "RunListing", "cache_dir", "cache_path",
+           "canonical", "checkpoint_dir", "list_stored", "open_backend", "resolve"]
+
+RefLike = str | Ref | os.PathLike[str]
 
 
 def cache_path(run_ref: Ref, version: int) -> Path:
@@ -124,8 +131,14 @@ class Resolver:
             self._backends[key] = open_backend(ref.backend, self.settings, ref)
         return self._backends[key]
 
-    def run(self, ref: str | Ref) -> RunListing:
-        """The run a reference points into; a selector, if any, is kept in ``.ref`` unapplied."""
+    def run(self, ref: RefLike) -> RunListing:
+        """The run a reference points into; a selector, if any, is kept in ``.ref`` unapplied.
+        A checkpoint directory is a run of one version (:class:`CheckpointDirectory`)."""
+        where = checkpoint_dir(ref)
+        if where is not None:
+            folder = CheckpointDirectory(where)
+            return RunListing(folder, folder.run, tuple(folder.list(folder.run)), folder.run.ref)
+        assert not isinstance(ref, os.PathLike)  # checkpoint_dir() took every path
         parsed = parse_ref(ref)
         backend = self.backend(parsed)
         canon = canonical(backend, parsed)  # logged-model / registry refs -> <run>:vN
@@ -136,7 +149,7 @@ class Resolver:
                                          canon)
         return replace(self._runs[key], ref=canon)  # the run is listed once; the selector is this ref's
 
-    def resolve(self, ref: str | Ref) -> Resolved:
+    def resolve(self, ref: RefLike) -> Resolved:
         """The stored checkpoint a reference selects; a damaged version it means is an error."""
         listing = self.run(ref)
         try:
@@ -150,8 +163,8 @@ class Resolver:
         return Resolved(listing.backend, listing.run, found, self.settings)
 
 
-def resolve(ref: str | Ref, settings: Settings | None = None) -> Resolved:
-    """Find the stored checkpoint a reference selects."""
+def resolve(ref: RefLike, settings: Settings | None = None) -> Resolved:
+    """Find the stored checkpoint a reference (or a checkpoint directory) selects."""
     return Resolver(settings).resolve(ref)
 
 
@@ -175,6 +188,99 @@ def canonical(backend: Backend, ref: Ref) -> Ref:
     return hook(ref) if hook is not None else ref
 
 
-def list_stored(ref: str | Ref, settings: Settings | None = None) -> list[Stored]:
+def list_stored(ref: RefLike, settings: Settings | None = None) -> list[Stored]:
     """Every checkpoint of the run a reference points into, oldest version first."""
     return list(Resolver(settings).run(ref).stored)
+
+
+# --------------------------------------------------------------------------- checkpoint directories
+
+
+def checkpoint_dir(ref: object) -> Path | None:
+    """The checkpoint directory ``ref`` names, or None when ``ref`` is meant as a reference.
+
+    A ``Path`` (any ``os.PathLike``), or a string without ``://`` that names something on disk,
+    is a path; it must be a directory holding ``manifest.json`` (or that file itself), else
+    :class:`CheckpointNotFound` says so.  Any other string is left to :func:`parse_ref`, so a
+    string that is neither gives the reference error."""
+    if isinstance(ref, Ref):
+        return None
+    if isinstance(ref, os.PathLike):
+        text = os.fspath(ref)
+    elif isinstance(ref, str) and "://" not in ref and os.path.lexists(os.path.expanduser(ref)):
+        text = ref
+    else:
+        return None
+    path = Path(text).expanduser().absolute()
+    if path.name == MANIFEST and path.is_file():
+        path = path.parent
+    if not path.exists():
+        _not_a_checkpoint(path, "does not exist")
+    if not path.is_dir():
+        _not_a_checkpoint(path, "is a file, not a checkpoint directory")
+    if not (path / MANIFEST).exists():
+        _not_a_checkpoint(path, f"is a directory but not a checkpoint (it holds no {MANIFEST})")
+    return path
+
+
+def _not_a_checkpoint(path: Path, why: str) -> NoReturn:
+    raise CheckpointNotFound(f"{path} {why}; give a checkpoint directory (what `ckpt-track restore -o DIR` or "
+                             "`average -o DIR` writes) or a reference such as local://PROJECT/RUN@best")
+
+
+@dataclass(frozen=True)
+class PathRef(Ref):
+    """The reference of a checkpoint directory: prints as the directory's path.  ``path`` holds a
+    digest of it, so two directories never share a run key (lineage walks, caches)."""
+
+    where: str = ""
+
+    def __str__(self) -> str:
+        return self.where
+
+
+class CheckpointDirectory:
+    """A checkpoint directory on local disk, read as a run of one version (v1) through the
+    backend Protocol, so every verb and ``ct.restore`` treat it like a stored checkpoint: its
+    files are hashed against its manifest before anything reads them.  Read-only."""
+
+    name: ClassVar[str] = "dir"
+    options: ClassVar[frozenset[str]] = frozenset()
+    capabilities: ClassVar[frozenset[str]] = frozenset()  # no delete: gc refuses, as for any such backend
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:16]
+        ref = PathRef(self.name, digest, where=str(path))
+        self.run = RunInfo(backend=self.name, project=str(path.parent), run_id=str(path), name=str(path), ref=ref)
+
+    def find_run(self, ref: Ref) -> RunInfo:
+        return self.run
+
+    def list(self, run: RunInfo) -> list[Stored]:
+        m = read_manifest(self.path)  # a damaged manifest is an IntegrityError here, as in a store
+        return [Stored(ref=run.ref.select(version=1), run=run, version=1, step=m.step, epoch=m.epoch,
+                       metrics=dict(m.metrics), size=m.size, created=m.created, lineage=dict(m.lineage))]
+
+    def get(self, stored: Stored, dest: Path) -> LocalCheckpoint:
+        return LocalCheckpoint(self.path, read_manifest(self.path))  # in place: nothing to download
+
+    def run_config(self, run: RunInfo) -> None:
+        return None  # a checkpoint holds the config's hash only; its tracker holds the config
+
+    def _read_only(self, *_: object) -> NoReturn:
+        raise ConfigError(f"{self.path} is a checkpoint directory, read-only here; to record it in a run, "
+                          f"use `ckpt-track copy {self.path} --to BACKEND://PROJECT/NAME`")
+
+    open_run = put = set_aliases = delete = link_input = _read_only
+
+    def finish_run(self, run: RunInfo) -> None:
+        return None
+
+    @classmethod
+    def parse_ref(cls, text: str) -> Ref | None:
+        return None
+
+    @classmethod
+    def ref_forms(cls) -> tuple[str, ...]:
+        return ("DIR                             a checkpoint directory (holding manifest.json)",)

@@ -1,7 +1,7 @@
 """The ``ckpt-track`` command line: inspect, verify and restore stored checkpoints.
 
 - :mod:`.application`: the Typer app, the error contract (messages, exit codes), the entry point
-- :mod:`.inspect`: the read-only verbs (``ls``, ``show``, ``verify``, ``lineage``, ``diff``)
+- :mod:`.inspect`: the read-only verbs (``projects``, ``runs``, ``ls``, ``show``, ``verify``, ``lineage``, ``diff``)
 - :mod:`.manage`: the verbs that write or delete (``restore``, ``gc``, ``copy``, ``average``)
 - :mod:`.render`: what every verb prints, tables and ``--json`` alike
 
@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from ..restoring import restore_into
 from . import inspect, manage
-from .application import EXIT_CODES, app, exit_code, main
+from .application import EXIT_CODES, Command, app, exit_code, main
 from .render import human_size
 
 __all__ = ["EXIT_CODES", "app", "exit_code", "human_size", "main", "restore_into"]
 
 for _name, _command in (
+    ("projects", inspect.projects_command),
+    ("runs", inspect.runs_command),
     ("ls", inspect.ls_command),
     ("show", inspect.show_command),
     ("verify", inspect.verify_command),
@@ -29,4 +31,4 @@ for _name, _command in (
     ("copy", manage.copy_command),
     ("average", manage.average_command),
 ):
-    app.command(_name)(_command)
+    app.command(_name, cls=Command)(_command)

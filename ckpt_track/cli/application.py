@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import textwrap
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from .. import __version__
 from ..config import Settings, load_settings
@@ -36,7 +38,8 @@ from ..errors import (
     InvalidRef,
 )
 
-__all__ = ["EXIT_CODES", "JsonOpt", "app", "exit_code", "fail", "guard", "main", "sdk_prints_to_stderr", "settings"]
+__all__ = ["EXIT_CODES", "Command", "JsonOpt", "app", "exit_code", "fail", "guard", "main", "sdk_prints_to_stderr",
+           "settings"]
 
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (ConfigError, 2),
@@ -56,11 +59,105 @@ _EPILOG = (
     "5 the tracker backend failed."
 )
 
+# --------------------------------------------------------------------------- help text
+#
+# Help is plain text, not Rich markup: square brackets ("[retention]") are words here, not
+# styles.  Paragraphs are re-wrapped to the terminal (at most 80 columns) at spaces only, never
+# inside a word or after a hyphen (--keep-best stays whole); a paragraph opened by a line holding
+# only \b (click's marker) is printed as written, which is how the Examples blocks stay intact.
+
+_VERBATIM = "\b"
+
+
+def _fill(text: str, width: int, indent: str = "") -> list[str]:
+    """Lines of ``text``: paragraphs re-wrapped to ``width``, \b paragraphs kept line by line."""
+    wrapper = textwrap.TextWrapper(max(width, 20), initial_indent=indent, subsequent_indent=indent,
+                                   break_long_words=False, break_on_hyphens=False)
+    lines: list[str] = []
+    for paragraph in textwrap.dedent(text).strip("\n").split("\n\n"):
+        if lines:
+            lines.append("")
+        rows = paragraph.splitlines()
+        if rows and rows[0].strip() == _VERBATIM:
+            lines += [indent + row.rstrip() for row in rows[1:]]
+        else:
+            lines += wrapper.wrap(" ".join(row.strip() for row in rows))
+    return lines
+
+
+class _Formatter(typer.Context.formatter_class):  # type: ignore[misc,name-defined]
+    """Click's help layout, with :func:`_fill` doing the wrapping."""
+
+    def write_text(self, text: str) -> None:
+        self.write("\n".join(_fill(text, self.width, " " * self.current_indent)) + "\n")
+
+    def write_dl(self, rows: Sequence[tuple[str, str]], col_max: int = 30, col_spacing: int = 2) -> None:
+        rows = list(rows)
+        first_width = min(max((len(first) for first, _ in rows), default=0), col_max) + col_spacing
+        pad = " " * (self.current_indent + first_width)
+        for first, second in rows:
+            head = " " * self.current_indent + first
+            body = _fill(second, self.width - len(pad)) if second else []
+            if not body:
+                self.write(head + "\n")
+                continue
+            if len(first) + col_spacing <= first_width:
+                self.write(head.ljust(len(pad)) + body[0] + "\n")
+            else:  # a long option name: its help starts on the next line
+                self.write(f"{head}\n{pad}{body[0]}\n")
+            for line in body[1:]:
+                self.write((pad + line).rstrip() + "\n")
+
+
+class _Context(typer.Context):
+    formatter_class = _Formatter
+
+
+class _Argument(TyperArgument):
+    """An argument shown by its metavar alone: ``REF``, ``[BACKEND]``, ``REF...`` (Typer's own
+    rendering adds a type, ``REF <str>``, and braces, ``{REF}``)."""
+
+    def display_type_rich(self, ctx: typer.Context) -> str | None:
+        return None
+
+    def _usage_display_name(self) -> str:
+        name = self.display_name_raw
+        if self.nargs != 1 and not name.endswith("..."):
+            name += "..."
+        return name if self.required else f"[{name}]"
+
+
+def _plain_arguments(params: Sequence[Any]) -> None:
+    for param in params:
+        if type(param) is TyperArgument:
+            param.__class__ = _Argument
+
+
+class Command(TyperCommand):
+    """A verb of ``ckpt-track``: plain help text (see :func:`_fill`), arguments by their metavar."""
+
+    context_class = _Context
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _plain_arguments(self.params)
+
+
+class _Group(TyperGroup):
+    context_class = _Context
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _plain_arguments(self.params)
+
+
 app = typer.Typer(
     name="ckpt-track",
+    cls=_Group,
     epilog=_EPILOG,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
+    rich_markup_mode=None,
     # locals of a crashing frame may hold tensors or credentials
     pretty_exceptions_show_locals=False,
 )
@@ -164,8 +261,17 @@ def _root(
     """Inspect, verify and restore training checkpoints recorded by ckpt_track.
 
     REF is a checkpoint reference such as local://PROJECT/RUN@best, @step=500 or
-    :v3; settings come from ckpt_track.toml and CKPT_TRACK_* variables, e.g.
-    CKPT_TRACK_LOCAL__ROOT=/data/ckpts ckpt-track ls local://resnet/3k2j1x
+    :v3, or a checkpoint directory (what restore -o writes); settings come from
+    ckpt_track.toml and CKPT_TRACK_* variables.  Shell completion: ckpt-track
+    --install-completion.
+
+    Examples:
+
+    \b
+      ckpt-track projects
+      ckpt-track runs local://resnet
+      ckpt-track ls local://resnet/3k2j1x
+      CKPT_TRACK_LOCAL__ROOT=/data/ckpts ckpt-track ls local://resnet/3k2j1x
     """
 
 

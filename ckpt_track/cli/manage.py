@@ -38,7 +38,8 @@ __all__ = ["average_command", "copy_command", "gc_command", "restore_command"]
 
 
 def restore_command(
-    ref: Annotated[str, typer.Argument(metavar="REF", help="A checkpoint reference, e.g. local://PROJECT/RUN@best.")],
+    ref: Annotated[str, typer.Argument(metavar="REF", help="A checkpoint reference, e.g. "
+                                       "local://PROJECT/RUN@best, or a checkpoint directory.")],
     output: Annotated[
         Path,
         typer.Option("--output", "-o", metavar="DIR", help="Directory to write the checkpoint's files into; "
@@ -54,9 +55,14 @@ def restore_command(
 
     The files (safetensors shards, state.json, manifest.json) land directly in
     --output, which must not exist or be empty.  The result is itself a
-    checkpoint directory: `ckpt_track.format.verify` and `load_checkpoint` read it.
+    checkpoint directory: every verb takes it as REF, and ct.restore("./best")
+    loads it.
 
-    Example: ckpt-track restore local://resnet/3k2j1x@best -o ./best
+    Examples:
+
+    \b
+      ckpt-track restore local://resnet/3k2j1x@best -o ./best
+      ckpt-track restore mlflow://RUN_ID@step=500 -o ./s500 --json
     """
     err = render.err_console()
     show_progress = not (quiet or as_json) and err.is_terminal
@@ -107,12 +113,18 @@ def gc_command(
 
     Never deletes a version holding latest, best or one of your own aliases.  The
     --keep-* options replace the rules of [retention] in ckpt_track.toml; without
-    any, those configured rules apply.  Run with --dry-run first.
+    any, those configured rules apply.  The table's "kept by" column (kept_by in
+    --json) names the rules that keep each version.  Run with --dry-run first.
 
     Given an object-store URL (s3://bucket/prefix) instead of a run, removes the
     objects no version under it references (left by interrupted saves).
 
-    Example: ckpt-track gc local://resnet/3k2j1x --keep-last 3 --keep-best 1 --metric val/loss --dry-run
+    Examples:
+
+    \b
+      ckpt-track gc local://resnet/3k2j1x --keep-last 3 --dry-run
+      ckpt-track gc local://resnet/3k2j1x --keep-best 1 --metric val/loss
+      ckpt-track gc s3://ckpts/team --dry-run
     """
     if is_url(ref) and ref.partition("://")[0] not in registry.names():
         with guard():
@@ -141,8 +153,12 @@ _TARGET_HELP = (
 
 
 def copy_command(
-    ref: Annotated[str, typer.Argument(metavar="REF", help="A checkpoint (with a selector) or a whole run (without).")],
+    ref: Annotated[str, typer.Argument(metavar="REF", help="A checkpoint (with a selector), a whole run "
+                                       "(without), or a checkpoint directory.")],
     to: Annotated[str, typer.Option("--to", metavar="TARGET", help=_TARGET_HELP)],
+    no_link: Annotated[bool, typer.Option("--no-link", help="Copy every file, even where the target is a local "
+                                          "store on the same file system (there files are hard-linked: "
+                                          "read-only, sharing inodes with the source).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -158,7 +174,15 @@ def copy_command(
     an existing run's reference (mlflow://RUN_ID) appends to it.  Add ?key=value for
     backend options of the target, e.g. mlflow://resnet/mirror?tracking_uri=http://host:5000.
 
-    Example: ckpt-track copy mlflow://0f1e2d3c4b5a69788796a5b4c3d2e1f0 --to local://resnet/mirror
+    Into a local store on the same file system, files are hard-linked (read-only,
+    sharing inodes with the source) unless --no-link; the last line says which.
+
+    Examples:
+
+    \b
+      ckpt-track copy mlflow://RUN_ID --to local://resnet/mirror
+      ckpt-track copy local://resnet/3k2j1x@best --to local://resnet/b --no-link
+      ckpt-track copy ./best --to mlflow://resnet/imported
     """
     err = render.err_console()
     show_progress = not (quiet or as_json) and err.is_terminal
@@ -169,7 +193,7 @@ def copy_command(
         def advance(done: int, total: int, s: Stored) -> None:
             bar.update(task, completed=done, total=total, description=f"copying step {s.step}")
 
-        result = copy(ref, to, settings=settings(), progress=advance)
+        result = copy(ref, to, settings=settings(), progress=advance, link=not no_link)
     rows = render.copy_rows(result)
     if as_json:
         render.print_json(render.copy_record(result, rows))
@@ -180,7 +204,8 @@ def copy_command(
 
 
 def average_command(
-    refs: Annotated[list[str], typer.Argument(metavar="REF...", help="Two or more checkpoints of one model.")],
+    refs: Annotated[list[str], typer.Argument(metavar="REF...", help="Two or more checkpoints of one model "
+                                              "(references or checkpoint directories).")],
     output: Annotated[
         str, typer.Option("--output", "-o", metavar="DIR|RUN", help="A new or empty directory, or a run to log "
                           "the result to (as for copy --to).")
@@ -201,7 +226,11 @@ def average_command(
     of the newest source, and lineage naming every source.  Logged into a new run it
     becomes that run's latest; into an existing run it moves only the aliases you give.
 
-    Example: ckpt-track average local://resnet/3k2j1x:v8 local://resnet/3k2j1x:v9 local://resnet/3k2j1x:v10 -o ./swa
+    Examples:
+
+    \b
+      ckpt-track average local://resnet/3k2j1x:v8 local://resnet/3k2j1x:v9 -o swa
+      ckpt-track average ./a ./b ./c -o local://resnet/soup --alias soup
     """
     with guard(), sdk_prints_to_stderr():
         if non_float not in ("equal", "first"):

@@ -14,6 +14,7 @@ import json
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -35,9 +36,10 @@ from ..records import RunInfo, Stored
 from ..resolve import Resolved
 
 __all__ = [
-    "average_record", "average_text", "copy_record", "copy_rows", "copy_summary", "copy_table",
+    "RunRow", "average_record", "average_text", "copy_record", "copy_rows", "copy_summary", "copy_table",
     "diff_renderable", "err_console", "gc_record", "gc_summary", "gc_table", "human_size", "lineage_tree",
-    "ls_record", "ls_table", "out_console", "print_json", "show_record", "show_renderable", "spinner",
+    "ls_record", "ls_table", "out_console", "print_json", "project_record", "projects_table", "run_record",
+    "runs_table", "show_record", "show_renderable", "spinner",
 ]
 
 # Wide enough that piped tables keep whole refs and hashes (greppable); a terminal uses its own width.
@@ -151,6 +153,76 @@ def _number(value: float | None) -> str:
 
 
 
+# --------------------------------------------------------------------------- projects, runs
+
+
+def project_record(backend: str, project: str) -> dict[str, Any]:
+    """``ref`` is the argument of ``ckpt-track runs`` for this project."""
+    return {"backend": backend, "project": project, "ref": f"{backend}://{project}"}
+
+
+def projects_table(backend: str, projects: Sequence[str]) -> Table | Text:
+    if not projects:
+        return Text(f"the {backend} backend sees no projects yet")
+    table = _table(f"projects of {backend}", ("project", "list its runs with"), no_wrap=("list its runs with",))
+    for name in projects:
+        table.add_row(Text(name), Text(f"ckpt-track runs {backend}://{name}"))
+    return table
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """A run with its checkpoints (oldest version first), as ``ckpt-track runs`` lists it."""
+
+    run: RunInfo
+    stored: tuple[Stored, ...]
+
+    @property
+    def best(self) -> Stored | None:
+        return next((s for s in reversed(self.stored) if "best" in s.aliases), None)
+
+
+def _best_metric(best: Stored, monitor: str | None) -> tuple[str | None, float | None]:
+    """The monitored metric of the best version; its only metric when the monitor is not among them."""
+    if monitor is not None and monitor in best.metrics:
+        return monitor, best.metrics[monitor]
+    if len(best.metrics) == 1:
+        ((name, value),) = best.metrics.items()
+        return name, value
+    return None, None
+
+
+def run_record(row: RunRow, monitor: str | None) -> dict[str, Any]:
+    """One run of ``ckpt-track runs --json``; ``best`` is null when no version holds ``best``."""
+    best = row.best
+    best_json = None
+    if best is not None:
+        name, value = _best_metric(best, monitor)
+        best_json = {"ref": str(best.ref), "step": best.step, "metric": name, "value": value}
+    return {
+        "ref": str(row.run.ref), "backend": row.run.backend, "project": row.run.project, "id": row.run.run_id,
+        "name": row.run.name, "created": row.stored[0].created if row.stored else None,
+        "last_step": max((s.step for s in row.stored), default=None), "checkpoints": len(row.stored),
+        "best": best_json,
+    }
+
+
+def runs_table(title: str, rows: Sequence[RunRow], monitor: str | None) -> Table | Text:
+    if not rows:
+        return Text(f"{title} has no runs yet")
+    table = _table(f"runs of {title}", ("name", "id", "created", "last step", "best", "checkpoints", "ref"),
+                   right=("last step", "checkpoints"), no_wrap=("ref",))
+    for row in rows:
+        record = run_record(row, monitor)
+        best = record["best"]
+        best_text = "-" if best is None else (f"{best['metric']}={_metric(best['value'])} (step {best['step']})"
+                                              if best["metric"] is not None else f"step {best['step']}")
+        table.add_row(Text(row.run.name), Text(row.run.run_id), _when(record["created"] or "") or "-",
+                      "-" if record["last_step"] is None else str(record["last_step"]), Text(best_text),
+                      str(record["checkpoints"]), Text(record["ref"]))
+    return table
+
+
 # --------------------------------------------------------------------------- ls
 
 
@@ -236,7 +308,30 @@ def _lineage_rows(lineage: Mapping[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def show_renderable(found: Resolved, ckpt: LocalCheckpoint) -> Group:
+def _flat(config: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """Nested config as dotted keys, as trackers show hyper-parameters: ``optimizer.lr  0.001``."""
+    rows: list[tuple[str, str]] = []
+    for key, value in config.items():
+        if isinstance(value, Mapping) and value:
+            rows += _flat(value, f"{prefix}{key}.")
+        else:
+            rows.append((f"{prefix}{key}", value if isinstance(value, str)
+                         else json.dumps(value, sort_keys=True, default=str)))
+    return rows
+
+
+def _config_panel(found: Resolved, m: Manifest, config: Mapping[str, Any] | None) -> Panel | Text:
+    if config:
+        return Panel(_key_values(_flat(config)), title="config", title_align="left", expand=False)
+    if config is not None:
+        return Text("config: none (the run was started without config=...)")
+    digest = m.lineage.get("config_hash")
+    held = f" (config_hash {digest})" if digest else ""
+    where = "a checkpoint directory" if found.backend.name == "dir" else f"the {found.backend.name} backend"
+    return Text(f"config: not available from {where}; the checkpoint records only the config's hash{held}")
+
+
+def show_renderable(found: Resolved, ckpt: LocalCheckpoint, config: Mapping[str, Any] | None = None) -> Group:
     s, m = found.stored, ckpt.manifest
     summary = _key_values([
         ("ref", str(s.ref)),
@@ -253,6 +348,7 @@ def show_renderable(found: Resolved, ckpt: LocalCheckpoint) -> Group:
     if m.metrics:
         metrics = _key_values([(k, _metric(v)) for k, v in sorted(m.metrics.items())])
         parts.append(Panel(metrics, title="metrics", title_align="left", expand=False))
+    parts.append(_config_panel(found, m, config))
     if m.lineage:
         lineage = _key_values(_lineage_rows(m.lineage))
         parts.append(Panel(lineage, title="lineage", title_align="left", expand=False))
@@ -266,7 +362,9 @@ def show_renderable(found: Resolved, ckpt: LocalCheckpoint) -> Group:
     return Group(*parts)
 
 
-def show_record(found: Resolved, manifest: Manifest) -> dict[str, Any]:
+def show_record(found: Resolved, manifest: Manifest, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest plus ``ref``, ``version``, ``aliases``, ``size`` and ``config`` (the run's
+    config as its tracker holds it; null when the backend does not report it)."""
     s = found.stored
     return {
         "ref": str(s.ref),
@@ -274,6 +372,7 @@ def show_record(found: Resolved, manifest: Manifest) -> dict[str, Any]:
         "aliases": list(s.aliases),
         **manifest.to_json(),
         "size": manifest.size,
+        "config": None if config is None else dict(config),
     }
 
 
@@ -359,6 +458,10 @@ def diff_renderable(d: CheckpointDiff, show_all: bool) -> Group:
 # --------------------------------------------------------------------------- gc
 
 
+def _kept_by(result: GcResult, s: Stored) -> str:
+    return ", ".join(r.replace("_", "-") for r in result.kept_by.get(s.version, ()))
+
+
 def gc_table(result: GcResult) -> Table:
     metric = result.retention.metric
     doomed = {s.version for s in result.planned}
@@ -367,22 +470,23 @@ def gc_table(result: GcResult) -> Table:
                                                                  ("keep_every", result.retention.keep_every)) if v)
     title = f"{_run_label(result.run)}: {rules}" + (f" by {metric} ({result.retention.mode})"
                                                     if result.retention.keep_best else "")
-    table = _table(title, ("version", "step", "aliases", metric or "metric", "size", "action"),
+    table = _table(title, ("version", "step", "aliases", metric or "metric", "size", "action", "kept by"),
                    right=("version", "step", metric or "metric", "size"))
     verb = "would delete" if result.dry_run else "deleted"
     for s in sorted((*result.kept, *result.planned), key=lambda x: x.version):
         value = s.metrics.get(metric) if metric else None
         table.add_row(f"v{s.version}", str(s.step), Text(", ".join(_shown_aliases(s.aliases, False))),
-                      _number(value), human_size(s.size), verb if s.version in doomed else "keep")
+                      _number(value), human_size(s.size), verb if s.version in doomed else "keep",
+                      Text(_kept_by(result, s)))
     return table
 
 
-
 def gc_record(result: GcResult) -> dict[str, Any]:
+    """``keep`` records carry ``kept_by``: the rules that keep each version."""
     return {"run": str(result.run.ref), "dry_run": result.dry_run,
             "delete": [ls_record(s) for s in result.planned],
             "deleted": [ls_record(s) for s in result.deleted],
-            "keep": [ls_record(s) for s in result.kept]}
+            "keep": [{**ls_record(s), "kept_by": list(result.kept_by.get(s.version, ()))} for s in result.kept]}
 
 
 def gc_summary(result: GcResult) -> Text:
@@ -426,7 +530,7 @@ def copy_rows(result: CopyResult) -> list[CopyRow]:
 
 
 def copy_record(result: CopyResult, rows: Sequence[CopyRow]) -> dict[str, Any]:
-    return {"source": str(result.source.ref), "target": str(result.target.ref),
+    return {"source": str(result.source.ref), "target": str(result.target.ref), "linked": result.linked,
             "copied": [{"from": str(a.ref), "to": str(b.ref), "step": a.step, "aliases": list(a.aliases),
                         "status": status} for a, b, status in rows]}
 
@@ -441,7 +545,11 @@ def copy_table(result: CopyResult, rows: Sequence[CopyRow]) -> Table:
 
 
 def copy_summary(result: CopyResult) -> Text:
-    return Text(f"copied {len(result.copied)}, already there {len(result.skipped)}, into {result.target.ref}")
+    """The line under the table, saying whether files were hard-linked or copied."""
+    files = (f"; {result.linked} files hard-linked (read-only, sharing inodes with the source; "
+             "--no-link makes independent copies)" if result.linked else
+             "; files copied (independent of the source)" if result.copied else "")
+    return Text(f"copied {len(result.copied)}, already there {len(result.skipped)}, into {result.target.ref}{files}")
 
 
 # --------------------------------------------------------------------------- average

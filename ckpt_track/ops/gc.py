@@ -1,18 +1,19 @@
 """Retention applied to a run on any backend: delete every version that no rule keeps.
 
-The plan comes from :func:`ckpt_track.policy.retention_plan`, the same one training applies;
+The plan comes from :func:`ckpt_track.policy.retention_reasons`, the rules training applies;
 this module adds the rule precedence of an explicit call and the checks that make deleting
 safe to run by hand."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from ..config import STORAGE_SECTION, Retention, Settings
 from ..errors import BackendError, CkptTrackError, ConfigError
 from ..external import forget
 from ..objstore import GC_GRACE_S, ObjectStore, storage_options
-from ..policy import PROTECTED_ALIASES, retention_plan
+from ..policy import PROTECTED_ALIASES, retention_reasons
 from ..records import RunInfo, Stored
 from ..refs import Ref
 from ..resolve import Resolver
@@ -24,7 +25,9 @@ __all__ = ["GcResult", "ObjectGcResult", "gc", "gc_objects"]
 @dataclass(frozen=True)
 class GcResult:
     """What retention decided for a run: ``planned`` versions to delete, ``kept`` the rest.
-    ``deleted`` equals ``planned`` after a real run and is empty after a dry run."""
+    ``deleted`` equals ``planned`` after a real run and is empty after a dry run.
+    ``kept_by`` maps each kept version to the rules that keep it (``keep_last``, ``keep_best``,
+    ``keep_every``, ``alias latest``, ``alias best``, ``alias <yours>``)."""
 
     run: RunInfo
     retention: Retention
@@ -32,6 +35,7 @@ class GcResult:
     kept: tuple[Stored, ...]
     deleted: tuple[Stored, ...]
     dry_run: bool
+    kept_by: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _retention(settings: Settings, keep_last: int | None, keep_best: int | None, keep_every: int | None,
@@ -88,7 +92,8 @@ def gc(
         known = sorted({m for x in stored for m in x.metrics})
         raise ConfigError(f"no checkpoint of {info.ref} records metric {retention.metric!r}, so keep_best "
                           f"cannot rank them; metrics there: {', '.join(known) or 'none'}")
-    plan = retention_plan(stored, retention, retention.metric, retention.mode or s.mode)
+    reasons = retention_reasons(stored, retention, retention.metric, retention.mode or s.mode)
+    plan = [x for x in stored if not reasons[x.version]]
     protected = [x for x in plan if any(a in PROTECTED_ALIASES or not a.startswith("step-") for a in x.aliases)]
     if protected:  # policy guarantees this; deleting an aliased version is unrecoverable, so check again
         raise CkptTrackError(f"retention planned to delete aliased versions {[str(x.ref) for x in protected]}")
@@ -102,7 +107,8 @@ def gc(
             backend.delete(x)
             forget(x, s)  # its files in object storage, when [storage] url holds them
             deleted.append(x)
-    return GcResult(info, retention, tuple(plan), kept, tuple(deleted), dry_run)
+    return GcResult(info, retention, tuple(plan), kept, tuple(deleted), dry_run,
+                    {x.version: reasons[x.version] for x in kept})
 
 
 
