@@ -30,6 +30,8 @@ from .protocol import Backend
 from .records import RunInfo, Stored
 from .refs import Ref, parse_ref
 
+registry.use_settings(load_settings)  # an ambiguous self-hosted URL is matched by the configured servers
+
 __all__ = ["CheckpointDirectory", "PathRef", "Resolved", "Resolver", "RunListing", "cache_dir", "cache_path",
            "canonical", "checkpoint_dir", "list_stored", "open_backend", "resolve"]
 

@@ -106,6 +106,10 @@ class LocalBackend:
             ref=Ref(self.name, f"{project}/{run_id}"), resumed=resumed, native=LocalHandle(str(rdir.path)),
         )
 
+    def run_config(self, run: RunInfo) -> dict[str, Any]:
+        """The config the run was opened with (``ct.init(config=...)``, kept in ``run.json``)."""
+        return dict(self._rdir(run).meta().get("config") or {})
+
     # -- listing (``ckpt-track projects`` / ``runs``) ------------------------------------
     def list_projects(self) -> list[str]:
         """The projects in the store that hold at least one run, by name."""

@@ -27,7 +27,7 @@ import importlib.util
 import os
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
@@ -259,6 +259,17 @@ def hosted_backend(host: str) -> str | None:
     return None
 
 
+_settings_source: Callable[[], Any] | None = None
+
+
+def use_settings(source: Callable[[], Any] | None) -> None:
+    """Install where the configured servers are read from (``ckpt_track.config.load_settings``;
+    :mod:`ckpt_track.resolve` installs it, as config imports this module): only an ambiguous
+    self-hosted URL asks, so parsing any other reference loads no settings."""
+    global _settings_source
+    _settings_source = source
+
+
 def _configured_owners(netloc: str, host: str, candidates: Sequence[str]) -> list[str]:
     """The candidates whose configured server is ``netloc`` (else, failing that, ``host``)."""
     servers = {name: _configured_servers(name) for name in candidates}
@@ -274,9 +285,7 @@ def _configured_servers(name: str) -> list[tuple[str, str]]:
     keys, env_names = HOST_SETTINGS.get(name, ((), ()))
     values: list[str] = []
     try:
-        from ..config import load_settings  # here: config imports this module lazily too
-
-        section = load_settings().backend_options(name)
+        section = _settings_source().backend_options(name) if _settings_source is not None else {}
         values += [str(section[k]) for k in keys if section.get(k)]
     except CkptTrackError:  # a broken config file is reported by the command that loads it
         pass

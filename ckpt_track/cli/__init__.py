@@ -3,7 +3,8 @@
 - :mod:`.application`: the Typer app, the error contract (messages, exit codes), the entry point
 - :mod:`.inspect`: the read-only verbs (``projects``, ``runs``, ``ls``, ``show``, ``verify``, ``lineage``, ``diff``)
 - :mod:`.manage`: the verbs that write or delete (``restore``, ``gc``, ``copy``, ``average``)
-- :mod:`.render`: what every verb prints, tables and ``--json`` alike
+- :mod:`.render`: what every verb prints, tables and ``--json`` alike (:mod:`.render_manage` for ``gc``, ``copy``, ``average``)
+- :mod:`.refs_help`: ``ckpt-track refs``, every reference form
 
 The verbs are registered here, in the order ``--help`` lists them; importing any module of
 this package (the console script imports :func:`main`) imports this one first.
@@ -12,7 +13,7 @@ this package (the console script imports :func:`main`) imports this one first.
 from __future__ import annotations
 
 from ..restoring import restore_into
-from . import inspect, manage
+from . import inspect, manage, refs_help
 from .application import EXIT_CODES, Command, app, exit_code, main
 from .render import human_size
 
@@ -30,5 +31,6 @@ for _name, _command in (
     ("gc", manage.gc_command),
     ("copy", manage.copy_command),
     ("average", manage.average_command),
+    ("refs", refs_help.refs_command),
 ):
     app.command(_name, cls=Command)(_command)

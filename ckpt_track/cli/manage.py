@@ -31,7 +31,7 @@ from ..ops.gc import gc, gc_objects
 from ..records import Stored
 from ..resolve import resolve
 from ..restoring import check_destination, restore_into
-from . import render
+from . import render, render_manage
 from .application import JsonOpt, guard, sdk_prints_to_stderr, settings
 
 __all__ = ["average_command", "copy_command", "gc_command", "restore_command"]
@@ -130,19 +130,19 @@ def gc_command(
         with guard():
             found = gc_objects(ref, dry_run=dry_run, grace_s=grace, settings=settings())
         if as_json:
-            render.print_json(render.object_gc_record(found))
+            render.print_json(render_manage.object_gc_record(found))
         else:
-            render.out_console().print(render.object_gc_summary(found))
+            render.out_console().print(render_manage.object_gc_summary(found))
         return
     with guard(), sdk_prints_to_stderr():
         result = gc(ref, keep_last=keep_last, keep_best=keep_best, keep_every=keep_every, metric=metric,
                     mode=mode, dry_run=dry_run, settings=settings())
     if as_json:
-        render.print_json(render.gc_record(result))
+        render.print_json(render_manage.gc_record(result))
         return
     console = render.out_console()
-    console.print(render.gc_table(result))
-    console.print(render.gc_summary(result))
+    console.print(render_manage.gc_table(result))
+    console.print(render_manage.gc_summary(result))
 
 
 _TARGET_HELP = (
@@ -194,13 +194,13 @@ def copy_command(
             bar.update(task, completed=done, total=total, description=f"copying step {s.step}")
 
         result = copy(ref, to, settings=settings(), progress=advance, link=not no_link)
-    rows = render.copy_rows(result)
+    rows = render_manage.copy_rows(result)
     if as_json:
-        render.print_json(render.copy_record(result, rows))
+        render.print_json(render_manage.copy_record(result, rows))
         return
     console = render.out_console()
-    console.print(render.copy_table(result, rows))
-    console.print(render.copy_summary(result))
+    console.print(render_manage.copy_table(result, rows))
+    console.print(render_manage.copy_summary(result))
 
 
 def average_command(
@@ -238,7 +238,7 @@ def average_command(
         result = average(refs, output, aliases=alias or (), settings=settings(),
                          non_float="first" if non_float == "first" else "equal")
     if as_json:
-        render.print_json(render.average_record(result))
+        render.print_json(render_manage.average_record(result))
         return
-    render.out_console().print(render.average_text(result))
+    render.out_console().print(render_manage.average_text(result))
 

@@ -74,7 +74,11 @@ EXAMPLES: tuple[tuple[str, str, str], ...] = (
 def refs_command() -> None:
     """Every checkpoint reference form, with an example for each backend.
 
-    Example:  ckpt-track refs
+    Examples:
+
+    \b
+      ckpt-track refs
+      ckpt-track refs | less -R
     """
     console = out_console()
     console.print(Text.assemble(("Checkpoint references", "bold"), ": <backend>://<run>[selector][?key=value], "

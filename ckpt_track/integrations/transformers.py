@@ -64,8 +64,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 import ckpt_track as ct
 from ckpt_track import ResumeMode
-
-from .trainer_dir import EXTRA_KEY, SOURCE_FILE, checkpoint_dir
+from ckpt_track.integrations.trainer_dir import EXTRA_KEY, SOURCE_FILE, checkpoint_dir
 
 __all__ = ["CkptTrackCallback", "checkpoint_dir"]
 

@@ -140,7 +140,6 @@ def test_not_found_after_gc_lists_only_the_versions_that_remain(root: Path) -> N
 # --------------------------------------------------------------------------- show: the run config
 
 
-@pytest.mark.skipif(not hasattr(LocalBackend, "run_config"), reason="LocalBackend.run_config is wired by the lead")
 def test_show_displays_the_run_config(root: Path) -> None:
     run = _run("p", "r", (0.5,), config={"lr": 0.001, "optimizer": {"name": "adamw", "betas": [0.9, 0.99]}})
     doc = json.loads(invoke("show", f"{run.ref}@latest", "--json").stdout)
