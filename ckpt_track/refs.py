@@ -26,7 +26,9 @@ backends to parse a reference (and ``refs`` <-> ``registry`` is no import cycle)
 from __future__ import annotations
 
 import difflib
+import json
 import re
+import shlex
 import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -36,7 +38,8 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 from .errors import InvalidRef
 
-__all__ = ["CANONICAL_FORMS", "HELP_HINT", "SELECTOR_WORDS", "NativeRefs", "Ref", "parse_ref", "use_native_refs"]
+__all__ = ["CANONICAL_FORMS", "HELP_HINT", "SELECTOR_WORDS", "NativeRefs", "Ref", "parse_ref", "restore_commands",
+           "use_native_refs"]
 
 _SEGMENT = r"[A-Za-z0-9_.\-]+"
 _ALIAS = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -384,3 +387,16 @@ def _parse(text: str, native: NativeRefs | None) -> Ref:
     if scheme is not None and not scheme.startswith(("http", "https")):
         raise _NoParse(f"unknown backend {scheme!r}; known: {', '.join(native.names())}")
     raise _NoParse()
+
+
+def restore_commands(ref: str | Ref) -> tuple[str, str]:
+    """The exact commands that restore the checkpoint ``ref`` names, as every tracker's UI
+    shows them: the shell line and the Python call, each quoted so it can be pasted as is.
+
+    >>> restore_commands("local://resnet/3k2j1x@step=500")
+    ('ckpt-track restore local://resnet/3k2j1x@step=500 -o DIR', 'ct.restore("local://resnet/3k2j1x@step=500", model=model, optimizer=optimizer)')
+    """
+    text = str(ref)
+    return (f"ckpt-track restore {shlex.quote(text)} -o DIR",
+            f"ct.restore({json.dumps(text)}, model=model, optimizer=optimizer)")
+

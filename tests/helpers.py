@@ -1,11 +1,13 @@
 """What many tests share: small seeded models, the CLI's error contract, the environment of a
-subprocess that logs to every tracker offline, and stopping a server's process group."""
+subprocess that logs to every tracker offline, stopping a server's process group, and damaging
+a committed (read-only) checkpoint file."""
 
 from __future__ import annotations
 
 import itertools
 import os
 import signal
+import stat
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +15,7 @@ from pathlib import Path
 import torch
 from typer.testing import Result
 
-__all__ = ["assert_cli_error", "mlp", "offline_trackers_env", "stop_process_group"]
+__all__ = ["assert_cli_error", "mlp", "offline_trackers_env", "overwrite", "stop_process_group", "writable"]
 
 
 def mlp(sizes: Sequence[int], seed: int = 0, *, norm: bool = False) -> torch.nn.Sequential:
@@ -81,3 +83,16 @@ def stop_process_group(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=15)
+
+
+def writable(path: Path) -> Path:
+    """Give a committed checkpoint file (sealed read-only: ``ckpt_track.format.modes``) its
+    owner's write bit back, so that a test can damage it in place as a tool or a disk error
+    might; without it only root could.  Returns ``path``."""
+    os.chmod(path, os.stat(path).st_mode | stat.S_IWUSR)
+    return path
+
+
+def overwrite(path: Path, data: bytes) -> None:
+    """Overwrite a committed (read-only) checkpoint file with ``data``."""
+    writable(path).write_bytes(data)

@@ -25,6 +25,7 @@ import pytest
 import torch
 import xxhash
 from fakes.clearml import FakeClearmlServer, OfflineSession, close_current_task, forget_master_process, sdk_env
+from helpers import overwrite
 from safetensors.torch import load
 
 import ckpt_track as ct
@@ -33,6 +34,7 @@ from ckpt_track.backends.clearml.online import Online
 from ckpt_track.errors import AuthError, BackendError, BackendUnavailable, CheckpointNotFound, ConfigError, InvalidRef
 from ckpt_track.format import MANIFEST, LocalCheckpoint, Manifest, is_blob, read_manifest, verify
 from ckpt_track.records import RunSpec
+from ckpt_track.refs import restore_commands
 from ckpt_track.testing.contract import BackendContract, blob_state, make_blob_checkpoint, make_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -321,7 +323,7 @@ def test_online_checkpoints_are_native_clearml_models(clearml: FakeClearmlServer
     assert models["20"]["framework"] == "PyTorch" and models["20"]["uri"].startswith(clearml.files_host)
     # the model's description (the UI's "Description") and metadata say how to restore it
     assert f"ckpt-track restore clearml://{run.id}@step=20 -o DIR" in models["20"]["comment"]
-    assert models["20"]["metadata"]["restore_python"]["value"] == f"ct.restore('clearml://{run.id}@step=20', model=model)"
+    assert models["20"]["metadata"]["restore_python"]["value"] == restore_commands(f"clearml://{run.id}@step=20")[1]
     assert {e["model"] for e in task["models"]["output"]} == {m["id"] for m in models.values()}
     scalars = sorted((e["metric"], e["variant"], e["iter"], e["value"]) for e in clearml.scalars(run.id))
     assert scalars == sorted([("val", "loss", 10, 0.7), ("val", "loss", 20, 0.3), ("val", "loss", 30, 0.5),
@@ -715,7 +717,7 @@ def test_get_reuses_a_verified_copy_and_replaces_a_damaged_one(clearml: FakeClea
     clearml.calls.clear()
     assert be.get(stored, tmp_path / "v1").path == first.path and clearml.calls == []  # no download
     shard = next(first.path.glob("*.safetensors"))
-    shard.write_bytes(b"garbage")
+    overwrite(shard, b"garbage")
     assert verify(be.get(stored, tmp_path / "v1").path).step == 10  # fetched again
 
 

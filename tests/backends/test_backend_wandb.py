@@ -20,6 +20,7 @@ import pytest
 import torch
 import wandb
 from fakes.wandb import FAKED, FakeServer, FakeWandb, finished_records, md5_b64
+from helpers import overwrite
 
 import ckpt_track as ct
 from ckpt_track.backends.wandb import WandbBackend
@@ -360,7 +361,7 @@ def test_get_reuses_a_verified_download_and_replaces_anything_else(tmp_path: Pat
     shutil.rmtree(dest)
     shutil.copytree(be.get(two, tmp_path / "other").path, dest)  # another version where v1 belongs
     assert be.get(one, dest).step == 1 and server.downloads == 3
-    (dest / "state.json").write_text("{}")  # damaged
+    overwrite(dest / "state.json", b"{}")  # damaged
     got = be.get(one, dest)
     assert server.downloads == 4 and verify(got.path).step == 1
 

@@ -16,6 +16,7 @@ import ckpt_track as ct
 from ckpt_track.backends.clearml import ClearmlBackend
 from ckpt_track.backends.clearml.online import model_comment
 from ckpt_track.errors import CheckpointNotFound
+from ckpt_track.refs import restore_commands
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def test_offline_session_shows_step_metrics_aliases_config_and_restore_command(o
         meta = session.artifact_metadata(f"ckpt-v{version:06d}")
         assert meta["step"] == str(step) and json.loads(meta["metrics"]) == {"val/loss": loss}
         assert meta["restore"] == f"ckpt-track restore clearml://{run.id}@step={step} -o DIR"
-        assert meta["restore_python"] == f"ct.restore('clearml://{run.id}@step={step}', model=model)"
+        assert meta["restore_python"] == restore_commands(f"clearml://{run.id}@step={step}")[1]
     aliases = json.loads(session.user_properties()["ckpt_track_aliases"])
     assert (aliases["latest"], aliases["best"], aliases["step-20"]) == (3, 2, 2)
     assert ("val", "loss", 20, 0.3) in session.scalars()
@@ -65,7 +66,7 @@ def test_offline_session_shows_step_metrics_aliases_config_and_restore_command(o
 
 def test_online_model_comment_holds_the_restore_commands() -> None:
     record = {"restore": "ckpt-track restore clearml://abc@step=5 -o DIR",
-              "restore_python": "ct.restore('clearml://abc@step=5', model=model)"}
+              "restore_python": restore_commands("clearml://abc@step=5")[1]}
     text = model_comment(2, 5, record)
     assert text.splitlines()[0] == "ckpt_track checkpoint v2 at step 5"
     assert record["restore"] in text and record["restore_python"] in text

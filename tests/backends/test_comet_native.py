@@ -14,6 +14,7 @@ import torch
 
 import ckpt_track as ct
 from ckpt_track.backends.comet import model_name
+from ckpt_track.refs import restore_commands
 from tests.backends import test_backend_comet as _comet
 from tests.fakes.comet import FakeComet
 
@@ -45,15 +46,14 @@ def test_models_others_and_parameters_carry_step_metrics_aliases_and_restore_com
         meta = metas[0]
         assert (meta["step"], meta["metrics"], meta["ref"]) == (s.step, {"val/loss": loss}, ref)
         assert {"latest", f"step-{s.step}"} <= set(meta["aliases"])
-        assert meta["restore"] == {"cli": f'ckpt-track restore "{ref}" -o DIR',
-                                   "python": f'ct.restore("{ref}", model=model)'}
+        assert meta["restore"] == dict(zip(("cli", "python"), restore_commands(ref)))
     others: dict[str, Any] = {}
     for m in messages:
         if m["type"] == "log_other":
             others[m["payload"]["key"]] = m["payload"]["value"]
     latest, best = str(run.ref.select(step=20)), str(run.ref.select(step=10))
     assert others["ckpt_track.latest_step"] == 20 and others["ckpt_track.latest"] == latest
-    assert others["ckpt_track.latest_restore"] == f'ckpt-track restore "{latest}" -o DIR'
+    assert others["ckpt_track.latest_restore"] == restore_commands(latest)[0]
     assert others["ckpt_track.best_step"] == 10 and others["ckpt_track.best"] == best
     params = {m["payload"]["param"]["paramName"]: m["payload"]["param"]["paramValue"]
               for m in messages if m["type"] == "parameter_msg"}

@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import overwrite
 
 from ckpt_track.backends.local import LocalBackend
 from ckpt_track.records import RunSpec
@@ -87,7 +88,7 @@ def test_a_held_file_with_the_same_name_but_other_bytes_is_not_linked(tmp_path: 
     raw["files"][fname] = {"size": (b_path / fname).stat().st_size, "hash": hash_file(b_path / fname)}
     raw["step"] = 2
     raw.pop("manifest_hash")  # a hand-edited manifest: only a legacy one (no digest) can be
-    (b_path / MANIFEST).write_text(json.dumps(raw))
+    overwrite(b_path / MANIFEST, json.dumps(raw).encode())
     b = LocalCheckpoint(b_path, verify(b_path))
     assert b.manifest.files[fname] != a.manifest.files[fname] and isinstance(b.manifest.files[fname], FileEntry)
     stored = be.put(run, b)

@@ -12,6 +12,7 @@ import torch
 from fakes.wandb import finished_records
 
 import ckpt_track as ct
+from ckpt_track.refs import restore_commands
 from tests.backends import test_backend_wandb as _wandb
 
 _wandb_service, wandb_env = _wandb._wandb_service, _wandb.wandb_env  # W&B dirs under tmp_path
@@ -36,8 +37,7 @@ def test_artifact_config_and_summary_carry_step_metrics_aliases_and_restore_comm
         ref = str(run.ref.select(step=step))
         meta = json.loads(a.metadata)
         assert (meta["step"], meta["metrics"], meta["ref"]) == (step, {"val/loss": loss}, ref)
-        assert meta["restore"] == {"cli": f'ckpt-track restore "{ref}" -o DIR',
-                                   "python": f'ct.restore("{ref}", model=model)'}
+        assert meta["restore"] == dict(zip(("cli", "python"), restore_commands(ref)))
         assert f"step {step}" in a.description and f"val/loss={loss:g}" in a.description
         assert meta["restore"]["cli"] in a.description and meta["restore"]["python"] in a.description
         assert f"step-{step}" in a.description  # the aliases, also as W&B's own
@@ -51,7 +51,7 @@ def test_artifact_config_and_summary_carry_step_metrics_aliases_and_restore_comm
                if r.WhichOneof("record_type") == "summary" for u in r.summary.update}
     latest, best = str(run.ref.select(step=20)), str(run.ref.select(step=10))
     assert summary["ckpt_track/latest_step"] == 20 and summary["ckpt_track/latest"] == latest
-    assert summary["ckpt_track/latest_restore"] == f'ckpt-track restore "{latest}" -o DIR'
+    assert summary["ckpt_track/latest_restore"] == restore_commands(latest)[0]
     assert summary["ckpt_track/best_step"] == 10 and summary["ckpt_track/best"] == best
     # the command works as printed
     fresh = torch.nn.Linear(2, 1)

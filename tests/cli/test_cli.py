@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_cli_error
+from helpers import assert_cli_error, overwrite
 from typer.testing import CliRunner, Result
 
 import ckpt_track as ct
@@ -111,7 +111,7 @@ def test_json_is_strict_for_nan_metrics(store: Store) -> None:
 
 
 def test_damaged_checkpoint_is_a_warning_line(store: Store) -> None:
-    (store.path(1) / MANIFEST).write_text("not json")
+    overwrite(store.path(1) / MANIFEST, b"not json")
     result = invoke("ls", store.run_ref, "--json")
     assert result.exit_code == 0, result.output
     assert [r["version"] for r in json.loads(result.stdout)] == [2, 3]
@@ -242,7 +242,7 @@ def _flip_a_byte(checkpoint: Path) -> str:
     shard = sorted(checkpoint.glob("*.safetensors"))[0]
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0xFF  # inside the tensor data: same size, other hash
-    shard.write_bytes(bytes(data))
+    overwrite(shard, bytes(data))
     return shard.name
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import mlp
+from helpers import mlp, overwrite
 
 import ckpt_track as ct
 from ckpt_track.errors import (
@@ -139,7 +139,7 @@ def test_damaged_file_raises_integrity_error_and_loads_nothing(logged, damage: s
         data[-3] ^= 0x01
     else:
         data = data[: len(data) // 2]
-    path.write_bytes(bytes(data))
+    overwrite(path, bytes(data))
     model = _model(seed=7)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(IntegrityError, match=path.name):
@@ -152,7 +152,7 @@ def test_damaged_file_raises_integrity_error_and_loads_nothing(logged, damage: s
 def test_tampered_state_json_is_caught(logged) -> None:
     run, _ = logged
     path = _stored_file(run, 40, "state.json")
-    path.write_text(path.read_text().replace('"step": 40', '"step": 41'))
+    overwrite(path, path.read_bytes().replace(b'"step": 40', b'"step": 41'))
     with pytest.raises(IntegrityError, match="state.json"):
         ct.restore(run.ref, model=_model())
 

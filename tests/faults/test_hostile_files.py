@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import mlp
+from helpers import mlp, overwrite, writable
 from typer.testing import CliRunner
 
 import ckpt_track as ct
@@ -71,12 +71,12 @@ def reseal(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
     data.pop("manifest_hash")
     change(data)
     data["manifest_hash"] = fmt.manifest_digest(data)
-    (path / MANIFEST).write_bytes(fmt.canonical_json(data))
+    overwrite(path / MANIFEST, fmt.canonical_json(data))
 
 
 def replace_file(path: Path, fname: str, content: bytes) -> None:
     """Put ``content`` in place of one file and record its true size and hash in the manifest."""
-    (path / fname).write_bytes(content)
+    overwrite(path / fname, content)
     entry = {"size": len(content), "hash": hash_file(path / fname)}
     reseal(path, lambda d: d["files"].update({fname: entry}))
 
@@ -240,7 +240,7 @@ def test_names_that_escape_or_hold_nul(tmp_path: Path, evil: str) -> None:
 # -- sizes --------------------------------------------------------------------------
 def test_a_200_mb_manifest_is_refused_without_reading_it(tmp_path: Path) -> None:
     ckpt = _write(tmp_path)
-    with open(ckpt.path / MANIFEST, "r+b") as f:
+    with open(writable(ckpt.path / MANIFEST), "r+b") as f:
         f.truncate(200 * 1024**2)  # sparse: costs no disk
     tracemalloc.start()
     try:
@@ -257,7 +257,7 @@ def test_a_200_mb_manifest_is_refused_without_reading_it(tmp_path: Path) -> None
 
 def test_a_tensor_file_bigger_than_the_manifest_says_is_not_hashed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ckpt = _write(tmp_path)
-    with open(_tensor_file(ckpt), "ab") as f:
+    with open(writable(_tensor_file(ckpt)), "ab") as f:
         f.write(b"\0" * 4096)
     hashed: list[int] = []
     real = fmt.hash_open
@@ -273,7 +273,7 @@ DEEP = b"[" * 100_000 + b"]" * 100_000
 
 def test_deeply_nested_manifest(tmp_path: Path) -> None:
     ckpt = _write(tmp_path)
-    (ckpt.path / MANIFEST).write_bytes(b'{"format": "ckpt_track", "x": ' + DEEP + b"}")
+    overwrite(ckpt.path / MANIFEST, b'{"format": "ckpt_track", "x": ' + DEEP + b"}")
     with pytest.raises(IntegrityError, match="nested"):
         read_manifest(ckpt.path)
 
@@ -281,7 +281,7 @@ def test_deeply_nested_manifest(tmp_path: Path) -> None:
 def test_duplicate_keys_in_manifest(tmp_path: Path) -> None:
     ckpt = _write(tmp_path)
     raw = (ckpt.path / MANIFEST).read_bytes().replace(b' "step": 5', b' "step": 9,\n "step": 5', 1)
-    (ckpt.path / MANIFEST).write_bytes(raw)
+    overwrite(ckpt.path / MANIFEST, raw)
     with pytest.raises(IntegrityError, match="duplicate key 'step'"):
         read_manifest(ckpt.path)
 
@@ -370,7 +370,7 @@ def test_a_pickle_is_never_executed(tmp_path: Path, kind: str, where: str) -> No
     marker = tmp_path / "PWNED"
     payload = _pickle_payload(marker) if kind == "pickle" else _torch_save_like(marker)
     if where == "manifest":
-        (vdir / MANIFEST).write_bytes(payload)
+        overwrite(vdir / MANIFEST, payload)
     else:
         replace_file(vdir, next(vdir.glob("*.safetensors")).name if where == "tensor" else STATE, payload)
     model = _model(3)

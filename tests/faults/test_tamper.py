@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import overwrite, writable
 from safetensors import SafetensorError
 from typer.testing import CliRunner
 
@@ -99,12 +100,12 @@ def reseal_state(vdir: Path, change: Callable[[dict[str, Any]], None]) -> None:
     state = json.loads((vdir / STATE).read_text())
     change(state)
     raw = fmt.canonical_json(state)
-    (vdir / STATE).write_bytes(raw)
+    overwrite(vdir / STATE, raw)
     data = json.loads((vdir / MANIFEST).read_text())
     data.pop("manifest_hash")
     data["files"][STATE] = {"size": len(raw), "hash": hash_file(vdir / STATE)}
     data["manifest_hash"] = fmt.manifest_digest(data)
-    (vdir / MANIFEST).write_bytes(fmt.canonical_json(data))
+    overwrite(vdir / MANIFEST, fmt.canonical_json(data))
 
 
 def _nested(depth: int) -> Any:
@@ -217,7 +218,7 @@ def test_an_unmapped_dtype_restores_through_safetensors(tmp_path: Path, monkeypa
 # -- every byte of every file -------------------------------------------------------------
 def _flip(path: Path, offset: int) -> None:
     """Flip the lowest bit of one byte in place (twice restores it)."""
-    with open(path, "r+b") as f:
+    with open(path, "r+b") as f:  # made writable by the caller
         f.seek(offset)
         byte = f.read(1)[0]
         f.seek(offset)
@@ -243,7 +244,7 @@ def test_every_single_byte_change_is_detected(tmp_path: Path) -> None:
     tried = caught = 0
     missed: list[tuple[str, int]] = []
     for fname, positions in files.items():
-        path = vdir / fname
+        path = writable(vdir / fname)
         for offset in positions if positions is not None else range(path.stat().st_size):
             _flip(path, offset)
             try:
@@ -267,7 +268,7 @@ def test_semantic_edits_of_the_manifest_are_detected(tmp_path: Path, edit: Calla
     _, vdir = _logged(tmp_path)
     data = json.loads((vdir / MANIFEST).read_text())
     edit(data)
-    (vdir / MANIFEST).write_bytes(fmt.canonical_json(data))  # canonical bytes, stale digest
+    overwrite(vdir / MANIFEST, fmt.canonical_json(data))  # canonical bytes, stale digest
     with pytest.raises(IntegrityError, match="manifest_hash"):
         read_manifest(vdir)
 
@@ -275,7 +276,7 @@ def test_semantic_edits_of_the_manifest_are_detected(tmp_path: Path, edit: Calla
 def test_a_whitespace_edit_of_the_manifest_is_detected(tmp_path: Path) -> None:
     _, vdir = _logged(tmp_path)
     raw = (vdir / MANIFEST).read_bytes()
-    (vdir / MANIFEST).write_bytes(raw.replace(b'"step": 3', b'"step":  3'))
+    overwrite(vdir / MANIFEST, raw.replace(b'"step": 3', b'"step":  3'))
     with pytest.raises(IntegrityError, match="manifest_hash"):
         read_manifest(vdir)
 
@@ -289,7 +290,7 @@ def test_the_v1_sample_without_a_digest_still_reads() -> None:
 def test_a_re_serialized_manifest_stays_valid(tmp_path: Path) -> None:
     _, vdir = _logged(tmp_path)
     manifest = read_manifest(vdir)
-    (vdir / MANIFEST).write_bytes(fmt.canonical_json(manifest.to_json()))
+    overwrite(vdir / MANIFEST, fmt.canonical_json(manifest.to_json()))
     assert read_manifest(vdir) == manifest and read_manifest(vdir).manifest_hash == manifest.manifest_hash
 
 
@@ -299,7 +300,7 @@ def test_cli_verify_of_a_damaged_manifest_exits_4_with_one_error_line(tmp_path: 
     monkeypatch.setenv("CKPT_TRACK_LOCAL__ROOT", str(tmp_path / "store"))
     raw = (vdir / MANIFEST).read_bytes()
     for damaged in (raw.replace(b'"step": 3', b'"step": 4'), raw[:-5], b"\xff" + raw[1:]):
-        (vdir / MANIFEST).write_bytes(damaged)
+        overwrite(vdir / MANIFEST, damaged)
         for ref in (str(run.ref), f"{run.ref}:v1", f"{run.ref}@step=3"):
             result = CliRunner().invoke(app, ["verify", ref])
             assert result.exit_code == 4, (ref, result.output)
@@ -307,7 +308,7 @@ def test_cli_verify_of_a_damaged_manifest_exits_4_with_one_error_line(tmp_path: 
                 isinstance(result.exception, SystemExit), result.exception
             errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
             assert len(errors) == 1, result.stderr
-    (vdir / MANIFEST).write_bytes(raw)
+    overwrite(vdir / MANIFEST, raw)
     assert CliRunner().invoke(app, ["verify", str(run.ref)]).exit_code == 0
 
 
@@ -365,7 +366,7 @@ def test_a_damaged_manifest_is_an_integrity_error_through_the_api_never_another_
     v2 = next(Path().glob(pattern))
     raw = bytearray((v2 / "manifest.json").read_bytes())
     raw[raw.index(b'"step": 2') + 8] = ord("7")  # the step edited: 2 -> 7
-    (v2 / "manifest.json").write_bytes(bytes(raw))
+    overwrite(v2 / "manifest.json", bytes(raw))
     loaded = ct.load_settings(settings)
     for ref in (run.ref, run.ref.select(alias="latest"), run.ref.select(version=2)):
         with pytest.warns(UserWarning, match="damaged"), pytest.raises(Damaged, match="v2 of this run is damaged"):

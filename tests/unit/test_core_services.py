@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import overwrite
 
 from ckpt_track.cache import fetch
 from ckpt_track.errors import CheckpointNotFound, ConfigError, IntegrityError
@@ -150,14 +151,14 @@ def test_fetch_replaces_a_damaged_copy_and_a_failure_leaves_the_entry_as_it_was(
     dest = tmp_path / "cache" / "v000001"
     fetch(dest, tracker.own(0), tracker.blobs(0))
     blob = next(f for f in a.manifest.files if is_blob(f))
-    (dest / blob).write_bytes(b"damaged")
+    overwrite(dest / blob, b"damaged")
     fetch(dest, tracker.own(0), tracker.blobs(0))
     verify(dest)  # fetched again
 
     def broken(names, into):  # type: ignore[no-untyped-def]
         raise OSError("connection reset")
 
-    (dest / blob).write_bytes(b"damaged again")
+    overwrite(dest / blob, b"damaged again")
     with pytest.raises(OSError, match="connection reset"):
         fetch(dest, tracker.own(0), broken)
     assert (dest / blob).read_bytes() == b"damaged again"  # untouched: no half-swapped entry

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 import xxhash
+from helpers import overwrite
 from safetensors import safe_open
 
 import ckpt_track.format as fmt
@@ -52,12 +53,6 @@ def write(parent: Path, name: str = "ckpt", tensors: dict[str, torch.Tensor] | N
 
 def entries(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir())
-
-
-def overwrite(path: Path, data: bytes) -> None:
-    """Overwrite a committed (read-only) file, as a tool or a disk error might."""
-    os.chmod(path, 0o644)
-    path.write_bytes(data)
 
 
 def rewrite_manifest(ckpt: Path, change: Any) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import xxhash
-from helpers import mlp
+from helpers import mlp, writable
 
 import ckpt_track as ct
 import ckpt_track.format.read as fmt_read
@@ -119,7 +119,7 @@ def test_a_rotted_cache_entry_is_caught_and_fetched_again(monkeypatch: pytest.Mo
     _restore_fresh(ref)  # fills the cache
     entry = resolve(ref).fetch()
     big = max(entry.manifest.files, key=lambda f: entry.manifest.files[f].size)
-    with open(entry.path / big, "r+b") as f:  # same size, one byte changed: only a hash sees it
+    with open(writable(entry.path / big), "r+b") as f:  # same size, one byte changed: only a hash sees it
         f.seek(1000)
         byte = f.read(1)
         f.seek(1000)
@@ -146,10 +146,10 @@ def test_verify_in_threads_still_names_every_bad_file(monkeypatch: pytest.Monkey
     verify(ckpt.path)
     names = sorted(f for f in ckpt.manifest.files if f.endswith(".safetensors"))
     for fname in names[:2]:
-        with open(ckpt.path / fname, "r+b") as f:
+        with open(writable(ckpt.path / fname), "r+b") as f:
             f.seek(-4, os.SEEK_END)
             f.write(b"\0\1\2\3")
-    os.truncate(ckpt.path / names[2], 100)
+    os.truncate(writable(ckpt.path / names[2]), 100)
     with pytest.raises(IntegrityError, match="failed verification") as err:
         verify(ckpt.path)
     lines = str(err.value).splitlines()[1:]
@@ -177,7 +177,7 @@ def test_tensors_are_read_in_pieces_by_several_threads_into_their_own_memory(
         assert {k: out[k].data_ptr() for k in tensors} == ptrs  # no second copy
         fresh = fmt_read.load_into(ckpt.path, fds, index, {})
         assert all(torch.equal(fresh[k], v) for k, v in tensors.items())
-        os.truncate(ckpt.path / index["a"].file, index["a"].start + 10_000)  # changed after hashing
+        os.truncate(writable(ckpt.path / index["a"].file), index["a"].start + 10_000)  # changed after hashing
         with pytest.raises(IntegrityError, match=r"ended inside tensor 'a' \(truncated\)"):
             fmt_read.load_into(ckpt.path, fds, {"a": index["a"]}, targets)
 

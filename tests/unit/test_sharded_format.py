@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import mlp
+from helpers import mlp, overwrite
 from torch.distributed.checkpoint import save as dcp_save
 
 from ckpt_track.distributed.capture import capture_sharded
@@ -83,7 +83,7 @@ def test_tampered_shard_changes_nothing(tmp_path: Path) -> None:
     blob = next(p for p in ckpt.path.glob("t-*.safetensors"))
     data = bytearray(blob.read_bytes())
     data[-1] ^= 0xFF
-    blob.write_bytes(bytes(data))
+    overwrite(blob, bytes(data))
     model, opt = _fresh()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(IntegrityError, match="does not match the manifest"):
@@ -128,7 +128,7 @@ def test_manifest_v2_needs_its_world_size(tmp_path: Path) -> None:
     ckpt = write_sharded(tmp_path, *_trained())
     raw = json.loads((ckpt.path / "manifest.json").read_text())
     del raw["world_size"]
-    (ckpt.path / "manifest.json").write_text(json.dumps(raw))
+    overwrite(ckpt.path / "manifest.json", json.dumps(raw).encode())
     with pytest.raises(IntegrityError, match="world_size"):
         read_manifest(ckpt.path)
 

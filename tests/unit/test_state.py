@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import overwrite
 from safetensors import safe_open
 from torch import nn
 
@@ -562,7 +563,7 @@ def test_read_refuses_a_damaged_checkpoint(tmp_path: Path) -> None:
     shard = next(p for p in target.iterdir() if p.suffix == ".safetensors")
     raw = bytearray(shard.read_bytes())
     raw[-1] ^= 0xFF
-    shard.write_bytes(bytes(raw))
+    overwrite(shard, bytes(raw))
     with pytest.raises(IntegrityError):
         ct.fetch_checkpoint(target).read()
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ... import refs
 from ...errors import IntegrityError
 from ...format import MANIFEST, Manifest, is_blob
 
@@ -108,8 +109,7 @@ def _size(artifact: Any) -> int | None:
 def restore_commands(task_ref: str, step: int) -> tuple[str, str]:
     """The exact commands that restore the checkpoint at ``step`` of the run ``task_ref``
     (``clearml://<task_id>``): the CLI one and the Python one, as the UI shows them."""
-    ref = f"{task_ref}@step={step}"
-    return f"ckpt-track restore {ref} -o DIR", f"ct.restore({ref!r}, model=model)"
+    return refs.restore_commands(f"{task_ref}@step={step}")
 
 
 def make_record(m: Manifest, version: int, task_ref: str | None = None) -> dict[str, str]:

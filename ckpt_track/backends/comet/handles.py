@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ... import refs
 from ...errors import IntegrityError
 from ...format import MANIFEST, LocalCheckpoint, is_blob
 from ...plan import AliasTable
@@ -121,7 +122,8 @@ class AliasState:
 
 def restore_commands(ref: str) -> dict[str, str]:
     """How to get a checkpoint back, as the UI shows it: the CLI line and the Python call."""
-    return {"cli": f'ckpt-track restore "{ref}" -o DIR', "python": f'ct.restore("{ref}", model=model)'}
+    cli, python = refs.restore_commands(ref)
+    return {"cli": cli, "python": python}
 
 
 def checkpoint_meta(version: int, ckpt: LocalCheckpoint, aliases: Sequence[str],

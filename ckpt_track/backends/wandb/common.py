@@ -8,6 +8,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ... import refs
 from ...format import MANIFEST, LocalCheckpoint, hash_file
 from ...records import RunInfo, Stored
 from ...refs import Ref
@@ -46,7 +47,8 @@ def artifact_path(run: RunInfo, selector: int | str) -> str:
 
 def restore_commands(ref: str) -> dict[str, str]:
     """How to get a checkpoint back, as the UI shows it: the CLI line and the Python call."""
-    return {"cli": f'ckpt-track restore "{ref}" -o DIR', "python": f'ct.restore("{ref}", model=model)'}
+    cli, python = refs.restore_commands(ref)
+    return {"cli": cli, "python": python}
 
 
 def metadata(ckpt: LocalCheckpoint, run_ref: Ref | None = None) -> dict[str, Any]:
