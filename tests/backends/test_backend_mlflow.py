@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 
 import ckpt_track as ct
 from ckpt_track.backends.mlflow import BLOBS, MlflowBackend, MlflowModel, MlflowRun
+from ckpt_track.backends.mlflow.native import LISTING
 from ckpt_track.errors import BackendUnavailable, CheckpointNotFound
 from ckpt_track.format import MANIFEST, LocalCheckpoint, is_blob, verify
 from ckpt_track.records import RunSpec
@@ -277,7 +278,7 @@ def test_each_tensor_file_is_stored_once_per_run_on_the_server(tmp_path: Path, m
     a = backend.put(run, srcs[0])
     first = on_disk()
     assert set(first) == names[0] and len(first) == 5  # four 128 KiB tensors, the small one packed alone
-    assert model_files(a) == {MANIFEST, "state.json"}  # the model holds no tensor bytes
+    assert model_files(a) == {MANIFEST, "state.json", LISTING}  # the model holds no tensor bytes
     b = backend.put(run, srcs[1])
     second = on_disk()
     added = set(second) - set(first)
@@ -288,7 +289,7 @@ def test_each_tensor_file_is_stored_once_per_run_on_the_server(tmp_path: Path, m
     c = backend.put(run, srcs[2])
     assert on_disk() == second and names[2] == names[1]  # an unchanged checkpoint sends no tensor bytes
     assert c.uploaded == srcs[2].manifest.files["state.json"].size + (srcs[2].path / MANIFEST).stat().st_size
-    assert model_files(b) == model_files(c) == {MANIFEST, "state.json"}
+    assert model_files(b) == model_files(c) == {MANIFEST, "state.json", LISTING}
     on_server = sum(p.stat().st_size for p in art.rglob("*") if p.is_file())
     assert on_server < 1.3 * srcs[0].manifest.size  # three checkpoints in the bytes of about one
 

@@ -9,9 +9,10 @@ remove, create or attach, the download cache); this class carries it out through
 from __future__ import annotations
 
 import contextlib
-import os
 import posixpath
 import sys
+import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,13 +25,15 @@ from ...options import option_names, parse_options
 from ...plan import by_name, files_to_send, next_version, resume_decision
 from ...records import Capability, RunInfo, RunSpec, Stored
 from ...refs import Ref
-from . import refs
+from . import native, refs, runs
+from . import settings as sdk_settings
 from .blobs import RunBlobs
-from .client import MlflowSdk, is_not_found, uri_set_in_process
+from .client import MlflowSdk, is_not_found, quiet_progress, uri_set_in_process
 from .handles import (
     TAG_ALIAS,
     TAG_LAST_VERSION,
     TAG_REGISTERED,
+    TAG_STEP,
     TAG_VERSION,
     MlflowModel,
     MlflowRun,
@@ -79,13 +82,14 @@ class MlflowBackend:
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         opts = parse_options(MlflowOptions, options, backend=self.name,
                              note="; credentials come from MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD")
-        # a configured URI wins; a URI taken from a pasted UI URL ("ui") is the fallback
-        tracking_uri = opts.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or opts.ui or None
-        self.sdk = MlflowSdk(tracking_uri, opts.registry_uri)
+        # ckpt_track's settings, then the SDK's own environment, then a pasted UI URL's address
+        self.sdk = MlflowSdk(sdk_settings.tracking_uri(opts.tracking_uri, opts.ui),
+                             sdk_settings.registry_uri(opts.registry_uri))
         self.experiment = opts.experiment
         self.register_as = opts.register_as
         self.artifact_location = opts.artifact_location
         self.blobs = RunBlobs(self.sdk)
+        quiet_progress()
 
     @property
     def tracking_uri(self) -> str | None:
@@ -104,6 +108,9 @@ class MlflowBackend:
                 "no MLflow tracking URI is configured to look the reference up in: set MLFLOW_TRACKING_URI "
                 "or [mlflow] tracking_uri (e.g. http://127.0.0.1:5000), or pass the run's MLflow UI URL"
             )
+        problem = sdk_settings.databricks_credentials_problem(self.sdk.tracking_uri)
+        if problem is not None:
+            raise problem
 
     # -- runs -----------------------------------------------------------------------------
     def _experiment_id(self, name: str) -> str:
@@ -111,7 +118,8 @@ class MlflowBackend:
         if exp is not None:
             return str(exp.experiment_id)
         try:
-            return str(self._client.create_experiment(name, artifact_location=self.artifact_location))
+            return str(self._client.create_experiment(name, artifact_location=self.artifact_location,
+                                                      tags=native.EXPERIMENT_TAGS))
         except Exception:  # another process created it first
             exp = self._client.get_experiment_by_name(name)
             if exp is None:
@@ -150,8 +158,13 @@ class MlflowBackend:
         )
         return found[0] if found else None
 
+    def _experiment_name(self, project: str) -> str:
+        return sdk_settings.experiment_name(self.experiment, project,
+                                            by_id=lambda i: str(self._client.get_experiment(i).name))
+
     def open_run(self, spec: RunSpec) -> RunInfo:
-        experiment = self.experiment or spec.project
+        with self.sdk.errors(f"looking up the MLflow experiment of project {spec.project!r}"):
+            experiment = self._experiment_name(spec.project)
         with self.sdk.errors(f"opening a run in experiment {experiment!r}"):
             exp_id = self._experiment_id(experiment)
             existing = self._existing(spec, exp_id)
@@ -168,7 +181,7 @@ class MlflowBackend:
                     f"MLflow assigns run ids itself; run {spec.run_id!r} does not exist at {self.sdk.where}. "
                     "Use name= to find a run again, or resume='never' without run_id"
                 )
-            run = self._client.create_run(exp_id, run_name=spec.name, tags={"ckpt_track": "true"})
+            run = self._client.create_run(exp_id, run_name=spec.name, tags={runs.CKPT_TAG: "true"})
             self._log_params(run.info.run_id, spec.config)
             return self._info(run, resumed=False)
 
@@ -180,10 +193,32 @@ class MlflowBackend:
             self._client.log_batch(run_id, params=items[i:i + _PARAMS_PER_CALL])
 
     def find_run(self, ref: Ref) -> RunInfo:
-        if len(ref.segments) != 1:
-            raise InvalidRef(f"{ref}: an MLflow run reference is mlflow://<run_id>")
+        """``mlflow://<run_id>``, or ``mlflow://<experiment>/<run name>``: the newest run of that
+        name (a warning names the others)."""
+        segs = ref.segments
+        if len(segs) == 2 and segs[0] not in ("models", "registered"):
+            with self.sdk.errors(f"looking up MLflow run {segs[1]!r} of experiment {segs[0]!r}"):
+                exp = runs.experiment(self._client, segs[0], self.sdk.where)
+                return self._info(runs.newest_named(self._client, exp, segs[1], self.sdk.where), resumed=True)
+        if len(segs) != 1:
+            raise InvalidRef(f"{ref}: an MLflow run reference is mlflow://<run_id> or "
+                             "mlflow://<experiment>/<run name>")
         with self.sdk.errors(f"looking up MLflow run {ref.path}"):
             return self._info(self._client.get_run(ref.path), resumed=True)
+
+    def list_projects(self) -> list[str]:
+        """The experiments the tracking server lists."""
+        with self.sdk.errors("listing MLflow experiments"):
+            return runs.experiment_names(self._client)
+
+    def list_runs(self, project: str) -> list[RunInfo]:
+        """The runs ckpt_track created in experiment ``project``, newest first."""
+        with self.sdk.errors(f"listing the runs of MLflow experiment {project!r}"):
+            exp = runs.experiment(self._client, project, self.sdk.where)
+            return [RunInfo(backend=self.name, project=exp.name, run_id=r.info.run_id,
+                            name=r.info.run_name or r.info.run_id, ref=Ref(self.name, r.info.run_id),
+                            resumed=True, native=MlflowRun(str(exp.experiment_id), r.info.artifact_uri))
+                    for r in runs.ckpt_runs(self._client, exp)]
 
     def resolve_ref(self, ref: Ref) -> Ref:
         """``models/<id>`` and ``registered/<name>`` references -> ``<run_id>:vN``."""
@@ -200,10 +235,10 @@ class MlflowBackend:
         with self.sdk.errors(f"listing checkpoints of MLflow run {run.run_id}"):
             return sorted((stored_from(run, m) for m in self._models(run)), key=lambda s: s.version)
 
-    def _next_version(self, run: RunInfo, models: Sequence[Any]) -> int:
+    def _next_version(self, run: RunInfo, models: Sequence[Any], run_tags: Mapping[str, str]) -> int:
         """Allocate the version number; the run tag keeps the high-water mark, so a deleted
         newest version's number is never reused."""
-        last = self._client.get_run(run.run_id).data.tags.get(TAG_LAST_VERSION, "0")
+        last = run_tags.get(TAG_LAST_VERSION, "0")
         version = next_version((int(x.tags[TAG_VERSION]) for x in models), int(last))
         self._client.set_tag(run.run_id, TAG_LAST_VERSION, str(version))
         return version
@@ -212,10 +247,19 @@ class MlflowBackend:
         m = ckpt.manifest
         with self.sdk.errors(f"logging checkpoint step {m.step} to MLflow run {run.run_id}"):
             models = self._models(run)
+            data = self._client.get_run(run.run_id).data
+            version = self._next_version(run, models, data.tags)
+            params = dict(data.params)  # the run config, shown on the model's page too
             model = self._client.create_logged_model(
                 self._handle(run).experiment_id, name=f"{run.name}-step-{m.step}", source_run_id=run.run_id,
-                tags=model_tags(m, self._next_version(run, models)), model_type="checkpoint",
+                tags={**model_tags(m, version),
+                      **native.page_tags(m.step, version, (), run.run_id, self.sdk.tracking_uri)},
+                params=params if len(params) <= _PARAMS_PER_CALL else None, model_type="checkpoint",
             )
+            if len(params) > _PARAMS_PER_CALL:
+                items = sorted(params.items())
+                for i in range(0, len(items), _PARAMS_PER_CALL):
+                    self._client.log_model_params(model.model_id, dict(items[i:i + _PARAMS_PER_CALL]))
             uploaded = self._complete(run, model, ckpt)
             stored = stored_from(run, self._register(run, model.model_id))
         self.set_aliases(stored, aliases, models=models)
@@ -255,8 +299,11 @@ class MlflowBackend:
         sent = files_to_send(m, self.blobs.held(run_repo))
         self.blobs.send(run_repo, ckpt.path, filter(is_blob, sent))
         repo = self.sdk.repo(model.artifact_location)
-        for fname in [*(f for f in sent if not is_blob(f)), MANIFEST]:
+        for fname in (f for f in sent if not is_blob(f)):
             repo.log_artifact(str(ckpt.path / fname), posixpath.dirname(fname) or None)
+        with tempfile.TemporaryDirectory(prefix="ckpt_track-listing-") as tmp:
+            repo.log_artifact(str(native.write_listing(ckpt, Path(tmp))))
+        repo.log_artifact(str(ckpt.path / MANIFEST))  # last: the commit
         return sum(m.files[f].size for f in sent) + (ckpt.path / MANIFEST).stat().st_size
 
     def _register(self, run: RunInfo, model_id: str) -> Any:
@@ -265,9 +312,17 @@ class MlflowBackend:
         if not self.register_as:
             return model
         self._ensure_registered()
+        # no await_creation_for: the SDK would log "Waiting up to 300 seconds ..." at INFO for
+        # every checkpoint; a version still pending is waited for here, quietly
         mv = self._client.create_model_version(
             self.register_as, source=f"models:/{model_id}", run_id=run.run_id, model_id=model_id,
+            tags=native.registry_tags(model.tags), description=model.tags.get(native.NOTE),
+            await_creation_for=0,
         )
+        deadline = time.monotonic() + 60
+        while str(mv.status) == "PENDING_REGISTRATION" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            mv = self._client.get_model_version(self.register_as, str(mv.version))
         self._client.set_logged_model_tags(model_id, {TAG_REGISTERED: str(mv.version)})
         return self._client.get_logged_model(model_id)
 
@@ -305,6 +360,7 @@ class MlflowBackend:
         def own(into: Path) -> None:
             with self.sdk.errors(what):
                 self.sdk.repo(model.artifact_location).download_artifacts("", dst_path=str(into))
+            (into / native.LISTING).unlink(missing_ok=True)  # for the UI only: not a checkpoint file
 
         def blobs(names: Sequence[str], into: Path) -> None:
             # blobs the model does not hold itself are in the run (earlier versions put every file in the model)
@@ -324,19 +380,46 @@ class MlflowBackend:
             return
         model_id = stored.native.model_id
         with self.sdk.errors(f"moving aliases {list(aliases)} to {stored.ref}"):
-            for other in models if models is not None else self._models(stored.run):
-                if other.model_id != model_id:
-                    self._drop_aliases(other, aliases)
+            moved_from = [other.model_id for other in (models if models is not None else self._models(stored.run))
+                          if other.model_id != model_id and self._drop_aliases(other, aliases)]
             self._client.set_logged_model_tags(model_id, {TAG_ALIAS + a: "true" for a in aliases})
+            for mid in [model_id, *moved_from]:  # their pages (and registry versions) name their aliases
+                self._refresh_page(mid, stored.run.run_id)
             registered = stored.native.registered_version or self._client.get_logged_model(
                 model_id).tags.get(TAG_REGISTERED)
             if self.register_as and registered and "best" in aliases:
                 self._client.set_registered_model_alias(self.register_as, "best", str(registered))
 
-    def _drop_aliases(self, model: Any, aliases: Sequence[str]) -> None:
-        for tag in (TAG_ALIAS + a for a in aliases):
-            if tag in model.tags:
-                self._drop_tag(model.model_id, tag)
+    def _drop_aliases(self, model: Any, aliases: Sequence[str]) -> bool:
+        """Take ``aliases`` off ``model``; True when it held any of them."""
+        held = [t for t in (TAG_ALIAS + a for a in aliases) if t in model.tags]
+        for tag in held:
+            self._drop_tag(model.model_id, tag)
+        return bool(held)
+
+    def _refresh_page(self, model_id: str, run_id: str) -> None:
+        """Rewrite a model's alias list and description from its alias tags, and bring its
+        registry version (``register_as``) to the same tags and description."""
+        tags = self._client.get_logged_model(model_id).tags
+        page = native.page_tags(int(tags.get(TAG_STEP, 0)), int(tags[TAG_VERSION]), native.aliases_of(tags),
+                                run_id, self.sdk.tracking_uri)
+        self._client.set_logged_model_tags(model_id, page)
+        version = tags.get(TAG_REGISTERED)
+        if self.register_as and version:
+            self._sync_version(version, {**tags, **page})
+
+    def _sync_version(self, version: str, tags: Mapping[str, str]) -> None:
+        """Registry version ``version`` of ``register_as``: the model's tags and description."""
+        name = self.register_as
+        mv = self._client.get_model_version(name, version)
+        want = native.registry_tags(tags)
+        for key in [k for k in mv.tags if k.startswith(TAG_ALIAS) and k not in want]:
+            self._client.delete_model_version_tag(name, version, key)
+        for key, value in want.items():
+            if mv.tags.get(key) != value:
+                self._client.set_model_version_tag(name, version, key, value)
+        if (mv.description or "") != tags.get(native.NOTE, ""):
+            self._client.update_model_version(name, version, description=tags.get(native.NOTE, ""))
 
     def _drop_tag(self, model_id: str, tag: str) -> None:
         """Delete a model's tag; a retried delete that finds the tag gone has succeeded."""

@@ -10,6 +10,7 @@ message.  The SDK is imported on first use only (``ckpt_track`` imports without 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from ...errors import (
 )
 from . import _compat
 
-__all__ = ["NOT_FOUND", "MlflowSdk", "is_not_found", "uri_set_in_process"]
+__all__ = ["NOT_FOUND", "MlflowSdk", "is_not_found", "quiet_progress", "uri_set_in_process"]
 
 NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
 _AUTH_CODES = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
@@ -36,6 +37,19 @@ _REJECTED_CODES = frozenset({"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_
 # an HTTP status in the message, not any digits: a port such as 40329 is no 403
 _AUTH_STATUS = re.compile(r"\b(?:401|403)\b(?!\.)")
 _CREDENTIALS = "set MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+
+
+_PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+def quiet_progress() -> None:
+    """No SDK progress bars (``Downloading artifacts: ...``) in a process that uses the MLflow
+    backend: ckpt_track reports progress itself (:mod:`ckpt_track.progress`).  Set once, from
+    the thread that opens the backend, with ``setdefault`` semantics like
+    :func:`ckpt_track.network.configure`: a value the user set wins.  Not toggled per call: the
+    environment changing under another thread that iterates it (``requests`` does, per request)
+    raises there."""
+    os.environ.setdefault(_PROGRESS_ENV, "false")
 
 
 def is_not_found(exc: BaseException) -> bool:
@@ -82,7 +96,13 @@ class MlflowSdk:
 
     @property
     def where(self) -> str:
-        return self.tracking_uri or "the default MLflow tracking URI"
+        """The tracking URI for messages: the one in use, never a phrase that names no setting."""
+        if self.tracking_uri:
+            return self.tracking_uri
+        mlflow = sys.modules.get("mlflow")
+        if mlflow is not None and uri_set_in_process():
+            return f"{mlflow.get_tracking_uri()} (set by mlflow.set_tracking_uri)"
+        return "MLflow's default tracking URI (set MLFLOW_TRACKING_URI or [mlflow] tracking_uri)"
 
     @property
     def hint(self) -> str:
