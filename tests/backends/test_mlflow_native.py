@@ -153,3 +153,19 @@ def test_list_projects_and_runs(mlflow_env) -> None:
     assert backend.list(runs[0]) == []  # each one as find_run gives it
     with pytest.raises(CheckpointNotFound, match=rf"no MLflow experiment 'nope-y'.*{project}"):
         backend.list_runs("nope-y")
+
+
+def test_show_displays_the_run_config_the_server_holds(mlflow_env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from ckpt_track.cli import app
+
+    settings = _settings(mlflow_env)
+    with ct.init(project=_unique("show-config"), name="cfg", config={"lr": 0.01, "optim": {"name": "adamw"}},
+                 settings=settings) as run:
+        run.log_checkpoint(1, model=_model())
+    assert MlflowBackend({"tracking_uri": mlflow_env.uri}).run_config(run.info) == {"lr": "0.01", "optim.name": "adamw"}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_env.uri)
+    out = CliRunner().invoke(app, ["show", f"mlflow://{run.id}@latest", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["config"] == {"lr": "0.01", "optim.name": "adamw"}

@@ -206,6 +206,11 @@ class MlflowBackend:
         with self.sdk.errors(f"looking up MLflow run {ref.path}"):
             return self._info(self._client.get_run(ref.path), resumed=True)
 
+    def run_config(self, run: RunInfo) -> dict[str, str]:
+        """The run's params: ``ct.init(config=...)`` flattened to dotted keys, as MLflow keeps them."""
+        with self.sdk.errors(f"reading the params of MLflow run {run.run_id}"):
+            return dict(self._client.get_run(run.run_id).data.params)
+
     def list_projects(self) -> list[str]:
         """The experiments the tracking server lists."""
         with self.sdk.errors("listing MLflow experiments"):
