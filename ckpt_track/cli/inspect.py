@@ -36,7 +36,7 @@ def _where(text: str | None, s: Settings) -> tuple[Backend, str, str | None]:
     """(the backend, its name, the project) that ``BACKEND://PROJECT[?key=value]``, ``BACKEND``
     or nothing (the settings' backend and project) names."""
     if text is None:
-        name, project, query = s.backend[0], None, ""
+        name, project, query = s.checked_backends()[0], None, ""
     else:
         name, sep, rest = text.strip().partition("://")
         rest, _, query = rest.partition("?")
