@@ -45,7 +45,7 @@ from typing import Any
 
 from .config_values import RETENTION, RETENTION_FIELDS, SOURCE_KWARG, TOP_FIELDS, coerce, where
 from .errors import ConfigError, UnknownBackend
-from .options import close_matches, did_you_mean
+from .options import DEFAULT_PROJECT, close_matches, did_you_mean
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -123,7 +123,7 @@ class Settings:
     """Resolved, validated settings; build with :func:`load_settings`."""
 
     backend: tuple[str, ...] = ("local",)  # a str becomes a 1-tuple
-    project: str = "default"
+    project: str = DEFAULT_PROJECT
     monitor: str | None = "val/loss"
     mode: str = "min"
     shard_size: int = 2 * 1024**3  # bytes; "512MB"/"2GiB" accepted

@@ -27,7 +27,10 @@ from typing import Any, TypeVar
 
 from .errors import ConfigError
 
-__all__ = ["check_unknown", "close_matches", "did_you_mean", "option_names", "parse_bool", "parse_options"]
+__all__ = ["DEFAULT_PROJECT", "check_unknown", "close_matches", "did_you_mean", "option_names", "parse_bool",
+           "parse_options", "project_for"]
+
+DEFAULT_PROJECT = "default"  # the project ct.init gives when none is named (config.Settings.project)
 
 T = TypeVar("T")
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
@@ -109,3 +112,19 @@ def parse_options(cls: type[T], options: Mapping[str, Any] | None, *, backend: s
     hints = typing.get_type_hints(cls)
     values = {k: _coerce(v, hints[k], f"[{backend}] {k}") for k, v in options.items()}
     return cls(**values)
+
+
+def project_for(configured: str | None, given: str, sdk: str | None) -> str:
+    """The project a tracker run goes into: the backend's own ``project`` setting, else the
+    ``ct.init(project=)`` one when it names one, else the tracker SDK's own setting (such as
+    ``WANDB_PROJECT``), else ckpt_track's default project.
+
+    >>> project_for(None, "default", "from-sdk"), project_for(None, "resnet", "from-sdk")
+    ('from-sdk', 'resnet')
+    """
+    if configured:
+        return configured
+    if given != DEFAULT_PROJECT or not sdk:
+        return given
+    return sdk
+

@@ -27,12 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ...config import Settings
+from ...options import project_for
 
 __all__ = ["SdkDefaults", "project_for", "read_defaults"]
-
-_DEFAULT_PROJECT = Settings.project  # what ct.init gives when no project is named
-
 
 @dataclass(frozen=True)
 class SdkDefaults:
@@ -63,13 +60,3 @@ def read_defaults(comet_ml: Any | None) -> SdkDefaults:
                        workspace=_setting(config, "str", "comet.workspace"),
                        project=_setting(config, "str", "comet.project_name"),
                        offline_directory=_setting(config, "str", "comet.offline_directory"))
-
-
-def project_for(configured: str | None, given: str, sdk: str | None) -> str:
-    """The project a run goes into: ``[comet] project``, else ``ct.init(project=)`` when it
-    names one, else ``COMET_PROJECT_NAME``, else ckpt_track's default project."""
-    if configured:
-        return configured
-    if given != _DEFAULT_PROJECT or not sdk:
-        return given
-    return sdk

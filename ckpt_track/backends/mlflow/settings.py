@@ -29,11 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ...errors import ConfigError
+from ...options import DEFAULT_PROJECT
 from .refs import is_databricks_host
 
 __all__ = ["DEFAULT_PROJECT", "databricks_credentials_problem", "experiment_name", "registry_uri", "tracking_uri"]
-
-DEFAULT_PROJECT = "default"  # ckpt_track's project when none is given (Settings.project)
 
 
 def tracking_uri(configured: str | None, ui: str | None) -> str | None:

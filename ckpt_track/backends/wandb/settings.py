@@ -26,12 +26,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...config import Settings
+from ...options import project_for
 
 __all__ = ["SdkDefaults", "project_for", "read_defaults"]
-
-_DEFAULT_PROJECT = Settings.project  # what ct.init gives when no project is named
-
 
 @dataclass(frozen=True)
 class SdkDefaults:
@@ -74,13 +71,3 @@ def read_defaults() -> SdkDefaults:
     return SdkDefaults(mode=str(s.mode) if s.mode else None, entity=s.entity or None, project=s.project or None,
                        dir=os.environ.get("WANDB_DIR") or None,  # the SDK's root_dir defaults to the cwd
                        base_url=None if base_url in ("", DEFAULT_BASE_URL) else base_url)
-
-
-def project_for(configured: str | None, given: str, sdk: str | None) -> str:
-    """The project a run goes into: ``[wandb] project``, else ``ct.init(project=)`` when it
-    names one, else ``WANDB_PROJECT``, else ckpt_track's default project."""
-    if configured:
-        return configured
-    if given != _DEFAULT_PROJECT or not sdk:
-        return given
-    return sdk
