@@ -106,8 +106,6 @@ class Ref:
             raise InvalidRef(f"versions start at v1, got v{self.version}")
         if self.alias is not None and not (isinstance(self.alias, str) and _ALIAS.fullmatch(self.alias)):
             raise InvalidRef(f"alias {self.alias!r} may only hold letters, digits, '_', '.', '-'")
-        if self.alias is not None and (word := typo_of(self.alias, SELECTOR_WORDS)) is not None:
-            raise InvalidRef(f"alias {self.alias!r} looks like a typo of @{word}")
         if self.path and not re.fullmatch(rf"{_SEGMENT}(?:/{_SEGMENT})*", self.path):
             raise InvalidRef(f"path {self.path!r} may only hold '/'-separated letters, digits, '_', '.', '-'")
         if any(len(seg) > MAX_SEGMENT for seg in self.path.split("/")):
@@ -123,7 +121,7 @@ class Ref:
     def parse(cls, text: str) -> Ref:
         """Parse the canonical form only (no backend hooks); see :func:`parse_ref`."""
         try:
-            return _canonical(text.strip())
+            return _refuse_typo(_canonical(text.strip()), text, None)
         except _NoParse as exc:
             raise InvalidRef(_bad(text, exc.reason, _suggest(text.strip(), None))) from None
 
@@ -217,6 +215,14 @@ def _bad(text: str, reason: str = "", suggestion: str | None = None) -> str:
     why = f": {reason}" if reason else ": not a reference form ckpt_track knows, e.g. local://<project>/<run>@best"
     hint = f"; did you mean {suggestion!r}?" if suggestion else ""
     return f"cannot parse checkpoint reference {shown!r}{why}{hint} {HELP_HINT}"
+
+
+def _refuse_typo(ref: Ref, text: str, source: NativeRefs | None) -> Ref:
+    """``ref``, unless the text selects a near miss of ``best``/``latest`` (``@bset``): typed
+    text only, so an alias given in code (``log_checkpoint(aliases=["beast"])``) is kept."""
+    if ref.alias is not None and (word := typo_of(ref.alias, SELECTOR_WORDS)) is not None:
+        raise InvalidRef(_bad(text, f"alias {ref.alias!r} looks like a typo of @{word}", _suggest(text, source)))
+    return ref
 
 
 def typo_of(word: str, targets: Sequence[str]) -> str | None:
@@ -352,7 +358,7 @@ def parse_ref(text: str | Ref, native: NativeRefs | None = None) -> Ref:
     text = _screen(text)
     source = native if native is not None else _native
     try:
-        ref = _parse(text, source)
+        ref = _refuse_typo(_parse(text, source), text, source)
         str(ref)  # what is returned can always be printed and parsed back
         return ref
     except _NoParse as exc:

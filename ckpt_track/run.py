@@ -184,7 +184,7 @@ class Run:
         step = check_step(step)
         chosen = user_aliases(aliases)  # every argument is checked before any state is copied
         values = metric_values(metrics)
-        self._last_step = warn_step_order(self.ref, step, self._last_step)
+        highest = warn_step_order(self.ref, step, self._last_step)  # kept once the save is under way
         blocking = self.settings.blocking if blocking is None else blocking
         overlap = self.settings.overlap if overlap is None else bool(overlap)
         self._writer.raise_errors()
@@ -198,12 +198,14 @@ class Run:
             tensors = snapshot_tensors(captured.tensors, copy=False)  # device copies complete on return
             done: Future[Pending] = Future()
             done.set_result(save(tensors, self._chain.next(ref)))
+            self._last_step = highest  # committed to the spool: that is the save
             handle = CheckpointHandle(step, ref, done)
             handle.wait()
             return handle
 
         future = self._gate.submit(self._writer, step, captured.tensors, optimizer if overlap else None,
                                    lineage=partial(self._chain.next, ref), save=save)
+        self._last_step = highest
         return CheckpointHandle(step, ref, future, self._writer)
 
     def _commit(self, step: int, epoch: int | None, metrics: dict[str, float], tree: dict[str, Any],

@@ -112,7 +112,7 @@ def copy_table(result: CopyResult, rows: Sequence[CopyRow]) -> Table:
 
 def copy_summary(result: CopyResult) -> Text:
     """The line under the table, saying whether files were hard-linked or copied."""
-    files = (f"; {result.linked} files hard-linked (read-only, sharing inodes with the source; "
+    files = (f"; {result.linked} files hard-linked (read-only, sharing inodes with the source or the target's other versions; "
              "--no-link makes independent copies)" if result.linked else
              "; files copied (independent of the source)" if result.copied else "")
     return Text(f"copied {len(result.copied)}, already there {len(result.skipped)}, into {result.target.ref}{files}")

@@ -55,6 +55,8 @@ def seal_file(path: Path, mode: int | None = None) -> None:
     if not stat.S_ISREG(st.st_mode) or not st.st_mode & _WRITE:
         return
     want = (st.st_mode & _READ) if st.st_nlink > 1 else (read_only_mode() if mode is None else mode)
+    if st.st_nlink > 1 and st.st_uid != os.geteuid():
+        return  # a link to a colleague's file (an older, writable store): not ours to chmod, and never written
     os.chmod(path, want)  # our own staging directory: nothing swaps the name for a link meanwhile
 
 

@@ -228,7 +228,7 @@ class CkptTrackCallback(TrainerCallback):
 
     def _warn_if_best_cannot_be_judged(self, args: TrainingArguments, run: ct.Run) -> None:
         asked = self._monitor is not None or args.metric_for_best_model is not None or not self._owns_run
-        metric = run.settings.monitor
+        metric = run.settings.monitor or ""  # None: ct.init(monitor=None), nothing decides best
         if self._warned or not asked or not metric.startswith("eval_") or args.eval_strategy != "no":
             return
         self._warned = True

@@ -193,6 +193,10 @@ def test_best_without_evaluation_warns_and_a_forced_trainer_save_is_removed() ->
     assert [s.step for s in ct.list_checkpoints(cb.run.ref)] == [1, 2]
     assert not list(Path("out-b").glob("checkpoint-*"))  # recorded, then the Trainer's copy removed
 
+    run = ct.init(project="hf", name="d", monitor=None)  # a run of the user's own, nothing decides best
+    _train("out-d", CkptTrackCallback(run=run), max_steps=2, save_steps=1, eval_strategy="no")
+    assert [s.step for s in ct.list_checkpoints(run.ref)] == [1, 2]
+
     with pytest.raises(ct.ConfigError, match="load_best_model_at_end"):
         _train("out-c", CkptTrackCallback(project="hf", name="c", trainer_checkpoints=False),
                load_best_model_at_end=True)

@@ -73,9 +73,10 @@ def test_a_backend_message_ends_with_the_hint_too() -> None:
     assert str(info.value).endswith(HINT) and "\n" not in str(info.value)
 
 
-def test_a_typo_alias_is_refused_when_given_to_a_ref_too() -> None:
+def test_a_typo_alias_is_refused_in_typed_text_only() -> None:
     with pytest.raises(InvalidRef, match="typo of @best"):
-        Ref("local", "p/r", alias="bset")
+        Ref.parse("local://p/r@bset")
+    assert Ref("local", "p/r", alias="beast").alias == "beast"  # an alias given in code is the user's word
 
 
 def _app() -> Typer:

@@ -62,3 +62,11 @@ def test_a_resumed_run_warns_on_a_step_it_already_holds(settings: dict) -> None:
 def test_init_signature_shows_no_object_repr() -> None:
     shown = str(inspect.signature(ct.init))
     assert "object at 0x" not in shown and "monitor: 'str | None' = <from settings>" in shown
+
+
+def test_a_failed_call_does_not_count_as_logged(settings: dict) -> None:
+    run = ct.init(project="p", name="retry", settings=settings)
+    with pytest.raises(ct.SerializationError):
+        run.log_checkpoint(4, model=torch.nn.Linear(2, 2), extra={"bad": object()}, blocking=True)
+    assert _log(run, 4, 1.0) == []  # the retry of a step that was never stored: no warning
+    run.finish()
