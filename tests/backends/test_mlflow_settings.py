@@ -32,7 +32,8 @@ RUN = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 SDK_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID",
             "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
             "DATABRICKS_HOST", "DATABRICKS_TOKEN", "DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET",
-            "DATABRICKS_CONFIG_FILE")
+            "DATABRICKS_CONFIG_FILE", "DATABRICKS_CONFIG_PROFILE", "DATABRICKS_RUNTIME_VERSION",
+            "DATABRICKS_AUTH_TYPE", "DATABRICKS_USERNAME", "DATABRICKS_PASSWORD")
 
 
 @pytest.fixture(autouse=True)
@@ -224,3 +225,19 @@ def test_a_configured_tracking_uri_wins_over_a_databricks_ui(monkeypatch) -> Non
     assert MlflowBackend({"ui": "http://127.0.0.1:5000"}).tracking_uri == "databricks://prod"
     assert "DATABRICKS_HOST" not in os.environ
     assert MlflowBackend({"ui": "http://mlflow.internal:5000"}).tracking_uri == "databricks://prod"
+
+
+def test_a_databricks_profile_is_not_overridden_and_other_auth_is_accepted(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".databrickscfg").write_text("[DEFAULT]\nhost = x\ntoken = y\n")
+    backend = MlflowBackend({"ui": WORKSPACE})
+    assert backend.tracking_uri == "databricks"
+    assert "DATABRICKS_HOST" not in os.environ  # it would make the SDK skip the profile's token
+    backend.check_configured()
+    (tmp_path / ".databrickscfg").unlink()
+    for env in ({"DATABRICKS_RUNTIME_VERSION": "15.4"}, {"DATABRICKS_AUTH_TYPE": "azure-cli"},
+                {"DATABRICKS_USERNAME": "u", "DATABRICKS_PASSWORD": "p"}):
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            MlflowBackend({"ui": WORKSPACE}).check_configured()  # a notebook, azure-cli, basic auth: no error

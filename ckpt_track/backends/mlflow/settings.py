@@ -42,8 +42,10 @@ def tracking_uri(configured: str | None, ui: str | None) -> str | None:
     if uri is not None or not ui:
         return uri
     if is_databricks_host(ui):
-        # the SDK's Databricks client reads the workspace from DATABRICKS_HOST (or a profile)
-        os.environ.setdefault("DATABRICKS_HOST", ui.rstrip("/"))
+        # the SDK's Databricks client reads the workspace from DATABRICKS_HOST or a profile; a set
+        # DATABRICKS_HOST makes it skip ~/.databrickscfg, so it is set only when no profile exists
+        if not _databricks_profile():
+            os.environ.setdefault("DATABRICKS_HOST", ui.rstrip("/"))
         return "databricks"
     return ui
 
@@ -69,6 +71,16 @@ def experiment_name(configured: str | None, project: str, by_id: Callable[[str],
     return project
 
 
+def _databricks_config_file() -> Path:
+    return Path(os.environ.get("DATABRICKS_CONFIG_FILE") or Path.home() / ".databrickscfg")
+
+
+def _databricks_profile() -> bool:
+    """A Databricks profile the SDK reads the workspace and credentials from (a config file or
+    ``DATABRICKS_CONFIG_PROFILE``)."""
+    return bool(os.environ.get("DATABRICKS_CONFIG_PROFILE")) or _databricks_config_file().is_file()
+
+
 def databricks_credentials_problem(uri: str | None) -> ConfigError | None:
     """For the tracking URI ``databricks`` (or ``databricks://<profile>``): the error to raise
     when no credentials are there for the SDK to find, else None.  Checked without a network
@@ -78,8 +90,12 @@ def databricks_credentials_problem(uri: str | None) -> ConfigError | None:
     env = os.environ
     if env.get("DATABRICKS_TOKEN") or (env.get("DATABRICKS_CLIENT_ID") and env.get("DATABRICKS_CLIENT_SECRET")):
         return None
-    cfg = Path(env.get("DATABRICKS_CONFIG_FILE") or Path.home() / ".databrickscfg")
-    if cfg.is_file():
+    if env.get("DATABRICKS_USERNAME") and env.get("DATABRICKS_PASSWORD"):
+        return None
+    if any(env.get(v) for v in ("DATABRICKS_RUNTIME_VERSION", "DATABRICKS_AUTH_TYPE")):  # a notebook/job, or
+        return None  # azure-cli / OIDC / MSI auth: the SDK finds the credentials itself
+    cfg = _databricks_config_file()
+    if _databricks_profile():
         return None
     host = env.get("DATABRICKS_HOST", "the workspace")
     return ConfigError(
