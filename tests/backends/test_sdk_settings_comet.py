@@ -8,6 +8,7 @@ SDK (its archive and the offline store are read back); online against the loopba
 from __future__ import annotations
 
 import json
+import os
 import socket
 import zipfile
 from pathlib import Path
@@ -157,3 +158,9 @@ def test_api_key_from_comets_config_file(comet_env: FakeComet, tmp_path: Path,
     run = _log_one({"workspace": "ws"})
     assert run.info.native.key in comet_env.experiments
 
+
+
+def test_building_a_backend_for_another_server_leaves_the_process_server_alone(monkeypatch) -> None:
+    monkeypatch.delenv("COMET_URL_OVERRIDE", raising=False)
+    CometBackend({"url": "https://comet.example.com", "online": False})
+    assert "COMET_URL_OVERRIDE" not in os.environ  # set only when that backend talks to its server

@@ -80,7 +80,7 @@ class CometBackend:
     def _sdk_if_installed(self) -> Any | None:
         """comet_ml, or None when it is not installed (its settings are then unknown)."""
         try:
-            return self.sdk.module()
+            return self.sdk.imported()
         except BackendNotInstalled:
             return None
 

@@ -40,7 +40,17 @@ class CometSdk:
         self._experiments: dict[str, Any] = {}
 
     def module(self) -> Any:
-        """comet_ml, imported on first use (the backend imports without the SDK installed)."""
+        """comet_ml, imported on first use (the backend imports without the SDK installed), with
+        its server set to this backend's."""
+        comet_ml = self.imported()
+        if self.url:  # comet_ml reads its server from the environment only
+            os.environ["COMET_URL_OVERRIDE"] = f"{self.url}/clientlib/"
+        return comet_ml
+
+    @staticmethod
+    def imported() -> Any:
+        """comet_ml itself, imported without pointing it at this backend's server (reading its
+        settings must not move where the process's other Comet work goes)."""
         from ...network import keep_random
 
         try:
@@ -49,8 +59,6 @@ class CometSdk:
                 import comet_ml
         except ImportError as exc:
             raise BackendNotInstalled("comet", "comet", "comet_ml") from exc
-        if self.url:  # comet_ml reads its server from the environment only
-            os.environ["COMET_URL_OVERRIDE"] = f"{self.url}/clientlib/"
         return comet_ml
 
     def ref_params(self) -> tuple[tuple[str, str], ...]:
